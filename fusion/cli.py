@@ -1,0 +1,158 @@
+"""The ``gramfuse`` command: ``stats``, ``merge`` and ``evaluate``.
+
+Errors caused by input go to stderr as one line ``gramfuse: error: ...`` with exit status 1; usage errors exit 2
+(argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import GramfuseError
+from .methods import METHODS, get_method, option_names
+
+# CLI flag -> method option; a flag given to a method that has no such option is an error, not silently ignored.
+METHOD_FLAGS = ("alpha", "weighting", "scaling", "density")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per example (default 128)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="examples per batch (default 32)")
+    parser.add_argument("--max-examples", type=_positive_int, default=None, help="use at most N examples")
+    parser.add_argument("--text-field", default="text", help="name of the text field or column (default text)")
+    parser.add_argument("--label-field", default="label", help="name of the label field or column (default label)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gramfuse",
+        description="Merge fine-tuned copies of one transformer with RegMean and its baselines, from statistics.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stats = commands.add_parser(
+        "stats",
+        help="compute a model's Gram statistics over a data file",
+        description="Compute the Gram statistics of every linear layer's inputs over a data file (JSONL or CSV with "
+        "text,label) and write them as a safetensors statistics file, by default into the model folder.",
+    )
+    stats.add_argument("model_dir", metavar="MODEL_DIR")
+    stats.add_argument("data_file", metavar="DATA_FILE")
+    stats.add_argument("-o", "--output", metavar="STATS_FILE", help="default: MODEL_DIR/gramfuse-stats.safetensors")
+    stats.add_argument("--fisher", action="store_true", help="also gather the diagonal Fisher (needs labels)")
+    _data_flags(stats)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge model folders using their statistics files",
+        description="Merge the owners' model folders into OUT_DIR. Owners sharing a label set give one model; "
+        "otherwise OUT_DIR holds one folder per owner with the merged body and the owner's own head.",
+    )
+    merge.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    merge.add_argument("--method", default="regmean", choices=sorted(METHODS), help="merge method (default regmean)")
+    merge.add_argument("--alpha", type=float, help="regmean: non-diagonal scale in [0, 1] (default 1.0)")
+    merge.add_argument("--weighting", choices=("sum", "equal"), help="regmean, fisher: sum (default) or equal")
+    merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
+    merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
+    merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy and macro-F1 of a model on a data file",
+        description="Accuracy and macro-F1 of a sequence classifier on a labelled data file.",
+    )
+    evaluate.add_argument("model_dir", metavar="MODEL_DIR")
+    evaluate.add_argument("data_file", metavar="DATA_FILE")
+    evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
+    _data_flags(evaluate)
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .workflows import DataSettings
+
+    return DataSettings(args.max_length, args.batch_size, args.max_examples, args.text_field, args.label_field)
+
+
+def run_stats(args: argparse.Namespace) -> None:
+    from .workflows import compute_statistics
+
+    stats, path = compute_statistics(
+        args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, out=args.output,
+        progress=not args.quiet,
+    )
+    tokens = max(stats.token_counts.values(), default=0)
+    print(f"{path}: {stats.example_count} examples, {tokens} tokens, {len(stats.modules)} layers, "
+          f"{len(stats.grams)} Grams")
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .merge import merge_folders
+
+    given = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag) is not None}
+    valid = option_names(args.method)
+    for flag in given:
+        if flag not in valid:
+            raise GramfuseError(f"--{flag} does not apply to method {args.method!r} (its options: {valid or 'none'})")
+    method = get_method(args.method, **given)
+    if method.needs_base and args.base is None:
+        raise GramfuseError(f"method {args.method!r} works relative to a base model: give --base BASE_DIR")
+    with tqdm(total=len(args.model_dirs), desc=f"merging ({args.method})", unit="owner", disable=args.quiet) as bar:
+        report = merge_folders(
+            args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite, progress=bar
+        )
+    worst = max((layer["condition"] for layer in report["layers"].values() if layer["condition"] != "inf"),
+                default=None)
+    singular = sum(layer["condition"] == "inf" for layer in report["layers"].values())
+    summary = f"{args.output}: merged {len(report['owners'])} owners with {args.method}"
+    if report["layers"]:
+        summary += f"; {len(report['layers'])} Grams solved, worst condition {worst:.3g}" if worst else ""
+        summary += f", {singular} singular (regularised)" if singular else ""
+    if not report["shared_label_set"]:
+        summary += f"; label sets differ: one folder per owner ({', '.join(report['outputs'])})"
+    print(summary)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .workflows import evaluate_folder
+
+    scores = evaluate_folder(args.model_dir, args.data_file, settings=_settings(args), progress=not args.quiet)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"accuracy {scores['accuracy']:.4f}  macro-F1 {scores['macro_f1']:.4f}  ({scores['examples']} examples)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="gramfuse: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate}[args.command](args)
+    except GramfuseError as error:
+        print(f"gramfuse: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gramfuse: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

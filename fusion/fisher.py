@@ -1,0 +1,47 @@
+"""The diagonal empirical Fisher of a classifier, gathered at the data site with the statistics.
+
+``F = sum over examples of (d log p(y | x) / d theta)^2`` with the example's true label ``y``. Per-example gradients
+are needed (the square of a batch gradient is not the Fisher), so examples go through one at a time; the sum, not
+the mean, is kept, as for the Grams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def collect_fisher(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Squared-score sums per trainable parameter and the number of examples; batches must carry ``labels``."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the model as it will be used
+    count = 0
+    try:
+        for batch in batches:
+            labels = batch["labels"]
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            for row in range(labels.shape[0]):
+                single = {k: v[row : row + 1] for k, v in inputs.items()}
+                if "attention_mask" in single:  # drop this example's padding: it would change nothing but cost
+                    length = int(single["attention_mask"].sum())
+                    single = {k: v[:, :length] if v.dim() == 2 else v for k, v in single.items()}
+                model.zero_grad(set_to_none=True)
+                logits = model(**single).logits
+                torch.log_softmax(logits, dim=-1)[0, labels[row]].backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        fisher[name] += p.grad.detach().to(torch.float64).square()
+                count += 1
+            if progress is not None:
+                progress.update(labels.shape[0])
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {name: value.to(torch.float32) for name, value in fisher.items()}, count

