@@ -1,0 +1,147 @@
+"""Every merge method on tiny random models, against formulas computed here; the registry's errors."""
+
+import pytest
+import torch
+from helpers import perturbed, tiny_model, tokenizer
+
+from fusion.errors import MergeError
+from fusion.fisher import collect_fisher
+from fusion.gram import collect_statistics
+from fusion.merge import merge_states
+from fusion.methods import METHODS, MergeContext, OwnerState, get_method
+from fusion.methods.ties import trim
+
+TEXTS = [["good movie", "awful plot, slow"], ["the battery broke again", "great price", "fine phone"]]
+
+
+@pytest.fixture(scope="module")
+def owners():
+    base = tiny_model("bert")
+    found = []
+    for i, texts in enumerate(TEXTS):
+        model = perturbed(base, seed=i + 1)
+        batch = dict(tokenizer()(texts, padding=True, return_tensors="pt"))
+        stats = collect_statistics(model, [batch])
+        batch["labels"] = torch.tensor([i % 2] * len(texts))
+        stats.fisher, stats.fisher_example_count = collect_fisher(model, [batch])
+        found.append(OwnerState(f"owner{i}", {k: v.clone() for k, v in model.state_dict().items()
+                                             if v.is_floating_point()}, stats))
+    return base, found
+
+
+def test_registry_holds_every_method():
+    assert {"regmean", "average", "weighted-average", "fisher", "task-arithmetic", "ties"} <= set(METHODS)
+
+
+def test_unknown_method_and_option_are_clear_errors():
+    with pytest.raises(MergeError, match="unknown merge method 'nope'.*regmean"):
+        get_method("nope")
+    with pytest.raises(MergeError, match="takes no option alpha"):
+        get_method("average", alpha=0.5)
+    with pytest.raises(MergeError, match="alpha must be in"):
+        get_method("regmean", alpha=2.0)
+
+
+def test_average(owners):
+    _, states = owners
+    merged = merge_states(states, get_method("average")).params
+    for name in states[0].params:
+        torch.testing.assert_close(merged[name], (states[0].params[name].double() + states[1].params[name].double()) / 2)
+
+
+def test_weighted_average_weighs_by_example_count(owners):
+    _, states = owners
+    merged = merge_states(states, get_method("weighted-average")).params
+    counts = [s.statistics.example_count for s in states]
+    assert counts == [2, 3]
+    name = "bert.embeddings.LayerNorm.weight"
+    expected = (2 * states[0].params[name].double() + 3 * states[1].params[name].double()) / 5
+    torch.testing.assert_close(merged[name], expected)
+
+
+def test_fisher_weights_each_entry_by_its_fisher(owners):
+    _, states = owners
+    merged = merge_states(states, get_method("fisher")).params
+    name = "classifier.weight"
+    f0, f1 = (s.statistics.fisher[name].double() for s in states)
+    assert (f0 > 0).any()
+    expected = (f0 * states[0].params[name] + f1 * states[1].params[name]) / (f0 + f1)
+    torch.testing.assert_close(merged[name], expected)
+
+
+def test_fisher_is_the_sum_of_per_example_squared_scores():
+    model = tiny_model("bert")
+    batch = dict(tokenizer()(["good movie", "bad"], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([1, 0])
+    fisher, count = collect_fisher(model, [batch])
+    expected = torch.zeros_like(model.classifier.weight)
+    for row in range(2):
+        single = tokenizer()([["good movie", "bad"][row]], return_tensors="pt")
+        model.zero_grad()
+        torch.log_softmax(model(**single).logits, -1)[0, batch["labels"][row]].backward()
+        expected += model.classifier.weight.grad**2
+    assert count == 2
+    torch.testing.assert_close(fisher["classifier.weight"], expected)
+
+
+def test_task_arithmetic(owners):
+    base, states = owners
+    context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})
+    merged = merge_states(states, get_method("task-arithmetic", scaling=0.5), context).params
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.bias"):
+        b = context.base[name].double()
+        expected = b + 0.5 * sum(s.params[name].double() - b for s in states)
+        torch.testing.assert_close(merged[name], expected)
+
+
+def test_ties_hand_computed():
+    base = {"p": torch.zeros(5, dtype=torch.float64)}
+    owners = [
+        OwnerState("a", {"p": torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0], dtype=torch.float64)}),
+        OwnerState("b", {"p": torch.tensor([1.0, -4.0, -0.2, -3.0, 0.0], dtype=torch.float64)}),
+        OwnerState("c", {"p": torch.tensor([-2.0, 2.0, 0.1, -1.0, 0.0], dtype=torch.float64)}),
+    ]
+    merged = merge_states(owners, get_method("ties", density=1.0, scaling=1.0), MergeContext(base=base)).params["p"]
+    # entry 0: sum +2 -> mean of (3, 1) = 2; entry 1: sum -3 -> mean of (-1, -4) = -2.5;
+    # entry 2: sum +0.4 -> mean of (0.5, 0.1) = 0.3; entry 3: sum -2 -> mean of (-3, -1) = -2; entry 4: nothing.
+    assert merged.tolist() == pytest.approx([2.0, -2.5, 0.3, -2.0, 0.0])
+
+
+def test_ties_trim_keeps_the_largest_magnitudes():
+    delta = torch.tensor([0.1, -5.0, 2.0, -0.3, 4.0], dtype=torch.float64)
+    assert trim(delta, 0.4).tolist() == [0.0, -5.0, 0.0, 0.0, 4.0]
+    assert torch.equal(trim(delta, 1.0), delta)
+
+
+def test_ties_on_tiny_models_moves_only_from_the_base_by_trimmed_entries(owners):
+    base, states = owners
+    context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})
+    merged = merge_states(states, get_method("ties", density=0.2), context).params
+    name = "bert.encoder.layer.0.output.dense.weight"
+    changed = (merged[name] != context.base[name].double()).double().mean().item()
+    assert 0.2 <= changed <= 0.4  # each owner keeps 20%; the union of two owners' entries is at most 40%
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_finite_parameters_of_the_right_shapes(owners, method):
+    base, states = owners
+    context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})
+    merged = merge_states(states, get_method(method), context).params
+    assert set(merged) == set(states[0].params)
+    for name, value in merged.items():
+        assert value.shape == states[0].params[name].shape
+        assert torch.isfinite(value).all()
+
+
+def test_relative_methods_need_a_base(owners):
+    _, states = owners
+    with pytest.raises(MergeError, match="base model"):
+        merge_states(states, get_method("ties"))
+
+
+def test_nan_weights_are_rejected_naming_owner_and_layer(owners):
+    _, states = owners
+    bad = OwnerState("broken", dict(states[1].params), states[1].statistics)
+    bad.params["classifier.weight"] = torch.full_like(bad.params["classifier.weight"], float("nan"))
+    with pytest.raises(MergeError, match="owner 'broken': layer 'classifier.weight': weights hold NaN"):
+        merge_states([states[0], bad], get_method("average"))
