@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("data_file", metavar="DATA_FILE")
     stats.add_argument("-o", "--output", metavar="STATS_FILE", help="default: MODEL_DIR/gramfuse-stats.safetensors")
     stats.add_argument("--fisher", action="store_true", help="also gather the diagonal Fisher (needs labels)")
+    stats.add_argument("--gram-dtype", choices=("float64", "float32"), default="float64",
+                       help="dtype of the per-batch Gram products: float64 (exact, default) or float32 (faster); "
+                       "sums are float64 either way")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -93,7 +96,7 @@ def run_stats(args: argparse.Namespace) -> None:
     from .workflows import compute_statistics
 
     stats, path = compute_statistics(
-        args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, out=args.output,
+        args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
         progress=not args.quiet,
     )
     tokens = max(stats.token_counts.values(), default=0)

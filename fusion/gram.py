@@ -75,7 +75,7 @@ class GramAccumulator:
     """A running float64 sum of ``X^T X`` whose upper block triangle only is ever computed."""
 
     dim: int
-    compute_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float64
     token_count: int = 0
     edges: list[int] = field(init=False)
     total: torch.Tensor = field(init=False)
@@ -90,8 +90,8 @@ class GramAccumulator:
             return
         rows = rows.to(self.compute_dtype)
         for start, stop in zip(self.edges[:-1], self.edges[1:]):
-            # A float32 product per batch is exact to float32 rounding; summing batches in float64 keeps the sum's
-            # digits over millions of tokens.
+            # Products are float64 by default: a float32 product is off by ~1e-7 of the Gram's scale, enough to make
+            # a nearly singular Gram indefinite. Either way batches are summed in float64.
             self.total[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
         self.token_count += rows.shape[0]
 
@@ -118,7 +118,7 @@ class GramCollector:
     Which layers share an input is learnt on the first batch, by tensor identity, and checked on every later batch.
     """
 
-    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float64) -> None:
         self.model = model
         self.compute_dtype = compute_dtype
         self.modules = linear_modules(model)
@@ -184,6 +184,10 @@ class GramCollector:
         # Half-precision products overflow; float64 models keep float64 products.
         return torch.float64 if rows.dtype == torch.float64 else self.compute_dtype
 
+    def _gram_dtype_name(self) -> str:
+        exact = all(acc.compute_dtype == torch.float64 for acc in self.accumulators.values())
+        return "float64" if exact else "float32"
+
     def statistics(self, settings: Mapping[str, Any] | None = None) -> GramStatistics:
         """The accumulated statistics, with the fingerprint of the model's current weights."""
         modules = {
@@ -201,6 +205,7 @@ class GramCollector:
             example_count=self.example_count,
             fingerprint=weights_fingerprint(self.model.state_dict()),
             settings=dict(settings or {}),
+            gram_dtype=self._gram_dtype_name(),
         )
 
 
@@ -219,14 +224,15 @@ def collect_statistics(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float64,
     settings: Mapping[str, Any] | None = None,
     progress: Any = None,
 ) -> GramStatistics:
     """Gram statistics of ``model`` over ``batches``.
 
     A batch is a mapping of keyword inputs (a Hugging Face tokenizer's output; ``attention_mask`` masks pads,
-    ``labels`` is ignored) or a single input tensor. ``progress`` is an optional tqdm-like object updated per example.
+    ``labels`` is ignored) or a single input tensor. ``compute_dtype`` is that of the per-batch products: float64
+    (exact, the default) or float32 (about twice as fast, ~1e-7 relative error). ``progress`` is an optional tqdm-like object updated per example.
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
     was_training = model.training

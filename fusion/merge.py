@@ -43,8 +43,11 @@ def merge_states(
     count = 0
     for owner in owners:
         check_owner(owner, method)
-        if not context.modules and owner.statistics is not None:
-            context.modules = dict(owner.statistics.modules)
+        if owner.statistics is not None:
+            if not context.modules:
+                context.modules = dict(owner.statistics.modules)
+            if owner.statistics.gram_dtype == "float32":
+                context.gram_dtype = "float32"
         sums.add(method.contribute(owner, context))
         count += 1
         if progress is not None:
@@ -162,6 +165,7 @@ def merge_folders(
         for owner in owners:
             model, _ = load_classifier(owner.path)
             state = float_state(model)
+            check_finite(owner.name, state)  # before the fingerprint: a NaN model is the clearer error
             head = set() if shared_labels else head_names(model)
             stats = _load_statistics(owner, state) if (method.needs_statistics or method.needs_fisher) else None
             params = {name: value for name, value in state.items() if name not in head}

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Beyond this condition number float64 Cholesky keeps fewer than about 4 correct digits; regularise.
-MAX_CONDITION = 1e12
-RELATIVE_RIDGE = 1e-12
+# Relative precision of a summed Gram, by the dtype its per-batch products were computed in. Eigenvalues below
+# precision * largest cannot be told from zero (a float32 product can even make them negative), so those directions
+# are regularised towards the prior; the rest are solved exactly.
+GRAM_PRECISION = {"float64": 1e-12, "float32": 1e-6}
+RIDGE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -43,20 +45,26 @@ def condition_number(gram: torch.Tensor) -> tuple[float, float]:
     return (largest / smallest if smallest > 0.0 else math.inf), largest
 
 
-def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+def solve_gram(
+    gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, precision: float = GRAM_PRECISION["float64"]
+) -> tuple[torch.Tensor, SolveReport]:
     """``X`` minimising ``tr(X^T G X) - 2 tr(X^T R)``, regularised towards ``prior`` where ``G`` is singular.
 
-    ``gram`` is d x d, ``rhs`` and ``prior`` d x k; all float64. Returns X (d x k) and how it was solved.
+    ``gram`` is d x d, ``rhs`` and ``prior`` d x k; all float64. ``precision`` is the Gram's relative precision
+    (see ``GRAM_PRECISION``). Returns X (d x k) and how it was solved.
     """
     condition, largest = condition_number(gram)
     if largest <= 0.0:  # no data reached this layer at all: nothing to regress on
         return prior.clone(), SolveReport(condition, 0.0, "none")
+    # Solving for the step from the prior makes both the ridge and the minimum-norm fallback pull towards it.
     residual = rhs - gram @ prior
-    ridge = 0.0 if condition <= MAX_CONDITION else RELATIVE_RIDGE * largest
-    system = gram if ridge == 0.0 else gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        delta = torch.cholesky_solve(residual, factor)
-        return prior + delta, SolveReport(condition, ridge, "cholesky" if ridge == 0.0 else "cholesky+ridge")
-    delta = torch.linalg.lstsq(gram, residual, driver="gelsd").solution
+    ridge = 0.0 if condition * precision < 1.0 else precision * largest
+    identity = torch.eye(gram.shape[0], dtype=gram.dtype)
+    for _ in range(RIDGE_TRIES):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * identity if ridge else gram)
+        if int(info) == 0:
+            delta = torch.cholesky_solve(residual, factor)
+            return prior + delta, SolveReport(condition, ridge, "cholesky+ridge" if ridge else "cholesky")
+        ridge = max(ridge * 10.0, precision * largest)
+    delta = torch.linalg.lstsq(gram, residual, rcond=precision, driver="gelsd").solution
     return prior + delta, SolveReport(condition, 0.0, "lstsq")

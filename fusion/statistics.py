@@ -50,6 +50,7 @@ class GramStatistics:
     settings: dict[str, Any] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] | None = None  # parameter -> sum over examples of squared score
     fisher_example_count: int = 0
+    gram_dtype: str = "float64"  # dtype of the per-batch products; sums are float64 either way
 
     def full_gram(self, key: str) -> torch.Tensor:
         from .gram import unpack_upper
@@ -68,6 +69,7 @@ class GramStatistics:
             "fingerprint": self.fingerprint,
             "example_count": self.example_count,
             "fisher_example_count": self.fisher_example_count,
+            "gram_dtype": self.gram_dtype,
             "grams": {
                 key: {"dim": self.dims[key], "tokens": self.token_counts[key], "pads_excluded": self.pads_excluded[key]}
                 for key in self.grams
@@ -165,7 +167,14 @@ def load_statistics(path: str | Path) -> GramStatistics:
         settings=meta.get("settings", {}),
         fisher=fisher or None,
         fisher_example_count=int(meta.get("fisher_example_count", 0)),
+        gram_dtype=_gram_dtype(path, meta.get("gram_dtype", "float64")),
     )
+
+
+def _gram_dtype(path: Path, name: str) -> str:
+    if name not in ("float64", "float32"):
+        raise StatisticsError(f"{path}: unknown gram_dtype {name!r}")
+    return name
 
 
 def _check_gram(path: Path, key: str, gram: torch.Tensor, info: Mapping[str, Any]) -> None:

@@ -10,9 +10,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_classifier, load_tokenizer
+from .checkpoint import check_finite, float_state, load_classifier, load_tokenizer
 from .data import batches, count_examples, label_index, read_examples
 from .errors import DataError
 from .evaluate import classification_scores, predict
@@ -74,16 +75,21 @@ def compute_statistics(
     *,
     settings: DataSettings = DataSettings(),
     fisher: bool = False,
+    gram_dtype: str = "float64",
     out: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model."""
     model_dir, data_file = Path(model_dir), Path(data_file)
     model, _ = load_classifier(model_dir)
+    check_finite(str(model_dir), float_state(model))
     tokenizer = load_tokenizer(model_dir)
     make_batches = partial(_batches, model, tokenizer, data_file, settings)
     with _bar(data_file, settings, "gram statistics", progress) as bar:
-        stats = collect_statistics(model, make_batches(labelled=False), settings=asdict(settings), progress=bar)
+        stats = collect_statistics(
+            model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
+            progress=bar,
+        )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:
             stats.fisher, stats.fisher_example_count = collect_fisher(model, make_batches(labelled=True), bar)

@@ -49,6 +49,7 @@ class MergeContext:
 
     base: Mapping[str, torch.Tensor] | None = None
     modules: Mapping[str, ModuleInfo] = field(default_factory=dict)
+    gram_dtype: str = "float64"  # the least precise dtype any owner's Gram products were computed in
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gram import CONV1D, unpack_upper
-from ..solve import solve_gram
+from ..solve import GRAM_PRECISION, solve_gram
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
 
 GRAM = "gram/"
@@ -92,7 +92,7 @@ class RegMean(MergeMethod):
             gram = self.alpha * gram + (1.0 - self.alpha) * torch.diag(gram.diagonal())
             diag_rhs = torch.cat([sums[DIAG_WEIGHT + m] for m in modules], dim=1)
             rhs = self.alpha * rhs + (1.0 - self.alpha) * diag_rhs
-        solution, report = solve_gram(gram, rhs, prior)
+        solution, report = solve_gram(gram, rhs, prior, GRAM_PRECISION[context.gram_dtype])
         widths = [sums[GRAM_WEIGHT + m].shape[1] for m in modules]
         for info, part in zip(infos, torch.split(solution, widths, dim=1)):
             outcome.params[info.weight] = transposed(part, info.kind).contiguous()

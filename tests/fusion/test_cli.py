@@ -1,0 +1,228 @@
+"""The `gramfuse` CLI end to end on tiny BERT, DistilBERT and GPT-2 federations, and its errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import (
+    kinds_of,
+    layer_inputs,
+    module_weight,
+    perturbed,
+    pooled_least_squares,
+    pooled_objective,
+    save_owner,
+    tiny_model,
+    tokenizer,
+    weight_t,
+    write_data,
+)
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from fusion.cli import main
+
+
+def gramfuse(*args):
+    return main([*map(str, args), "--quiet"])
+
+
+def make_federation(tmp_path, kind, owners=2, examples=40, num_labels=2, **overrides):
+    base = tiny_model(kind, num_labels=num_labels, **overrides)
+    save_owner(base, tmp_path / "base")
+    dirs, data = [], []
+    for i in range(owners):
+        dirs.append(save_owner(perturbed(base, seed=10 + i), tmp_path / f"owner{i}"))
+        data.append(write_data(tmp_path / f"data{i}.jsonl", examples, seed=i, num_labels=num_labels))
+    return dirs, data
+
+
+def texts_of(path):
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "gpt2"])
+def test_stats_then_regmean_reproduces_the_pooled_least_squares_optimum(tmp_path, kind):
+    dirs, data = make_federation(tmp_path, kind, owners=3)
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+        assert (model_dir / "gramfuse-stats.safetensors").is_file()
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "merged", "--method", "regmean") == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+    owners = [AutoModelForSequenceClassification.from_pretrained(str(d)).eval() for d in dirs]
+    inputs = []
+    for owner, data_file in zip(owners, data):
+        batch = dict(tokenizer()(texts_of(data_file), padding=True, truncation=True, max_length=128,
+                                 return_tensors="pt"))
+        inputs.append(layer_inputs(owner, [batch]))
+    kinds = kinds_of(merged)
+    assert kinds
+    for module, kind_of in kinds.items():
+        xs = [owner_inputs[module] for owner_inputs in inputs]
+        targets = [weight_t(module_weight(owner, module), kind_of) for owner in owners]
+        optimum = pooled_objective(xs, targets, pooled_least_squares(xs, targets))
+        achieved = pooled_objective(xs, targets, weight_t(module_weight(merged, module), kind_of))
+        assert achieved - optimum <= 1e-6 * optimum, module
+    report = json.loads((tmp_path / "merged" / "gramfuse-merge.json").read_text())
+    assert report["method"] == "regmean" and len(report["owners"]) == 3
+    # Every Gram is solved and reported; a rank-deficient one (a ReLU'd head input) is regularised, and said so.
+    assert all(layer["solver"] in ("cholesky", "cholesky+ridge") for layer in report["layers"].values())
+    regularised = [key for key, layer in report["layers"].items() if layer["solver"] != "cholesky"]
+    assert all(any(key in warning for warning in report["warnings"]) for key in regularised)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["average", "weighted-average", "fisher", "task-arithmetic", "ties"])
+def test_every_method_through_the_cli(tmp_path, method):
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file, "--fisher") == 0
+    extra = ["--base", tmp_path / "base"] if method in ("task-arithmetic", "ties") else []
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", method, *extra) == 0
+    assert gramfuse("evaluate", tmp_path / "out", data[0]) == 0
+
+
+def test_average_by_cli_is_the_mean_of_the_weights(tmp_path):
+    dirs, _ = make_federation(tmp_path, "distilbert")
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", "average") == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    owners = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for name, value in merged.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (owners[0][name] + owners[1][name]) / 2)
+
+
+def test_different_label_sets_give_one_folder_per_owner_with_its_own_head(tmp_path):
+    base = tiny_model("bert")
+    two = perturbed(base, seed=1)
+    three = tiny_model("bert", num_labels=3)
+    three.bert.load_state_dict(perturbed(base, seed=2).bert.state_dict())
+    dirs = [save_owner(two, tmp_path / "sentiment"), save_owner(three, tmp_path / "topics")]
+    data = [write_data(tmp_path / "a.jsonl", 30, 0, 2), write_data(tmp_path / "b.csv", 30, 1, 3, fmt="csv")]
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out") == 0
+    loaded = {name: AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / name))
+              for name in ("sentiment", "topics")}
+    assert loaded["topics"].config.num_labels == 3 and loaded["sentiment"].config.num_labels == 2
+    torch.testing.assert_close(loaded["topics"].classifier.weight, three.classifier.weight)
+    torch.testing.assert_close(loaded["sentiment"].classifier.weight, two.classifier.weight)
+    body = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(loaded["topics"].bert.state_dict()[body], loaded["sentiment"].bert.state_dict()[body])
+    assert gramfuse("evaluate", tmp_path / "out" / "topics", data[1]) == 0
+
+
+def test_help_on_every_command_and_errors_on_stderr():
+    for args in (["--help"], ["stats", "--help"], ["merge", "--help"], ["evaluate", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "fusion.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: gramfuse" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "fusion.cli", "merge", "x", "-o", "y", "--method", "average",
+                           "--alpha", "0.5"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "gramfuse: error: --alpha does not apply to method 'average'" in done.stderr and done.stdout == ""
+
+
+def expect_error(capsys, args, *fragments):
+    assert gramfuse(*args) == 1
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_owners_of_different_shapes(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    wide = save_owner(tiny_model("bert", intermediate_size=32), tmp_path / "wide")
+    for model_dir, data_file in zip([dirs[0], wide], data):
+        gramfuse("stats", model_dir, data_file)
+    expect_error(capsys, ["merge", dirs[0], wide, "-o", tmp_path / "out"],
+                 "owner 'wide'", "bert.encoder.layer.0.intermediate.dense.weight", "(32, 16)", "(24, 16)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_owners_of_different_architectures(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert")
+    other = save_owner(tiny_model("distilbert"), tmp_path / "distil")
+    expect_error(capsys, ["merge", dirs[0], other, "-o", tmp_path / "out", "--method", "average"],
+                 "owner 'distil'", "model type 'distilbert'")
+
+
+def test_statistics_made_from_other_weights(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    gramfuse("stats", dirs[0], data[0])
+    shutil.copy(dirs[0] / "gramfuse-stats.safetensors", dirs[1] / "gramfuse-stats.safetensors")
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner 'owner1'", "other weights")
+
+
+def test_missing_statistics_file(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    gramfuse("stats", dirs[0], data[0])
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner1", "no statistics file")
+
+
+def test_corrupt_statistics_file(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        gramfuse("stats", model_dir, data_file)
+    stats_file = dirs[1] / "gramfuse-stats.safetensors"
+    stats_file.write_bytes(stats_file.read_bytes()[:-100])
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner1", "corrupt or truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_weights(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    weights = load_file(str(dirs[1] / "model.safetensors"))
+    name = "bert.encoder.layer.1.output.dense.weight"
+    weights[name][0, 0] = float("inf")
+    save_file(weights, str(dirs[1] / "model.safetensors"), metadata={"format": "pt"})
+    expect_error(capsys, ["stats", dirs[1], data[1]], name, "NaN or Inf")
+    gramfuse("stats", dirs[0], data[0])
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out", "--method", "average"],
+                 "owner 'owner1'", name, "NaN or Inf")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("", ["no examples (the file is empty)"]),
+        ('{"text": "fine", "label": 0}\n{"text": broken\n', [":2:", "not valid JSON"]),
+        ('{"text": "fine", "label": 0}\n{"sentence": "x", "label": 1}\n', [":2:", "missing field 'text'"]),
+        ('{"text": "fine", "label": 0}\n{"text": "x", "label": 7}\n', [":2:", "label 7 is outside the model's range 0..1"]),
+        ('{"text": "fine", "label": "sideways"}\n', [":1:", "label 'sideways'"]),
+        ('["a list"]\n', [":1:", "expected a JSON object"]),
+    ],
+)
+def test_bad_data_files(tmp_path, capsys, content, fragments):
+    dirs, _ = make_federation(tmp_path, "bert", owners=1)
+    data_file = tmp_path / "bad.jsonl"
+    data_file.write_text(content)
+    expect_error(capsys, ["stats", dirs[0], data_file], "bad.jsonl", *fragments)
+    assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
+
+
+def test_evaluate_needs_labels_and_csv_field_names_are_settable(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert", owners=1)
+    data_file = tmp_path / "d.csv"
+    data_file.write_text("sentence,y\ngood movie,1\nawful,0\n")
+    assert gramfuse("stats", dirs[0], data_file, "--text-field", "sentence", "--label-field", "y") == 0
+    assert gramfuse("evaluate", dirs[0], data_file, "--text-field", "sentence", "--label-field", "y", "--json") == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["examples"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text('{"text": "no label here"}\n')
+    assert gramfuse("stats", dirs[0], unlabelled) == 0  # Grams need no labels
+    expect_error(capsys, ["evaluate", dirs[0], unlabelled], "u.jsonl:1", "missing field 'label'")
+
+
+def test_existing_output_is_not_overwritten_without_asking(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out", "--method", "average"], "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", "average", "--overwrite") == 0
+    assert (tmp_path / "out" / "config.json").is_file()
