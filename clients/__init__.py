@@ -1,0 +1,1 @@
+"""The data-site side: what a site operator runs next to its model and data."""
