@@ -123,15 +123,26 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False):
     staging.rename(out_dir)
 
 
-def save_classifier(template_dir: str | Path, params: Mapping[str, torch.Tensor], out_dir: Path) -> None:
-    """Write ``params`` into the architecture of ``template_dir`` with its tokenizer, loadable by ``from_pretrained``."""
-    model, _ = load_classifier(template_dir, allow_missing=True)
+def tokenizer_or_none(path: str | Path) -> Any:
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError):
+        return None  # a model folder without a tokenizer gives a merged folder without one
+
+
+def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: Any, out_dir: Path) -> None:
+    """Write ``params`` into the architecture ``config`` describes, with the tokenizer, for ``from_pretrained``."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    model = AutoModelForSequenceClassification.from_config(config)
     state = model.state_dict()
+    missing = sorted(n for n, v in state.items() if v.is_floating_point() and n not in params)
+    if missing:
+        raise MergeError(f"merged parameters lack {', '.join(missing[:4])}")
     for name, value in params.items():
         state[name] = value.to(state[name].dtype)
     model.load_state_dict(state)
     model.save_pretrained(str(out_dir))
-    try:
-        load_tokenizer(template_dir).save_pretrained(str(out_dir))
-    except (OSError, ValueError):
-        pass  # a model folder without a tokenizer gives a merged folder without one
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))

@@ -1,7 +1,7 @@
 """Merging: in memory over owner states, and over Hugging Face model folders carrying statistics files.
 
-Owners are streamed: each is loaded, checked, turned into its contribution, added into the sums and dropped, so a
-merge holds one owner's model and the sums whatever the number of owners.
+Owners are streamed through an :class:`~fusion.aggregate.Aggregator`: each is loaded, checked, folded into the sums
+and dropped, so a merge holds one owner's model and the sums whatever the number of owners.
 """
 
 from __future__ import annotations
@@ -9,25 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoint import (
-    atomic_folder,
-    check_finite,
-    check_same_shapes,
-    float_state,
-    head_names,
-    label_set,
-    load_classifier,
-    save_classifier,
-)
+from .aggregate import Aggregator, Merged, OwnerUpdate, owner_update
+from .checkpoint import atomic_folder, check_finite, float_state, load_classifier, save_classifier, tokenizer_or_none
 from .errors import CompatibilityError, MergeError, StatisticsError
-from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
+from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState
 from .statistics import STATS_FILENAME, GramStatistics, load_statistics, read_metadata, weights_fingerprint
 
 log = logging.getLogger("gramfuse")
@@ -37,42 +26,14 @@ REPORT_FILENAME = "gramfuse-merge.json"
 def merge_states(
     owners: Iterable[OwnerState], method: MergeMethod, context: MergeContext | None = None, progress: Any = None
 ) -> MergeOutcome:
-    """Merge owners given as parameter dicts (and statistics where the method needs them)."""
-    context = context or MergeContext()
-    sums = Sums()
-    count = 0
+    """Merge owners given as parameter dicts (and statistics where the method needs them); no heads, no files."""
+    aggregator = Aggregator(method, context)
     for owner in owners:
-        check_owner(owner, method)
-        if owner.statistics is not None:
-            if not context.modules:
-                context.modules = dict(owner.statistics.modules)
-            if owner.statistics.gram_dtype == "float32":
-                context.gram_dtype = "float32"
-        sums.add(method.contribute(owner, context))
-        count += 1
+        aggregator.add(OwnerUpdate(owner.name, dict(owner.params), set(), (), "", owner.statistics))
         if progress is not None:
             progress.update(1)
-    if count == 0:
-        raise MergeError("no owners to merge")
-    return method.combine(sums, context)
-
-
-def check_owner(owner: OwnerState, method: MergeMethod) -> None:
-    check_finite(owner.name, owner.params)
-    if (method.needs_statistics or method.needs_fisher) and owner.statistics is None:
-        raise MergeError(f"owner {owner.name!r}: method {method.name!r} needs statistics, and it has none")
-    if method.needs_fisher and not owner.statistics.fisher:
-        raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics (`gramfuse stats --fisher`)")
-
-
-@dataclass
-class FolderOwner:
-    name: str
-    path: Path
-    label_set: tuple
-    model_type: str
-    stats_path: Path
-    own_head: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged = aggregator.result()
+    return MergeOutcome(merged.outputs["."], merged.layers, merged.warnings)
 
 
 def owner_names(paths: Sequence[Path]) -> list[str]:
@@ -81,62 +42,78 @@ def owner_names(paths: Sequence[Path]) -> list[str]:
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
-def describe_owners(paths: Sequence[str | Path], method: MergeMethod) -> list[FolderOwner]:
-    """Cheap checks of every owner before any heavy work: configs, model types, statistics headers."""
+def check_folders(paths: Sequence[Path], method: MergeMethod) -> list[str]:
+    """Cheap checks of every owner before any heavy work: model folders, model types, statistics headers."""
     from transformers import AutoConfig
 
-    paths = [Path(p) for p in paths]
-    owners = []
-    for name, path in zip(owner_names(paths), paths):
+    names = owner_names(paths)
+    model_types = {}
+    for name, path in zip(names, paths):
         if not (path / "config.json").is_file():
             raise CompatibilityError(f"owner {name!r}: {path} is not a model folder (no config.json)")
-        config = AutoConfig.from_pretrained(str(path))
-        stats_path = path / STATS_FILENAME
+        model_types[name] = AutoConfig.from_pretrained(str(path)).model_type
         if method.needs_statistics or method.needs_fisher:
-            read_metadata(stats_path)
-        owners.append(FolderOwner(name, path, label_set(config), config.model_type, stats_path))
-    first = owners[0]
-    for owner in owners[1:]:
-        if owner.model_type != first.model_type:
+            try:
+                read_metadata(path / STATS_FILENAME)
+            except StatisticsError as error:
+                raise StatisticsError(f"owner {name!r}: {error}") from error
+    first = names[0]
+    for name in names[1:]:
+        if model_types[name] != model_types[first]:
             raise CompatibilityError(
-                f"owner {owner.name!r}: model type {owner.model_type!r} differs from owner {first.name!r}'s "
-                f"{first.model_type!r}"
+                f"owner {name!r}: model type {model_types[name]!r} differs from owner {first!r}'s "
+                f"{model_types[first]!r}"
             )
-    return owners
+    return names
 
 
-def _load_statistics(owner: FolderOwner, state: dict[str, torch.Tensor]) -> GramStatistics:
+def folder_statistics(name: str, path: Path, state: Mapping) -> GramStatistics:
+    """An owner folder's statistics, checked to have been made from exactly the weights in the folder."""
+    stats_path = path / STATS_FILENAME
     try:
-        stats = load_statistics(owner.stats_path)
+        stats = load_statistics(stats_path)
     except StatisticsError as error:
-        raise StatisticsError(f"owner {owner.name!r}: {error}") from error
+        raise StatisticsError(f"owner {name!r}: {error}") from error
     if stats.fingerprint != weights_fingerprint(state):
         raise StatisticsError(
-            f"owner {owner.name!r}: {owner.stats_path} was made from other weights than those in {owner.path} "
+            f"owner {name!r}: {stats_path} was made from other weights than those in {path} "
             "(fingerprints differ); run `gramfuse stats` on this model again"
         )
     for module, info in stats.modules.items():
         if info.weight not in state:
-            raise StatisticsError(f"owner {owner.name!r}: layer {module!r} in the statistics is not in the model")
+            raise StatisticsError(f"owner {name!r}: layer {module!r} in the statistics is not in the model")
     return stats
 
 
-def _check_layout(owner: str, stats: GramStatistics, reference_owner: str, reference: GramStatistics) -> None:
-    for module, info in stats.modules.items():
-        other = reference.modules.get(module)
-        if other is not None and other.gram != info.gram:
-            raise CompatibilityError(
-                f"owner {owner!r}: layer {module!r} shares the Gram of {info.gram!r}, but for owner "
-                f"{reference_owner!r} that of {other.gram!r}"
-            )
-
-
-def _load_base(base_dir: str | Path | None) -> dict[str, torch.Tensor] | None:
+def load_base(base_dir: str | Path | None) -> dict | None:
     if base_dir is None:
         return None
     model, missing = load_classifier(base_dir, allow_missing=True)
     # Weights the base checkpoint lacks were initialised at random by transformers: they are no base at all.
     return {name: value for name, value in float_state(model).items() if name not in set(missing)}
+
+
+def merge_report(method: MergeMethod, merged: Merged, owners: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "method": method.name,
+        "options": method.options(),
+        "owners": owners,
+        "shared_label_set": merged.shared_head,
+        "outputs": {name: name for name in merged.outputs},
+        "layers": merged.layers,
+        "warnings": merged.warnings,
+    }
+
+
+def write_merged(
+    out_dir: str | Path, merged: Merged, tokenizers: Mapping[str, Any], report: dict[str, Any], overwrite: bool
+) -> None:
+    """Every output folder and the report, all at once or not at all (a staging folder renamed at the end)."""
+    with atomic_folder(out_dir, overwrite) as staging:
+        for name, params in merged.outputs.items():
+            folder = staging / name if name != "." else staging
+            save_classifier(merged.configs[name], params, tokenizers.get(name), folder)
+        (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
 
 
 def merge_folders(
@@ -154,50 +131,27 @@ def merge_folders(
     ``out_dir/<owner>`` holding the merged body with its own head.
     """
     started = time.perf_counter()
-    if len(model_dirs) < 1:
+    paths = [Path(p) for p in model_dirs]
+    if not paths:
         raise MergeError("no model folders given")
-    owners = describe_owners(model_dirs, method)
-    shared_labels = len({owner.label_set for owner in owners}) == 1
-    context = MergeContext(base=_load_base(base_dir))
-    reference: dict[str, Any] = {}
-
-    def states():
-        for owner in owners:
-            model, _ = load_classifier(owner.path)
-            state = float_state(model)
-            check_finite(owner.name, state)  # before the fingerprint: a NaN model is the clearer error
-            head = set() if shared_labels else head_names(model)
-            stats = _load_statistics(owner, state) if (method.needs_statistics or method.needs_fisher) else None
-            params = {name: value for name, value in state.items() if name not in head}
-            if not reference:
-                reference.update(owner=owner.name, shapes={n: tuple(v.shape) for n, v in params.items()}, stats=stats)
-            else:
-                check_same_shapes(owner.name, params, reference["owner"], reference["shapes"])
-                if stats is not None and reference["stats"] is not None:
-                    _check_layout(owner.name, stats, reference["owner"], reference["stats"])
-            owner.own_head = {name: state[name].clone() for name in head}
-            log.info("owner %s: %s examples", owner.name, stats.example_count if stats else "?")
-            yield OwnerState(owner.name, params, stats)
-
-    outcome = merge_states(states(), method, context, progress)
-    for warning in outcome.warnings:
+    names = check_folders(paths, method)
+    aggregator = Aggregator(method, MergeContext(base=load_base(base_dir)))
+    needs_statistics = method.needs_statistics or method.needs_fisher
+    for name, path in zip(names, paths):
+        model, _ = load_classifier(path)
+        state = float_state(model)
+        check_finite(name, state)  # before the fingerprint: NaN weights are the clearer error
+        stats = folder_statistics(name, path, state) if needs_statistics else None
+        aggregator.add(owner_update(name, model, stats))
+        log.info("owner %s: %s examples", name, stats.example_count if stats else "?")
+        if progress is not None:
+            progress.update(1)
+    merged = aggregator.result()
+    for warning in merged.warnings:
         log.warning("%s", warning)
-    report = {
-        "method": method.name,
-        "options": method.options(),
-        "owners": [{"name": o.name, "path": str(o.path)} for o in owners],
-        "shared_label_set": shared_labels,
-        "layers": outcome.layers,
-        "warnings": outcome.warnings,
-    }
-    with atomic_folder(out_dir, overwrite) as staging:
-        if shared_labels:
-            save_classifier(owners[0].path, outcome.params, staging)
-            report["outputs"] = {owner.name: "." for owner in owners}
-        else:
-            for owner in owners:
-                save_classifier(owner.path, {**outcome.params, **owner.own_head}, staging / owner.name)
-            report["outputs"] = {owner.name: owner.name for owner in owners}
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
+    report = merge_report(method, merged, [{"name": n, "path": str(p)} for n, p in zip(names, paths)])
+    tokenizer_of = dict(zip(names, paths))
+    tokenizers = {out: tokenizer_or_none(tokenizer_of[out] if out != "." else paths[0]) for out in merged.outputs}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_merged(out_dir, merged, tokenizers, report, overwrite)
     return report

@@ -62,12 +62,17 @@ class MergeOutcome:
 class Sums(dict):
     """Running float64 sums of contributions; adding is all the aggregation there is."""
 
+    def check(self, contribution: Mapping[str, torch.Tensor]) -> None:
+        """Raise if ``contribution`` cannot be added; call before :meth:`add` so a misfit adds nothing at all."""
+        for key, value in contribution.items():
+            if key in self and self[key].shape != value.shape:
+                raise MergeError(f"{key!r}: shape {tuple(value.shape)} does not match the sum's {tuple(self[key].shape)}")
+
     def add(self, contribution: Mapping[str, torch.Tensor]) -> None:
+        self.check(contribution)
         for key, value in contribution.items():
             value = value.detach().to(torch.float64)
             if key in self:
-                if self[key].shape != value.shape:
-                    raise MergeError(f"{key!r}: shape {tuple(value.shape)} does not match {tuple(self[key].shape)}")
                 self[key].add_(value)
             else:
                 self[key] = value.clone()
