@@ -130,6 +130,29 @@ def tokenizer_or_none(path: str | Path) -> Any:
         return None  # a model folder without a tokenizer gives a merged folder without one
 
 
+def tokenizer_files(model_dir: str | Path) -> dict[str, bytes]:
+    """The files a tokenizer saves, as bytes: how a tokenizer travels to a server that has no model folder."""
+    import tempfile
+
+    tokenizer = tokenizer_or_none(model_dir)
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def tokenizer_from_files(files: Mapping[str, bytes]) -> Any:
+    import tempfile
+
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in files.items():
+            (Path(folder) / Path(name).name).write_bytes(data)
+        return load_tokenizer(folder)
+
+
 def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: Any, out_dir: Path) -> None:
     """Write ``params`` into the architecture ``config`` describes, with the tokenizer, for ``from_pretrained``."""
     from transformers import AutoModelForSequenceClassification

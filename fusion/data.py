@@ -79,6 +79,8 @@ def read_examples(
 
 def count_examples(path: str | Path) -> int:
     """Non-blank lines: the total for a progress bar without parsing the file."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such data file")
     with Path(path).open(encoding="utf-8", newline="") as handle:
         lines = sum(1 for line in handle if line.strip())
     return lines - 1 if _file_format(Path(path)) != "jsonl" else lines

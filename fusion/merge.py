@@ -106,14 +106,20 @@ def merge_report(method: MergeMethod, merged: Merged, owners: list[dict[str, Any
 
 
 def write_merged(
-    out_dir: str | Path, merged: Merged, tokenizers: Mapping[str, Any], report: dict[str, Any], overwrite: bool
+    out_dir: str | Path,
+    merged: Merged,
+    tokenizers: Mapping[str, Any],
+    report: dict[str, Any],
+    overwrite: bool,
+    extra_files: Mapping[str, dict] | None = None,
 ) -> None:
-    """Every output folder and the report, all at once or not at all (a staging folder renamed at the end)."""
+    """Every output folder and the report (and ``extra_files``, JSON), all at once or not at all."""
     with atomic_folder(out_dir, overwrite) as staging:
         for name, params in merged.outputs.items():
             folder = staging / name if name != "." else staging
             save_classifier(merged.configs[name], params, tokenizers.get(name), folder)
-        (staging / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
+        for filename, content in {REPORT_FILENAME: report, **(extra_files or {})}.items():
+            (staging / filename).write_text(json.dumps(content, indent=2))
 
 
 def merge_folders(

@@ -130,61 +130,66 @@ def load_statistics(path: str | Path) -> GramStatistics:
     """Read and check a statistics file: every Gram present, of the right size, finite; counts consistent."""
     path = Path(path)
     meta = read_metadata(path)
-    grams: dict[str, torch.Tensor] = {}
-    fisher: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            for key, info in meta["grams"].items():
-                if GRAM_PREFIX + key not in names:
-                    raise StatisticsError(f"{path}: layer {key!r}: Gram listed in the metadata but missing")
-                grams[key] = handle.get_tensor(GRAM_PREFIX + key)
-            for name in names:
-                if name.startswith(FISHER_PREFIX):
-                    fisher[name[len(FISHER_PREFIX) :]] = handle.get_tensor(name)
-    except StatisticsError:
-        raise
-    except Exception as error:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors' own error types for data that is cut short or damaged
         raise StatisticsError(f"{path}: corrupt or truncated statistics data: {error}") from error
-
-    for key, info in meta["grams"].items():
-        _check_gram(path, key, grams[key], info)
-    for name, value in fisher.items():
-        if not torch.isfinite(value).all():
-            raise StatisticsError(f"{path}: parameter {name!r}: Fisher holds NaN or Inf")
-    modules = {name: ModuleInfo(**info) for name, info in meta["modules"].items()}
-    for name, info in modules.items():
-        if info.gram not in grams:
-            raise StatisticsError(f"{path}: layer {name!r} refers to Gram {info.gram!r}, which the file lacks")
-    return GramStatistics(
-        grams=grams,
-        dims={key: int(info["dim"]) for key, info in meta["grams"].items()},
-        token_counts={key: int(info["tokens"]) for key, info in meta["grams"].items()},
-        pads_excluded={key: bool(info.get("pads_excluded", True)) for key, info in meta["grams"].items()},
-        modules=modules,
-        example_count=int(meta["example_count"]),
-        fingerprint=meta["fingerprint"],
-        settings=meta.get("settings", {}),
-        fisher=fisher or None,
-        fisher_example_count=int(meta.get("fisher_example_count", 0)),
-        gram_dtype=_gram_dtype(path, meta.get("gram_dtype", "float64")),
-    )
+    return statistics_from(str(path), meta, tensors)
 
 
-def _gram_dtype(path: Path, name: str) -> str:
+def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> GramStatistics:
+    """Statistics from their metadata and tensors (``gram.<key>``, ``fisher.<name>``; others ignored), all checked.
+
+    ``source`` (a file, an owner) starts every error message.
+    """
+    try:
+        grams = {}
+        for key, info in meta["grams"].items():
+            gram = tensors.get(GRAM_PREFIX + key)
+            if gram is None:
+                raise StatisticsError(f"{source}: layer {key!r}: Gram listed in the metadata but missing")
+            _check_gram(source, key, gram, info)
+            grams[key] = gram.to(torch.float64)
+        fisher = {name[len(FISHER_PREFIX) :]: value for name, value in tensors.items() if name.startswith(FISHER_PREFIX)}
+        for name, value in fisher.items():
+            if not torch.isfinite(value).all():
+                raise StatisticsError(f"{source}: parameter {name!r}: Fisher holds NaN or Inf")
+        modules = {name: ModuleInfo(**info) for name, info in meta["modules"].items()}
+        for name, info in modules.items():
+            if info.gram not in grams:
+                raise StatisticsError(f"{source}: layer {name!r} refers to Gram {info.gram!r}, which is missing")
+        return GramStatistics(
+            grams=grams,
+            dims={key: int(info["dim"]) for key, info in meta["grams"].items()},
+            token_counts={key: int(info["tokens"]) for key, info in meta["grams"].items()},
+            pads_excluded={key: bool(info.get("pads_excluded", True)) for key, info in meta["grams"].items()},
+            modules=modules,
+            example_count=int(meta["example_count"]),
+            fingerprint=str(meta["fingerprint"]),
+            settings=dict(meta.get("settings", {})),
+            fisher=fisher or None,
+            fisher_example_count=int(meta.get("fisher_example_count", 0)),
+            gram_dtype=_gram_dtype(source, meta.get("gram_dtype", "float64")),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise StatisticsError(f"{source}: malformed statistics metadata ({type(error).__name__}: {error})") from error
+
+
+def _gram_dtype(source: str, name: str) -> str:
     if name not in ("float64", "float32"):
-        raise StatisticsError(f"{path}: unknown gram_dtype {name!r}")
+        raise StatisticsError(f"{source}: unknown gram_dtype {name!r}")
     return name
 
 
-def _check_gram(path: Path, key: str, gram: torch.Tensor, info: Mapping[str, Any]) -> None:
+def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any]) -> None:
     dim = int(info["dim"])
     if gram.dim() != 1 or gram.numel() != dim * (dim + 1) // 2:
         raise StatisticsError(
-            f"{path}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
+            f"{source}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
             f"{dim * (dim + 1) // 2} entries for input dimension {dim}"
         )
     if not torch.isfinite(gram).all():
-        raise StatisticsError(f"{path}: layer {key!r}: Gram holds NaN or Inf")
+        raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
     if int(info["tokens"]) < 0:
-        raise StatisticsError(f"{path}: layer {key!r}: negative token count")
+        raise StatisticsError(f"{source}: layer {key!r}: negative token count")

@@ -1,0 +1,273 @@
+"""The aggregation server's Flower strategy: one round in which every site sends its statistics and weights.
+
+Lifecycle, as Flower's strategies: ``configure_train`` asks each connected node for what the method needs;
+``aggregate_train`` folds each reply into running sums *as it arrives* (see :meth:`RegMeanStrategy.run`, which pulls
+replies one at a time), so the server holds one reply plus the sums whatever the number of owners; then
+:meth:`merge` solves with ``fusion`` and writes exactly what ``gramfuse merge`` writes, plus ``report.json``.
+
+An owner whose reply is an error, never comes, or does not fit the others (architecture, label set, statistics) is
+named by node id in the log and the report, and left out; the merge goes on while ``min_owners`` still hold, and
+fails with a clear message, writing nothing, below that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from clients.app import META, PAYLOAD, TOKENIZER
+from fusion.aggregate import Aggregator
+from fusion.checkpoint import tokenizer_from_files
+from fusion.errors import GramfuseError
+from fusion.merge import merge_report, write_merged
+from fusion.methods import MergeContext, MergeMethod
+from fusion.payload import owner_from_payload
+
+log = logging.getLogger("gramfuse.server")
+REPORT_FILE = "report.json"
+POLL_SECONDS = 0.5
+
+
+def owner_name(node_id: int) -> str:
+    """How an owner is named in the merge and its output folder: by the node id Flower gave its site."""
+    return f"node-{node_id}"
+
+
+class FederationError(GramfuseError):
+    """The federation cannot produce a merge (too few owners answered or fitted)."""
+
+
+@dataclass
+class OwnerRecord:
+    node_id: int
+    status: str = "asked"  # asked, merged, failed, rejected, timed out
+    site: str = ""
+    reason: str = ""
+    examples: int = 0
+    tokens: int = 0
+    bytes_received: int = 0
+    site_seconds: float = 0.0
+    arrived_after_seconds: float = 0.0
+
+
+class RegMeanStrategy(Strategy):
+    """Gathers sums of what ``method`` needs from every site and merges once. Works for every registered method."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        out_dir: str | Path,
+        *,
+        min_owners: int = 2,
+        timeout: float = 600.0,
+        heads: str = "auto",
+        base: dict | None = None,
+        overwrite: bool = True,
+    ) -> None:
+        self.method = method
+        self.out_dir = Path(out_dir)
+        self.min_owners = min_owners
+        self.timeout = timeout
+        self.overwrite = overwrite
+        self.aggregator = Aggregator(method, MergeContext(base=base), heads)
+        self.records: dict[int, OwnerRecord] = {}
+        self.asked: dict[str, int] = {}  # message id -> node id
+        self.fitting: list[int] | None = None  # the sites whose architecture fits the majority
+        self.tokenizer: dict[str, bytes] = {}
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    # --- Flower's strategy lifecycle -------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Ask each fitting site (every connected one if none were described) for what the method needs."""
+        request = ConfigRecord({
+            "method": self.method.name,
+            "needs-statistics": self.method.needs_statistics or self.method.needs_fisher,
+            "needs-fisher": self.method.needs_fisher,
+            **config,
+        })
+        nodes = self.fitting if self.fitting is not None else list(grid.get_node_ids())
+        for node_id in nodes:
+            self.records.setdefault(node_id, OwnerRecord(node_id))
+        return self._messages(nodes, MessageType.TRAIN, request, server_round)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        for reply in replies:
+            self.add_reply(reply)
+        return None, MetricRecord({"owners-merged": len(self.aggregator.owners)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        return []  # evaluation happens at the sites or offline (`gramfuse evaluate`), on data the server never sees
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("gramfuse %s %s, at least %d owners, timeout %.0f s, output %s", self.method.name,
+                 self.method.options(), self.min_owners, self.timeout, self.out_dir)
+
+    # --- one reply at a time -----------------------------------------------------------------------------------------
+
+    def add_reply(self, reply: Message) -> None:
+        # Error replies made by the SuperLink (a node that stopped answering) come from it, not from the node.
+        node_id = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        record = self.records.setdefault(node_id, OwnerRecord(node_id))
+        record.arrived_after_seconds = round(time.perf_counter() - self.started, 3)
+        if reply.has_error():
+            record.status, record.reason = "failed", reply.error.reason
+            log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
+            return
+        try:
+            owner = self._decode(node_id, reply, record)
+            self.aggregator.add(owner)
+        except GramfuseError as error:
+            record.status, record.reason = "rejected", str(error)
+            log.warning("owner node %d rejected: %s", node_id, error)
+            return
+        record.status = "merged"
+        if owner.statistics is not None:
+            record.examples = owner.statistics.example_count
+            record.tokens = max(owner.statistics.token_counts.values(), default=0)
+        log.info("owner node %d (%s) merged into the sums: %d examples, %.1f MB received", node_id, record.site,
+                 record.examples, record.bytes_received / 1e6)
+
+    def _decode(self, node_id: int, reply: Message, record: OwnerRecord):
+        try:
+            arrays = reply.content[PAYLOAD]
+            config = reply.content[META]
+            meta = json.loads(str(config["json"]))
+        except (KeyError, ValueError) as error:
+            raise GramfuseError(f"owner node {node_id}: malformed reply ({error})") from error
+        record.site = str(meta.get("site", ""))
+        record.site_seconds = float(meta.get("site_seconds", 0.0))
+        record.bytes_received = int(arrays.count_bytes()) + int(config.count_bytes())
+        if not self.tokenizer:
+            self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
+        return owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
+
+    # --- the whole run -----------------------------------------------------------------------------------------------
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Wait for sites, ask each once, fold replies in as they arrive, merge. Returns the report."""
+        self.summary()
+        self._wait_for_nodes(grid)
+        descriptions = self._messages(grid.get_node_ids(), MessageType.QUERY, ConfigRecord(), 0)
+        self.choose_fitting(list(self._exchange(grid, descriptions)))
+        self.timings["describe_seconds"] = round(time.perf_counter() - self.started, 3)
+        self.aggregate_train(1, self._exchange(grid, self.configure_train(1, ArrayRecord(), ConfigRecord(), grid)))
+        self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
+        return self.merge()
+
+    def choose_fitting(self, replies: list[Message]) -> None:
+        """Keep the sites of the most common architecture (and label set, where heads are shared); name the rest.
+
+        Deciding by majority before any statistics are sent, rather than by whichever site answers first, keeps
+        one misfit from turning every other site away.
+        """
+        groups: dict[str, list[int]] = {}
+        for reply in replies:
+            node_id = self.asked[reply.metadata.reply_to_message_id]
+            record = self.records.setdefault(node_id, OwnerRecord(node_id))
+            if reply.has_error():
+                record.status, record.reason = "failed", reply.error.reason
+                log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
+                continue
+            described = json.loads(str(reply.content[META]["json"]))
+            key = f"model type {described['model_type']!r}, body {described['body']}"
+            if self.aggregator.heads == "shared":
+                key += f", labels {[label for _, label in described['label_set']]}"
+            groups.setdefault(key, []).append(node_id)
+        if not groups:
+            self.fitting = []
+            return
+        majority = min(groups, key=lambda k: (-len(groups[k]), min(groups[k])))
+        self.fitting = sorted(groups[majority])
+        for key, nodes in groups.items():
+            for node_id in nodes if key != majority else ():
+                record = self.records[node_id]
+                record.status = "rejected"
+                record.reason = f"{key} does not fit the {len(groups[majority])} sites of {majority}"
+                log.warning("owner node %d rejected: %s", node_id, record.reason)
+
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(list(grid.get_node_ids())) < self.min_owners:
+            if time.monotonic() > deadline:
+                found = len(list(grid.get_node_ids()))
+                raise FederationError(f"only {found} sites connected within {self.timeout:.0f} s; "
+                                      f"min-owners is {self.min_owners}")
+            time.sleep(POLL_SECONDS)
+
+    def _messages(self, nodes: Iterable[int], kind: str, request: ConfigRecord, server_round: int) -> list[Message]:
+        return [Message(content=RecordDict({"config": request}), dst_node_id=node_id, message_type=kind,
+                        group_id=str(server_round)) for node_id in nodes]
+
+    def _exchange(self, grid: Grid, messages: list[Message]) -> Iterator[Message]:
+        """Send, then yield replies one at a time, each pulled only once the previous one has been dealt with.
+
+        Sites that have not answered within the timeout are recorded as timed out.
+        """
+        pushed = {message_id: message.metadata.dst_node_id
+                  for message_id, message in zip(grid.push_messages(messages), messages) if message_id}
+        self.asked.update(pushed)
+        pending = dict(pushed)
+        deadline = time.monotonic() + self.timeout
+        while pending and time.monotonic() < deadline:
+            arrived = False
+            for message_id in list(pending):
+                for reply in grid.pull_messages([message_id]):
+                    pending.pop(message_id, None)
+                    arrived = True
+                    yield reply
+            if not arrived:
+                time.sleep(POLL_SECONDS)
+        for node_id in pending.values():
+            record = self.records.setdefault(node_id, OwnerRecord(node_id))
+            record.status, record.reason = "timed out", f"no reply within {self.timeout:.0f} s"
+            log.warning("owner node %d timed out: no reply within %.0f s", node_id, self.timeout)
+
+    def merge(self) -> dict[str, Any]:
+        merged_count = len(self.aggregator.owners)
+        if merged_count < self.min_owners:
+            problems = "; ".join(f"node {r.node_id}: {r.status} ({r.reason})" for r in self.records.values()
+                                 if r.status != "merged")
+            raise FederationError(f"only {merged_count} owners could be merged, min-owners is {self.min_owners}"
+                                  + (f"; {problems}" if problems else ""))
+        solve_started = time.perf_counter()
+        merged = self.aggregator.result()
+        self.timings["solve_seconds"] = round(time.perf_counter() - solve_started, 3)
+        for warning in merged.warnings:
+            log.warning("%s", warning)
+        names = {owner_name(r.node_id): r for r in self.records.values()}
+        owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
+                  for name in self.aggregator.owners]
+        report = merge_report(self.method, merged, owners)
+        tokenizer = tokenizer_from_files(self.tokenizer)
+        write_started = time.perf_counter()
+        with_report = {**report, "federation": self.federation_report()}
+        write_merged(self.out_dir, merged, {name: tokenizer for name in merged.outputs}, report, self.overwrite,
+                     extra_files={REPORT_FILE: with_report})
+        self.timings["write_seconds"] = round(time.perf_counter() - write_started, 3)
+        log.info("merged %d owners with %s into %s", merged_count, self.method.name, self.out_dir)
+        return with_report
+
+    def federation_report(self) -> dict[str, Any]:
+        return {
+            "owners": {str(r.node_id): asdict(r) for r in self.records.values()},
+            "merged": len(self.aggregator.owners),
+            "min_owners": self.min_owners,
+            "bytes_received": sum(r.bytes_received for r in self.records.values()),
+            "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},
+            "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }

@@ -1,0 +1,86 @@
+"""Real Flower processes on loopback for tests: a SuperLink, SuperNodes, `flwr run`. Everything started is stopped
+by process id (a process group each, so the ClientApp and ServerApp children go too)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Loopback:
+    """A SuperLink and SuperNodes on 127.0.0.1, with a Flower home whose connection `loopback` points at it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home)}
+        self.processes: dict[str, subprocess.Popen] = {}
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n'
+            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                   start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start_superlink(self) -> None:
+        # A file database: the in-memory one fails under concurrent pushes in flwr 1.41.
+        self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+                                  "--database", str(self.root / "superlink.db")])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"the SuperLink did not open port {self.port}; see {self.root / 'superlink.log'}")
+
+    def start_supernode(self, name: str, model_path: Path, data_path: Path) -> subprocess.Popen:
+        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}'"
+        return self._start(name, [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                  f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config])
+
+    def run(self, run_config: str, timeout: float = 420) -> subprocess.CompletedProcess:
+        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed)."""
+        return subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config],
+                              env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGCONT)
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

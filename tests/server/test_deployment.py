@@ -1,0 +1,98 @@
+"""A real deployment on loopback: a SuperLink, one SuperNode per site, `flwr run`; tiny models.
+
+The merge must equal `gramfuse merge` on the same folders; sites that error, do not fit, or vanish mid-round are
+named by node id and left out while min-owners holds; below it the run fails and writes nothing."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from flower_processes import Loopback
+from helpers import perturbed, save_owner, tiny_model, write_data
+from safetensors.torch import load_file
+
+from fusion.cli import main as gramfuse
+
+GOOD = ("good0", "good1", "good2")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loopback")
+    base = tiny_model("bert")
+    sites = {}
+    for i, name in enumerate(GOOD):
+        sites[name] = (save_owner(perturbed(base, seed=20 + i), root / name / "model"),
+                       write_data(root / name / "data.jsonl", 40, seed=i))
+    sites["broken"] = (save_owner(perturbed(base, seed=30), root / "broken" / "model"), root / "broken" / "gone.jsonl")
+    sites["alien"] = (save_owner(tiny_model("distilbert"), root / "alien" / "model"),
+                      write_data(root / "alien" / "data.jsonl", 40, seed=9))
+    loopback = Loopback(root)
+    try:
+        loopback.start_superlink()
+        for name, (model, data) in sites.items():
+            loopback.start_supernode(name, model, data)
+        yield root, loopback, sites
+    finally:
+        loopback.stop()
+    for name, process in loopback.processes.items():
+        assert process.poll() is not None, f"{name} still running"
+
+
+def report_of(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_merge_equals_offline_cli_and_misfits_are_named(federation):
+    root, loopback, sites = federation
+    out = root / "federated"
+    done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = report_of(out)["federation"]
+    owners = list(report["owners"].values())
+    merged = sorted(o["site"] for o in owners if o["status"] == "merged")
+    assert merged == list(GOOD), owners
+    failed = [o for o in owners if o["status"] == "failed"]
+    rejected = [o for o in owners if o["status"] == "rejected"]
+    assert len(failed) == 1 and "no such data file" in failed[0]["reason"]
+    assert len(rejected) == 1 and "model type 'distilbert'" in rejected[0]["reason"]
+    for owner in failed + rejected:  # named by node id in the log as well
+        assert f"owner node {owner['node_id']}" in done.stdout + done.stderr
+    assert all(o["bytes_received"] > 0 for o in owners if o["status"] == "merged")
+
+    # The same folders through the offline CLI (the sites' statistics files were written by the clients).
+    offline = root / "offline"
+    assert gramfuse([*"merge".split(), *(str(sites[n][0]) for n in GOOD), "-o", str(offline), "--quiet"]) == 0
+    federated_weights = load_file(str(out / "model.safetensors"))
+    offline_weights = load_file(str(offline / "model.safetensors"))
+    assert federated_weights.keys() == offline_weights.keys()
+    for name, value in offline_weights.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert float((federated_weights[name] - value).abs().max() / scale) <= 1e-6, name
+    assert (out / "tokenizer.json").is_file() and (out / "gramfuse-merge.json").is_file()
+
+
+def test_below_min_owners_fails_and_writes_nothing(federation):
+    root, loopback, _ = federation
+    out = root / "too-few"
+    done = loopback.run(f"out-dir='{out}' min-owners=4 timeout=180")
+    assert "only 3 owners could be merged, min-owners is 4" in done.stdout + done.stderr
+    assert not out.exists()
+    assert not list(root.glob(".too-few.partial-*"))
+
+
+def test_site_that_vanishes_mid_round_is_named_and_the_merge_goes_on(federation):
+    root, loopback, _ = federation
+    os.killpg(loopback.processes["good2"].pid, signal.SIGSTOP)  # the site stops answering altogether
+    out = root / "vanished"
+    done = loopback.run(f"out-dir='{out}' min-owners=2 timeout=60")
+    assert done.returncode == 0 and (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    owners = list(report_of(out)["federation"]["owners"].values())
+    assert sorted(o["site"] for o in owners if o["status"] == "merged") == ["good0", "good1"]
+    lost = [o for o in owners if o["status"] in ("failed", "timed out") and "data file" not in o["reason"]]
+    assert len(lost) == 1
+    assert f"owner node {lost[0]['node_id']}" in done.stdout + done.stderr
+    merged = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
