@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fusion.checkpoint import atomic_folder, load_tokenizer
+from fusion.checkpoint import atomic_folder, load_tokenizer, quiet_transformers
 from fusion.data import batches, label_index, read_examples
 
 SETTINGS_FILE = "gramfuse-finetune.json"
@@ -54,6 +54,7 @@ def finetune(base_dir: str | Path, data_file: str | Path, out_dir: str | Path, s
     if done.is_file() and json.loads(done.read_text()) == record:
         return out_dir
 
+    quiet_transformers()  # the fresh head is meant to be initialised: transformers' note about it is noise here
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     id2label = dict(enumerate(settings.labels))

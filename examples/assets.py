@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import os
-import random
 import subprocess
 import sys
 import zipfile
@@ -102,8 +101,3 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
-
-def shuffled(rows: list[dict], seed: int) -> list[dict]:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows

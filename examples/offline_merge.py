@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
-from clients.finetune import FinetuneSettings, finetune
-from examples.assets import SENTIMENT_LABELS, VADER_DOMAINS, minilm_dir, split, vader, write_jsonl
+from examples.assets import VADER_DOMAINS, minilm_dir
+from examples.owners import prepare_owners, say
 from fusion.methods import get_method
 from fusion.merge import merge_folders
 from fusion.workflows import DataSettings, compute_statistics, evaluate_folder
@@ -34,50 +33,30 @@ METHODS = [
 ]
 
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def prepare(domains: list[str], workdir: Path, train: int, test: int, seed: int) -> dict[str, dict[str, Path]]:
-    files = {}
-    for domain in domains:
-        rows = vader(domain)
-        train_rows, test_rows = split(rows, seed, train, test)
-        files[domain] = {
-            "train": write_jsonl(train_rows, workdir / "data" / f"{domain}-train.jsonl"),
-            "test": write_jsonl(test_rows, workdir / "data" / f"{domain}-test.jsonl"),
-        }
-        say(f"data {domain}: {len(rows)} labelled snippets, {len(train_rows)} train, {len(test_rows)} test")
-    return files
-
-
 def label(method: str, options: dict) -> str:
     return method + "".join(f" {k}={v}" for k, v in options.items())
 
 
 def run(domains: list[str], workdir: Path, train: int, test: int, epochs: int, seed: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    files = prepare(domains, workdir, train, test, seed)
-    base = minilm_dir()
-    settings = FinetuneSettings(labels=tuple(SENTIMENT_LABELS.values()), epochs=epochs, seed=seed)
-    owners = {}
-    for domain in domains:
-        say(f"owner {domain}: fine-tuning (cached after the first run)")
-        owners[domain] = finetune(base, files[domain]["train"], workdir / "owners" / domain, settings)
-        say(f"owner {domain}: statistics and Fisher over its training data")
-        compute_statistics(owners[domain], files[domain]["train"], settings=DataSettings(max_length=64), fisher=True)
+    owners = prepare_owners(domains, len(domains), workdir, train=train, test=test, epochs=epochs, seed=seed)
+    for owner in owners:
+        say(f"owner {owner.name}: statistics and Fisher over its training data")
+        compute_statistics(owner.model, owner.train, settings=DataSettings(max_length=64), fisher=True)
 
-    candidates = {f"own model ({domain})": owners[domain] for domain in domains}
+    candidates = {f"own model ({owner.name})": owner.model for owner in owners}
     for method, options in METHODS:
         name = label(method, options)
         say(f"merge: {name}")
         out = workdir / "merged" / name.replace(" ", "_").replace("=", "")
-        merge_folders(list(owners.values()), out, get_method(method, **options), base_dir=base, overwrite=True)
+        merge_folders([o.model for o in owners], out, get_method(method, **options), base_dir=minilm_dir(),
+                      overwrite=True)
         candidates[name] = out
 
     results = {"domains": domains, "train": train, "test": test, "epochs": epochs, "seed": seed, "scores": {}}
+    tests = {owner.domain: owner.test for owner in owners}
     for name, folder in candidates.items():
-        scores = {d: evaluate_folder(folder, files[d]["test"], settings=DataSettings(max_length=64), progress=False)
+        scores = {d: evaluate_folder(folder, tests[d], settings=DataSettings(max_length=64), progress=False)
                   for d in domains}
         results["scores"][name] = scores
         say(f"evaluated {name}: " + ", ".join(f"{d} {s['accuracy']:.3f}" for d, s in scores.items()))

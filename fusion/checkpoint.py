@@ -16,7 +16,7 @@ from .errors import CompatibilityError, GramfuseError, MergeError
 _quiet = False
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # Loading a merged or fine-tuned model is routine here; transformers' notes about it would drown our own output.
     global _quiet
     if not _quiet:
@@ -35,7 +35,7 @@ def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[A
     """
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise GramfuseError(f"{path}: not a model folder (no config.json)")
@@ -58,7 +58,7 @@ def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[A
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with end-of-text, the mask hides it anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,7 +157,7 @@ def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: 
     """Write ``params`` into the architecture ``config`` describes, with the tokenizer, for ``from_pretrained``."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     model = AutoModelForSequenceClassification.from_config(config)
     state = model.state_dict()
     missing = sorted(n for n, v in state.items() if v.is_floating_point() and n not in params)

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from fusion.gram import CONV1D, linear_modules
 

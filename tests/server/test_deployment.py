@@ -9,11 +9,11 @@ import signal
 
 import pytest
 import torch
-from flower_processes import Loopback
 from helpers import perturbed, save_owner, tiny_model, write_data
 from safetensors.torch import load_file
 
 from fusion.cli import main as gramfuse
+from server.processes import Loopback
 
 GOOD = ("good0", "good1", "good2")
 
@@ -29,6 +29,10 @@ def federation(tmp_path_factory):
     sites["broken"] = (save_owner(perturbed(base, seed=30), root / "broken" / "model"), root / "broken" / "gone.jsonl")
     sites["alien"] = (save_owner(tiny_model("distilbert"), root / "alien" / "model"),
                       write_data(root / "alien" / "data.jsonl", 40, seed=9))
+    three_labels = tiny_model("bert", num_labels=3)
+    three_labels.bert.load_state_dict(perturbed(base, seed=31).bert.state_dict())
+    sites["topics"] = (save_owner(three_labels, root / "topics" / "model"),
+                       write_data(root / "topics" / "data.jsonl", 40, seed=8, num_labels=3))
     loopback = Loopback(root)
     try:
         loopback.start_superlink()
@@ -48,7 +52,7 @@ def report_of(out):
 def test_merge_equals_offline_cli_and_misfits_are_named(federation):
     root, loopback, sites = federation
     out = root / "federated"
-    done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180")
+    done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180 heads='shared'")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = report_of(out)["federation"]
     owners = list(report["owners"].values())
@@ -57,7 +61,11 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
     failed = [o for o in owners if o["status"] == "failed"]
     rejected = [o for o in owners if o["status"] == "rejected"]
     assert len(failed) == 1 and "no such data file" in failed[0]["reason"]
-    assert len(rejected) == 1 and "model type 'distilbert'" in rejected[0]["reason"]
+    reasons = {o["site"] or o["node_id"]: o["reason"] for o in rejected}
+    assert len(rejected) == 2
+    assert any(r.startswith("model type 'distilbert'") for r in reasons.values())  # another architecture
+    assert any(r.startswith("model type 'bert', body") and "'LABEL_2'" in r.split(" does not fit")[0]
+               for r in reasons.values())  # the same body, another label set, with heads shared
     for owner in failed + rejected:  # named by node id in the log as well
         assert f"owner node {owner['node_id']}" in done.stdout + done.stderr
     assert all(o["bytes_received"] > 0 for o in owners if o["status"] == "merged")

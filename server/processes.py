@@ -1,5 +1,10 @@
-"""Real Flower processes on loopback for tests: a SuperLink, SuperNodes, `flwr run`. Everything started is stopped
-by process id (a process group each, so the ClientApp and ServerApp children go too)."""
+"""Real Flower processes on this machine: a SuperLink (for a deployment or the simulation engine), SuperNodes, and
+`flwr run` against them. Used by the examples, the benchmarks and the tests; everything started is stopped by
+process id (a process group each, so ClientApp, ServerApp and simulation children go too).
+
+A SuperLink we start ourselves rather than `flwr run`'s own local one, which keeps running after the run with no
+handle to stop it by.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +35,15 @@ def free_port() -> int:
 
 
 class Loopback:
-    """A SuperLink and SuperNodes on 127.0.0.1, with a Flower home whose connection `loopback` points at it."""
+    """A SuperLink and SuperNodes on 127.0.0.1, with a Flower home whose connection `loopback` points at it.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    With ``simulation=True`` the SuperLink runs Flower's simulation engine (Ray) and :meth:`run` simulates
+    ``num_supernodes`` nodes instead of talking to SuperNodes.
+    """
+
+    def __init__(self, root: Path, simulation: bool = False) -> None:
+        self.simulation = simulation
+        self.root = root.resolve()
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -53,8 +63,9 @@ class Loopback:
 
     def start_superlink(self) -> None:
         # A file database: the in-memory one fails under concurrent pushes in flwr 1.41.
-        self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
-                                  "--database", str(self.root / "superlink.db")])
+        command = [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+                   "--database", str(self.root / "superlink.db")]
+        self._start("superlink", command + (["--simulation", "--isolation", "subprocess"] if self.simulation else []))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as sock:
@@ -68,10 +79,14 @@ class Loopback:
         return self._start(name, [str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                   f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config])
 
-    def run(self, run_config: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600,
+            capture: bool = True) -> subprocess.CompletedProcess:
         """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed)."""
-        return subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config],
-                              env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        command = [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config]
+        if self.simulation:
+            # One CPU per simulated node: on 2 cores Ray would otherwise oversubscribe.
+            command += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+        return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
 
     def stop(self) -> None:
         for process in self.processes.values():
