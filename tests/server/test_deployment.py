@@ -85,7 +85,7 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
 def test_below_min_owners_fails_and_writes_nothing(federation):
     root, loopback, _ = federation
     out = root / "too-few"
-    done = loopback.run(f"out-dir='{out}' min-owners=4 timeout=180")
+    done = loopback.run(f"out-dir='{out}' min-owners=4 timeout=180 heads='shared'")
     assert "only 3 owners could be merged, min-owners is 4" in done.stdout + done.stderr
     assert not out.exists()
     assert not list(root.glob(".too-few.partial-*"))
@@ -95,7 +95,7 @@ def test_site_that_vanishes_mid_round_is_named_and_the_merge_goes_on(federation)
     root, loopback, _ = federation
     os.killpg(loopback.processes["good2"].pid, signal.SIGSTOP)  # the site stops answering altogether
     out = root / "vanished"
-    done = loopback.run(f"out-dir='{out}' min-owners=2 timeout=60")
+    done = loopback.run(f"out-dir='{out}' min-owners=2 timeout=60 heads='shared'")
     assert done.returncode == 0 and (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     owners = list(report_of(out)["federation"]["owners"].values())
     assert sorted(o["site"] for o in owners if o["status"] == "merged") == ["good0", "good1"]
