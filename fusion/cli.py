@@ -121,16 +121,21 @@ def run_merge(args: argparse.Namespace) -> None:
         report = merge_folders(
             args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite, progress=bar
         )
-    worst = max((layer["condition"] for layer in report["layers"].values() if layer["condition"] != "inf"),
-                default=None)
-    singular = sum(layer["condition"] == "inf" for layer in report["layers"].values())
-    summary = f"{args.output}: merged {len(report['owners'])} owners with {args.method}"
-    if report["layers"]:
-        summary += f"; {len(report['layers'])} Grams solved, worst condition {worst:.3g}" if worst else ""
-        summary += f", {singular} singular (regularised)" if singular else ""
+    print(merge_summary(args.output, report))
+
+
+def merge_summary(out_dir: str, report: dict) -> str:
+    layers = report["layers"].values()
+    summary = f"{out_dir}: merged {len(report['owners'])} owners with {report['method']}"
+    finite = [layer["condition"] for layer in layers if layer["condition"] != "inf"]
+    if finite:
+        summary += f"; {len(report['layers'])} Grams solved, worst condition {max(finite):.3g}"
+    regularised = sum(layer["solver"] != "cholesky" for layer in layers)
+    if regularised:
+        summary += f", {regularised} regularised towards the average"
     if not report["shared_label_set"]:
         summary += f"; label sets differ: one folder per owner ({', '.join(report['outputs'])})"
-    print(summary)
+    return summary
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -254,11 +254,9 @@ class RegMeanStrategy(Strategy):
                   for name in self.aggregator.owners]
         report = merge_report(self.method, merged, owners)
         tokenizer = tokenizer_from_files(self.tokenizer)
-        write_started = time.perf_counter()
         with_report = {**report, "federation": self.federation_report()}
         write_merged(self.out_dir, merged, {name: tokenizer for name in merged.outputs}, report, self.overwrite,
                      extra_files={REPORT_FILE: with_report})
-        self.timings["write_seconds"] = round(time.perf_counter() - write_started, 3)
         log.info("merged %d owners with %s into %s", merged_count, self.method.name, self.out_dir)
         return with_report
 
