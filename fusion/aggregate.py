@@ -65,12 +65,16 @@ class Aggregator:
         self._reference: OwnerUpdate | None = None
         self._shapes: dict[str, tuple] = {}
 
-    def add(self, owner: OwnerUpdate) -> None:
-        """Check ``owner``, then fold it in; on any error nothing changes."""
+    def check(self, owner: OwnerUpdate) -> None:
+        """Raise the error :meth:`add` would raise for ``owner`` before computing anything."""
         if owner.name in self.owners:
             raise MergeError(f"owner {owner.name!r}: already aggregated")
         check_finite(owner.name, owner.params)
         self._check_fits(owner)
+
+    def add(self, owner: OwnerUpdate) -> None:
+        """Check ``owner``, then fold it in; on any error nothing changes."""
+        self.check(owner)
         body = {n: v for n, v in owner.params.items() if n not in owner.head}
         head = {n: v for n, v in owner.params.items() if n in owner.head}
         context = self._context_with(owner.statistics)
@@ -132,15 +136,19 @@ class Aggregator:
                 context.gram_dtype = "float32"
         return context
 
-    def result(self) -> Merged:
+    def result(self, method: MergeMethod | None = None) -> Merged:
+        """The merge; ``method`` may differ from the aggregated one in its ``combine_only`` options (alpha)."""
+        method = method or self.method
+        if method.sums_key() != self.method.sums_key():
+            raise MergeError(f"{method.label()} cannot be combined from the sums of {self.method.label()}")
         if not self.owners:
             raise MergeError("no owners to merge")
-        body = self.method.combine(self.body, self.context)
+        body = method.combine(self.body, self.context)
         reference_labels = self._reference.label_set
         shared_head = all(labels == reference_labels for labels in self.label_sets.values())
         merged = Merged({}, {}, shared_head, dict(body.layers), list(body.warnings))
         if shared_head:
-            head = self.method.combine(self.head, self.context) if self.head else MergeOutcome({})
+            head = method.combine(self.head, self.context) if self.head else MergeOutcome({})
             merged.layers.update(head.layers)
             merged.warnings += head.warnings
             merged.outputs["."] = {**body.params, **head.params}

@@ -115,11 +115,17 @@ def write_merged(
 ) -> None:
     """Every output folder and the report (and ``extra_files``, JSON), all at once or not at all."""
     with atomic_folder(out_dir, overwrite) as staging:
-        for name, params in merged.outputs.items():
-            folder = staging / name if name != "." else staging
-            save_classifier(merged.configs[name], params, tokenizers.get(name), folder)
-        for filename, content in {REPORT_FILENAME: report, **(extra_files or {})}.items():
+        write_outputs(staging, merged, tokenizers, report)
+        for filename, content in (extra_files or {}).items():
             (staging / filename).write_text(json.dumps(content, indent=2))
+
+
+def write_outputs(folder: Path, merged: Merged, tokenizers: Mapping[str, Any], report: dict[str, Any]) -> None:
+    """The merged model folder(s) and ``gramfuse-merge.json`` into an existing ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, params in merged.outputs.items():
+        save_classifier(merged.configs[name], params, tokenizers.get(name), folder / name if name != "." else folder)
+    (folder / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
 
 
 def merge_folders(

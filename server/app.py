@@ -1,6 +1,7 @@
 """The aggregation ServerApp. Run config (pyproject.toml ``[tool.flwr.app.config]``, or ``flwr run -c``):
 
-- ``method`` (regmean), ``alpha`` (1.0), ``weighting`` (sum), ``scaling``/``density`` (task-arithmetic, ties; a
+- ``method`` (regmean), or comma-separated specs such as ``regmean:alpha=0.5,average,ties`` to compare several
+  methods from one round (one output folder each); ``alpha`` (1.0), ``weighting`` (sum), ``scaling``/``density`` (task-arithmetic, ties; a
   negative value keeps the method's default), ``base-path`` (the pretrained model, for those two);
 - ``out-dir``: where the merged model(s), ``gramfuse-merge.json`` and ``report.json`` go;
 - ``min-owners`` (2): fewer merged owners is a failed run that writes nothing;
@@ -16,7 +17,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fusion.methods import get_method, option_names
+from fusion.methods import get_method, method_from_spec, option_names
 from fusion.merge import load_base
 from server.strategy import RegMeanStrategy
 
@@ -34,25 +35,31 @@ def show_progress() -> None:
         logger.propagate = False
 
 
-def method_from(run_config) -> object:
-    name = str(run_config.get("method", "regmean"))
+def methods_from(run_config) -> list:
+    """``method``: one name, its options taken from the run config's keys; or comma-separated specs
+    (``regmean:alpha=0.5,average``) to compare several methods from one round."""
+    spec = str(run_config.get("method", "regmean"))
+    if "," in spec or ":" in spec:
+        return [method_from_spec(item) for item in spec.split(",") if item.strip()]
+    name = spec
     options = {}
     for option in option_names(name):
         value = run_config.get(option)
         if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
             continue  # absent, or the "use the method's default" marker
         options[option] = value
-    return get_method(name, **options)
+    return [get_method(name, **options)]
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     show_progress()
     config = context.run_config
-    method = method_from(config)
-    base = load_base(str(config["base-path"])) if method.needs_base and config.get("base-path") else None
+    methods = methods_from(config)
+    needs_base = any(method.needs_base for method in methods)
+    base = load_base(str(config["base-path"])) if needs_base and config.get("base-path") else None
     strategy = RegMeanStrategy(
-        method,
+        methods,
         str(config.get("out-dir", "runs/federated")),
         min_owners=int(config.get("min-owners", 2)),
         timeout=float(config.get("timeout", 600)),

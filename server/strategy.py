@@ -27,9 +27,9 @@ from flwr.serverapp.strategy import Strategy
 
 from clients.app import META, PAYLOAD, TOKENIZER
 from fusion.aggregate import Aggregator
-from fusion.checkpoint import tokenizer_from_files
 from fusion.errors import GramfuseError
-from fusion.merge import merge_report, write_merged
+from fusion.checkpoint import atomic_folder, tokenizer_from_files
+from fusion.merge import merge_report, write_outputs
 from fusion.methods import MergeContext, MergeMethod
 from fusion.payload import owner_from_payload
 
@@ -61,11 +61,16 @@ class OwnerRecord:
 
 
 class RegMeanStrategy(Strategy):
-    """Gathers sums of what ``method`` needs from every site and merges once. Works for every registered method."""
+    """Gathers sums of what the methods need from every site and merges once. Works for every registered method.
+
+    Given several methods (to compare them), each reply is decoded once and folded into one aggregation per
+    distinct set of sums (RegMean at every alpha shares one), and ``out_dir`` gets one folder per method, named by
+    its label (``regmean:alpha=0.5``), and ``report.json``.
+    """
 
     def __init__(
         self,
-        method: MergeMethod,
+        methods: MergeMethod | list[MergeMethod],
         out_dir: str | Path,
         *,
         min_owners: int = 2,
@@ -74,12 +79,15 @@ class RegMeanStrategy(Strategy):
         base: dict | None = None,
         overwrite: bool = True,
     ) -> None:
-        self.method = method
+        self.methods = methods if isinstance(methods, list) else [methods]
         self.out_dir = Path(out_dir)
         self.min_owners = min_owners
         self.timeout = timeout
         self.overwrite = overwrite
-        self.aggregator = Aggregator(method, MergeContext(base=base), heads)
+        self.heads = heads
+        self.aggregators: dict[tuple, Aggregator] = {}
+        for method in self.methods:
+            self.aggregators.setdefault(method.sums_key(), Aggregator(method, MergeContext(base=base), heads))
         self.records: dict[int, OwnerRecord] = {}
         self.asked: dict[str, int] = {}  # message id -> node id
         self.fitting: list[int] | None = None  # the sites whose architecture fits the majority
@@ -92,9 +100,9 @@ class RegMeanStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """Ask each fitting site (every connected one if none were described) for what the method needs."""
         request = ConfigRecord({
-            "method": self.method.name,
-            "needs-statistics": self.method.needs_statistics or self.method.needs_fisher,
-            "needs-fisher": self.method.needs_fisher,
+            "method": ",".join(method.label() for method in self.methods),
+            "needs-statistics": any(m.needs_statistics or m.needs_fisher for m in self.methods),
+            "needs-fisher": any(m.needs_fisher for m in self.methods),
             **config,
         })
         nodes = self.fitting if self.fitting is not None else list(grid.get_node_ids())
@@ -105,7 +113,7 @@ class RegMeanStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         for reply in replies:
             self.add_reply(reply)
-        return None, MetricRecord({"owners-merged": len(self.aggregator.owners)})
+        return None, MetricRecord({"owners-merged": len(self.merged_owners)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
         return []  # evaluation happens at the sites or offline (`gramfuse evaluate`), on data the server never sees
@@ -114,8 +122,12 @@ class RegMeanStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        log.info("gramfuse %s %s, at least %d owners, timeout %.0f s, output %s", self.method.name,
-                 self.method.options(), self.min_owners, self.timeout, self.out_dir)
+        log.info("gramfuse %s, at least %d owners, timeout %.0f s, output %s",
+                 ", ".join(m.label() for m in self.methods), self.min_owners, self.timeout, self.out_dir)
+
+    @property
+    def merged_owners(self) -> list[str]:
+        return next(iter(self.aggregators.values())).owners
 
     # --- one reply at a time -----------------------------------------------------------------------------------------
 
@@ -130,7 +142,10 @@ class RegMeanStrategy(Strategy):
             return
         try:
             owner = self._decode(node_id, reply, record)
-            self.aggregator.add(owner)
+            for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
+                aggregator.check(owner)
+            for aggregator in self.aggregators.values():
+                aggregator.add(owner)
         except GramfuseError as error:
             record.status, record.reason = "rejected", str(error)
             log.warning("owner node %d rejected: %s", node_id, error)
@@ -185,7 +200,7 @@ class RegMeanStrategy(Strategy):
                 continue
             described = json.loads(str(reply.content[META]["json"]))
             key = f"model type {described['model_type']!r}, body {described['body']}"
-            if self.aggregator.heads == "shared":
+            if self.heads == "shared":
                 key += f", labels {[label for _, label in described['label_set']]}"
             groups.setdefault(key, []).append(node_id)
         if not groups:
@@ -238,32 +253,38 @@ class RegMeanStrategy(Strategy):
             log.warning("owner node %d timed out: no reply within %.0f s", node_id, self.timeout)
 
     def merge(self) -> dict[str, Any]:
-        merged_count = len(self.aggregator.owners)
+        merged_count = len(self.merged_owners)
         if merged_count < self.min_owners:
             problems = "; ".join(f"node {r.node_id}: {r.status} ({r.reason})" for r in self.records.values()
                                  if r.status != "merged")
             raise FederationError(f"only {merged_count} owners could be merged, min-owners is {self.min_owners}"
                                   + (f"; {problems}" if problems else ""))
-        solve_started = time.perf_counter()
-        merged = self.aggregator.result()
-        self.timings["solve_seconds"] = round(time.perf_counter() - solve_started, 3)
-        for warning in merged.warnings:
-            log.warning("%s", warning)
         names = {owner_name(r.node_id): r for r in self.records.values()}
         owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
-                  for name in self.aggregator.owners]
-        report = merge_report(self.method, merged, owners)
+                  for name in self.merged_owners]
         tokenizer = tokenizer_from_files(self.tokenizer)
-        with_report = {**report, "federation": self.federation_report()}
-        write_merged(self.out_dir, merged, {name: tokenizer for name in merged.outputs}, report, self.overwrite,
-                     extra_files={REPORT_FILE: with_report})
-        log.info("merged %d owners with %s into %s", merged_count, self.method.name, self.out_dir)
-        return with_report
+        solve_started = time.perf_counter()
+        reports = {}
+        with atomic_folder(self.out_dir, self.overwrite) as staging:
+            for method in self.methods:
+                merged = self.aggregators[method.sums_key()].result(method)
+                for warning in merged.warnings:
+                    log.warning("%s: %s", method.label(), warning)
+                reports[method.label()] = merge_report(method, merged, owners)
+                folder = staging if len(self.methods) == 1 else staging / method.label()
+                write_outputs(folder, merged, {name: tokenizer for name in merged.outputs}, reports[method.label()])
+                log.info("merged %d owners with %s", merged_count, method.label())
+            self.timings["solve_and_write_seconds"] = round(time.perf_counter() - solve_started, 3)
+            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
+            report = {**report, "federation": self.federation_report()}
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        log.info("wrote %s", self.out_dir)
+        return report
 
     def federation_report(self) -> dict[str, Any]:
         return {
             "owners": {str(r.node_id): asdict(r) for r in self.records.values()},
-            "merged": len(self.aggregator.owners),
+            "merged": len(self.merged_owners),
             "min_owners": self.min_owners,
             "bytes_received": sum(r.bytes_received for r in self.records.values()),
             "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},

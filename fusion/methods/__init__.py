@@ -85,6 +85,8 @@ class MergeMethod:
     needs_statistics: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
+    # Options that only ``combine`` reads: methods differing in them alone can share one set of sums.
+    combine_only: ClassVar[tuple[str, ...]] = ()
 
     def contribute(self, owner: OwnerState, context: MergeContext) -> Tensors:
         raise NotImplementedError
@@ -94,6 +96,16 @@ class MergeMethod:
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def sums_key(self) -> tuple:
+        """Equal for methods whose contributions are identical, so one aggregation serves them all."""
+        return (self.name, tuple(sorted((k, v) for k, v in self.options().items() if k not in self.combine_only)))
+
+    def label(self) -> str:
+        """``name`` or ``name:key=value;…`` with the options that differ from the defaults: a folder name."""
+        defaults = type(self)().options()
+        changed = [f"{k}={v}" for k, v in self.options().items() if defaults.get(k) != v]
+        return self.name + (":" + ";".join(changed) if changed else "")
 
 
 METHODS: dict[str, type[MergeMethod]] = {}
@@ -127,6 +139,21 @@ def get_method(name: str, **options: Any) -> MergeMethod:
         return cls(**options)
     except (TypeError, ValueError) as error:
         raise MergeError(f"method {name!r}: {error}") from error
+
+
+def method_from_spec(spec: str) -> MergeMethod:
+    """A method from ``name`` or ``name:key=value;key=value`` (the form :meth:`MergeMethod.label` gives)."""
+    name, _, rest = spec.strip().partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(";")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MergeError(f"method spec {spec!r}: option {item!r} is not key=value")
+        try:
+            options[key.strip()] = float(raw)
+        except ValueError:
+            options[key.strip()] = raw.strip()
+    return get_method(name, **options)
 
 
 def _method_class(name: str) -> type[MergeMethod]:

@@ -35,6 +35,7 @@ class RegMean(MergeMethod):
     weighting: str = "sum"  # "sum": pooled least squares, count-weighted averages; "equal": mean Grams as in the paper
 
     needs_statistics = True
+    combine_only = ("alpha",)  # owners send G, G W^T and diag(G) W^T whatever alpha: it is chosen afterwards
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
