@@ -1,15 +1,19 @@
 """Fine-tune a copy of the shared pretrained model on a site's own data, as a data site would before merging.
 
-    python -m clients.finetune BASE_DIR DATA_FILE -o OUT_DIR --labels negative,positive [--epochs 1]
+    python -m clients.finetune BASE_DIR DATA_FILE -o OUT_DIR --labels negative,positive [--epochs 2]
 
 Word embeddings are frozen by default: it is cheaper on CPU, and it keeps that matrix identical across owners, so
-merging it is exact whatever the method. A folder that already holds a model fine-tuned with the same settings is
-left as it is (reruns skip the work).
+merging it is exact whatever the method. A folder that already holds a model fine-tuned with the same settings on
+the same data is left as it is (reruns skip the work).
+
+:func:`finetune_multitask` trains one body with a head per task on several data sets at once: the multi-task
+reference that merging tries to reach without pooling the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -28,7 +32,7 @@ SETTINGS_FILE = "gramfuse-finetune.json"
 @dataclass(frozen=True)
 class FinetuneSettings:
     labels: tuple[str, ...]
-    epochs: int = 1
+    epochs: int = 2
     learning_rate: float = 1e-4
     batch_size: int = 32
     max_length: int = 64
@@ -36,57 +40,89 @@ class FinetuneSettings:
     freeze_word_embeddings: bool = True
 
 
-def _data_fingerprint(path: Path) -> str:
-    import hashlib
+def _record(base_dir: Path, data_file: Path, settings: FinetuneSettings) -> dict:
+    record = {"base": str(base_dir), "data": hashlib.sha256(data_file.read_bytes()).hexdigest(), **asdict(settings)}
+    record["labels"] = list(settings.labels)
+    return record
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+def _is_cached(folder: Path, record: dict) -> bool:
+    done = folder / SETTINGS_FILE
+    return done.is_file() and json.loads(done.read_text()) == record
 
 
 def finetune(base_dir: str | Path, data_file: str | Path, out_dir: str | Path, settings: FinetuneSettings,
              progress: bool = True) -> Path:
     """Fine-tune ``base_dir`` with a fresh classification head on ``data_file``; returns ``out_dir``."""
+    return finetune_multitask(base_dir, {Path(out_dir).name: (Path(data_file), settings)}, Path(out_dir).parent,
+                              progress=progress)[Path(out_dir).name]
+
+
+def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, FinetuneSettings]], out_root: str | Path,
+                       progress: bool = True) -> dict[str, Path]:
+    """One body, one head per task, trained together on batches drawn in turn from each task's data.
+
+    Writes ``out_root/<task>/`` for each task (the shared body with that task's head); the first task's settings
+    give the epochs, learning rate and seed. Returns the folders.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    base_dir, data_file, out_dir = Path(base_dir), Path(data_file), Path(out_dir)
-    record = {"base": str(base_dir), "data": _data_fingerprint(data_file), **asdict(settings)}
-    record["labels"] = list(settings.labels)
-    done = out_dir / SETTINGS_FILE
-    if done.is_file() and json.loads(done.read_text()) == record:
-        return out_dir
+    base_dir, out_root = Path(base_dir), Path(out_root)
+    records = {task: _record(base_dir, data, settings) for task, (data, settings) in tasks.items()}
+    if len(tasks) > 1:
+        for task in records:
+            records[task]["trained_with"] = sorted(tasks)
+    folders = {task: out_root / task for task in tasks}
+    if all(_is_cached(folders[task], records[task]) for task in tasks):
+        return folders
 
-    quiet_transformers()  # the fresh head is meant to be initialised: transformers' note about it is noise here
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    id2label = dict(enumerate(settings.labels))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base_dir), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        dtype=torch.float32,
-    )
-    if settings.freeze_word_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
+    quiet_transformers()  # fresh heads are meant to be initialised: transformers' note about them is noise here
+    first = next(iter(tasks.values()))[1]
+    torch.manual_seed(first.seed)
     tokenizer = load_tokenizer(base_dir)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
-    rows = list(read_examples(data_file))
-    label_of = lambda example: label_index(example, model.config.label2id, model.config.num_labels, data_file)  # noqa: E731
-    total_steps = settings.epochs * -(-len(rows) // settings.batch_size)
-    model.train()
-    with tqdm(total=total_steps, desc=f"fine-tune {out_dir.name}", unit="step", disable=not progress) as bar:
-        for epoch in range(settings.epochs):
-            random.Random(settings.seed + epoch).shuffle(rows)
-            for batch in batches(iter(rows), tokenizer, batch_size=settings.batch_size,
-                                 max_length=settings.max_length, label_of=label_of):
-                loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    with atomic_folder(out_dir, overwrite=True) as staging:
-        model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        (staging / SETTINGS_FILE).write_text(json.dumps(record, indent=2))
-    return out_dir
+    models, rows, label_of = {}, {}, {}
+    body = None
+    for task, (data_file, settings) in tasks.items():
+        id2label = dict(enumerate(settings.labels))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base_dir), num_labels=len(id2label), id2label=id2label,
+            label2id={v: k for k, v in id2label.items()}, dtype=torch.float32,
+        )
+        if body is None:
+            body = model.base_model
+            if settings.freeze_word_embeddings:
+                model.get_input_embeddings().weight.requires_grad_(False)
+        else:
+            setattr(model, model.base_model_prefix, body)  # every task trains the same body
+        models[task], rows[task] = model.train(), list(read_examples(data_file))
+        label_of[task] = lambda e, m=model, f=data_file: label_index(e, m.config.label2id, m.config.num_labels, f)
+    unique = {id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(unique.values(), lr=first.learning_rate)
+
+    steps = [(task, epoch) for epoch in range(first.epochs) for task in tasks
+             for _ in range(-(-len(rows[task]) // tasks[task][1].batch_size))]
+    random.Random(first.seed).shuffle(steps)
+    streams = {}
+    with tqdm(total=len(steps), desc=f"fine-tune {', '.join(tasks)}", unit="step", disable=not progress) as bar:
+        for task, epoch in steps:
+            if (task, epoch) not in streams:
+                shuffled = random.Random(first.seed + epoch).sample(rows[task], len(rows[task]))
+                settings = tasks[task][1]
+                streams[task, epoch] = batches(iter(shuffled), tokenizer, batch_size=settings.batch_size,
+                                               max_length=settings.max_length, label_of=label_of[task])
+            loss = models[task](**next(streams[task, epoch])).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+    for task, model in models.items():
+        model.eval()
+        with atomic_folder(folders[task], overwrite=True) as staging:
+            model.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            (staging / SETTINGS_FILE).write_text(json.dumps(records[task], indent=2))
+    return folders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_file", metavar="DATA_FILE")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
     parser.add_argument("--labels", required=True, help="comma-separated label names, in class-index order")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)

@@ -1,0 +1,262 @@
+"""The RegMean paper's comparison on bundled real data, through a simulated Flower federation.
+
+**domains** (the default): owners each hold one sentiment domain (VADER tweets, movie snippets, Amazon reviews, NYT
+editorials, Rotten Tomatoes critics), one label set. One domain is left out of the federation and used out of
+domain; the default run leaves out ``nyt``, ``--full`` rotates through all five with larger splits.
+**tasks**: four owners with different tasks and label sets (sentiment, TREC-6, SMS spam, BBC topics), each keeping
+its own head on the merged body.
+
+Every merge comes from one federated round (each site computes its statistics and Fisher locally; the server merges
+with every method from the same sums). Next to the merges: each owner's own model, an output ensemble (domains),
+and a multi-task model trained on the pooled data (the upper bound merging tries to reach without the data).
+
+    python -m examples.compare [--setting domains|tasks] [--full] [--workdir runs/compare]
+
+Writes WORKDIR/results.json, WORKDIR/results.md and WORKDIR/results.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clients.finetune import FinetuneSettings, finetune_multitask
+from examples.assets import SENTIMENT_DOMAINS, SENTIMENT_LABELS, TASKS, minilm_dir, sentiment, write_jsonl
+from examples.owners import Owner, prepare_owner, say
+from fusion.checkpoint import load_classifier, load_tokenizer
+from fusion.data import batches, label_index, read_examples
+from fusion.evaluate import classification_scores
+from server.processes import Loopback
+
+METHODS = ["average", "weighted-average", "fisher", "task-arithmetic", "ties",
+           "regmean:alpha=0.1", "regmean:alpha=0.5", "regmean:alpha=0.9", "regmean"]
+MAX_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Size:
+    train: int
+    test: int
+    epochs: int
+
+
+SIZES = {"default": Size(train=400, test=200, epochs=2), "full": Size(train=1000, test=500, epochs=2)}
+
+
+def probabilities(model_dir: Path, data_file: Path) -> tuple[torch.Tensor, list[int]]:
+    """Class probabilities of a model on a labelled file, and the true labels."""
+    model, _ = load_classifier(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    label_of = lambda e: label_index(e, model.config.label2id, model.config.num_labels, data_file)  # noqa: E731
+    probs, truth = [], []
+    with torch.no_grad():
+        for batch in batches(read_examples(data_file), tokenizer, batch_size=64, max_length=MAX_LENGTH,
+                             label_of=label_of):
+            labels = batch.pop("labels")
+            probs.append(torch.softmax(model(**batch).logits, dim=-1))
+            truth.extend(labels.tolist())
+    return torch.cat(probs), truth
+
+
+def scores_of(probs: torch.Tensor, truth: list[int]) -> dict:
+    return classification_scores(probs.argmax(-1).tolist(), truth, probs.shape[1])
+
+
+def federate(owners: list[Owner], workdir: Path, timeout: int = 3600) -> dict[str, dict[str, Path]]:
+    """One simulated federated round over the owners; returns, per method, each owner's merged model folder."""
+    workspace = workdir / "workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
+    for owner in owners:
+        (workspace / owner.name).mkdir(parents=True)
+        (workspace / owner.name / "model").symlink_to(owner.model.resolve())
+        (workspace / owner.name / "data.jsonl").symlink_to(owner.train.resolve())
+    out = workdir / "federated"
+    simulation = Loopback(workdir / "flower", simulation=True)
+    say(f"federated round: {len(owners)} simulated sites compute statistics and Fisher; the server merges with "
+        f"{len(METHODS)} methods")
+    try:
+        simulation.start_superlink()
+        done = simulation.run(f"workspace='{workspace}' out-dir='{out}' method='{','.join(METHODS)}' "
+                              f"base-path='{minilm_dir()}' min-owners={len(owners)} timeout={timeout}",
+                              num_supernodes=len(owners), timeout=timeout + 300, capture=False)
+    finally:
+        simulation.stop()
+    if done.returncode != 0 or not (out / "report.json").is_file():
+        raise SystemExit(f"the federated round failed; see the logs in {simulation.root}")
+    report = json.loads((out / "report.json").read_text())
+    site_of = {o["name"]: o["site"] for o in next(iter(report["methods"].values()))["owners"]}
+    folders = {}
+    for label, method_report in report["methods"].items():
+        outputs = method_report["outputs"]
+        if "." in outputs:
+            folders[label] = {owner.name: out / label for owner in owners}
+        else:
+            folders[label] = {site_of[name]: out / label / name for name in outputs}
+    return folders
+
+
+def evaluate_all(candidates: dict[str, dict[str, Path]], owners: list[Owner], tests: dict[str, Path],
+                 shared_labels: bool) -> dict[str, dict[str, dict]]:
+    """Scores of every candidate on every test split it can answer; ``candidates[name][owner]`` is the folder that
+    serves that owner. With one label set a candidate is one model, scored on every split, and the output ensemble
+    averages the owners' own models' probabilities; otherwise each owner's folder is scored on its own task."""
+    results: dict[str, dict[str, dict]] = {}
+    own_probs: dict[str, list[torch.Tensor]] = {}
+    truth: dict[str, list[int]] = {}
+    for name, per_owner in candidates.items():
+        if shared_labels:
+            jobs = [(split, per_owner[owners[0].name], test) for split, test in tests.items()]
+        else:
+            jobs = [(owner.domain, per_owner[owner.name], tests[owner.domain]) for owner in owners]
+        results[name] = {}
+        for split, folder, test_file in jobs:
+            probs, truth[split] = probabilities(folder, test_file)
+            results[name][split] = scores_of(probs, truth[split])
+            if name.startswith("own model"):
+                own_probs.setdefault(split, []).append(probs)
+        say(f"evaluated {name}")
+    if shared_labels:
+        results["output ensemble"] = {split: scores_of(torch.stack(probs).mean(0), truth[split])
+                                      for split, probs in own_probs.items()}
+    return results
+
+
+def own_models(owners: list[Owner], shared_labels: bool) -> dict[str, dict[str, Path]]:
+    if shared_labels:
+        return {f"own model ({o.name})": {p.name: o.model for p in owners} for o in owners}
+    return {"own models": {o.name: o.model for o in owners}}
+
+
+def run_domains(workdir: Path, size: Size, held_out: str) -> dict:
+    domains = [d for d in SENTIMENT_DOMAINS if d != held_out]
+    labels = tuple(SENTIMENT_LABELS.values())
+    owners = [prepare_owner(d, d, sentiment(d), labels, workdir, train=size.train, test=size.test,
+                            epochs=size.epochs) for d in [*domains, held_out]]
+    owners, outside = owners[:-1], owners[-1]
+    pooled = write_jsonl([json.loads(line) for o in owners for line in o.train.read_text().splitlines()],
+                         workdir / "data" / f"pooled-without-{held_out}.jsonl")
+    say("multi-task reference: one model trained on the pooled data (cached after the first run)")
+    multitask = finetune_multitask(minilm_dir(), {f"multitask-without-{held_out}": (
+        pooled, FinetuneSettings(labels=labels, epochs=size.epochs))}, workdir / "owners")
+    candidates = own_models(owners, True)
+    candidates["multi-task (pooled data)"] = {o.name: next(iter(multitask.values())) for o in owners}
+    candidates.update(federate(owners, workdir / f"without-{held_out}"))
+    tests = {o.domain: o.test for o in [*owners, outside]}
+    scores = evaluate_all(candidates, owners, tests, shared_labels=True)
+    return {"held_out": held_out, "in_domain": domains, "scores": scores}
+
+
+def run_tasks(workdir: Path, size: Size) -> dict:
+    owners = []
+    for task, (load, labels) in TASKS.items():
+        owners.append(prepare_owner(task, task, load(), labels, workdir, train=size.train, test=size.test,
+                                    epochs=size.epochs))
+    say("multi-task reference: one body, a head per task, trained on all tasks' data (cached after the first run)")
+    multitask = finetune_multitask(minilm_dir(), {f"multitask-{o.name}": (
+        o.train, FinetuneSettings(labels=o.labels, epochs=size.epochs)) for o in owners}, workdir / "owners")
+    candidates = own_models(owners, False)
+    candidates["multi-task (pooled data)"] = {o.name: multitask[f"multitask-{o.name}"] for o in owners}
+    candidates.update(federate(owners, workdir / "tasks"))
+    scores = evaluate_all(candidates, owners, {o.domain: o.test for o in owners}, shared_labels=False)
+    return {"held_out": None, "in_domain": [o.domain for o in owners], "scores": scores}
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean accuracy per model: in domain over the federation's splits, out of domain on the held-out split,
+    averaged over runs (rotations)."""
+    summary: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for name, by_split in run["scores"].items():
+            entry = summary.setdefault(name.split(" (")[0] if name.startswith("own model") else name,
+                                       {"in_domain": [], "out_of_domain": []})
+            inside = [by_split[s]["accuracy"] for s in run["in_domain"] if s in by_split]
+            if inside:
+                entry["in_domain"].append(sum(inside) / len(inside))
+            if run["held_out"] and run["held_out"] in by_split:
+                entry["out_of_domain"].append(by_split[run["held_out"]]["accuracy"])
+    return {name: {k: (sum(v) / len(v) if v else None) for k, v in entry.items()} for name, entry in summary.items()}
+
+
+def table(runs: list[dict], summary: dict) -> str:
+    """The first run split by split (the held-out domain last), and with rotations the summary over all of them."""
+    splits = runs[0]["in_domain"] + ([runs[0]["held_out"]] if runs[0]["held_out"] else [])
+    header = "| model | " + " | ".join(splits) + " | mean in domain | out of domain |"
+    lines = [header, "|---" * (len(splits) + 3) + "|"]
+    first = runs[0]["scores"]
+    for name, by_split in first.items():
+        cells = [f"{by_split[s]['accuracy']:.3f}" if s in by_split else "" for s in splits]
+        inside = [by_split[s]["accuracy"] for s in runs[0]["in_domain"] if s in by_split]
+        mean = f"{sum(inside) / len(inside):.3f}" if inside else ""
+        held_out = runs[0]["held_out"]
+        outside = f"{by_split[held_out]['accuracy']:.3f}" if held_out in by_split else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {outside} |")
+    if len(runs) > 1:
+        lines += ["", "Averaged over the rotations (each domain held out once):", "",
+                  "| model | mean in domain | out of domain |", "|---|---|---|"]
+        for key, entry in summary.items():
+            lines.append(f"| {key} | {entry['in_domain']:.3f} | "
+                         + (f"{entry['out_of_domain']:.3f}" if entry["out_of_domain"] is not None else "") + " |")
+    return "\n".join(lines)
+
+
+def chart(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in summary if not n.startswith("own model")] + [n for n in summary if n.startswith("own model")]
+    inside = [summary[n]["in_domain"] or 0.0 for n in names]
+    outside = [summary[n]["out_of_domain"] or 0.0 for n in names]
+    figure, axes = plt.subplots(figsize=(10, 4.5))
+    positions = range(len(names))
+    axes.bar([p - 0.2 for p in positions], inside, width=0.4, label="in domain (mean)")
+    if any(outside):
+        axes.bar([p + 0.2 for p in positions], outside, width=0.4, label="out of domain")
+    axes.set_xticks(list(positions), names, rotation=35, ha="right", fontsize=8)
+    axes.set_ylim(min(v for v in inside + outside if v) - 0.05, 1.0)
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=("domains", "tasks"), default="domains")
+    parser.add_argument("--full", action="store_true", help="larger splits; domains: rotate the held-out domain")
+    parser.add_argument("--held-out", default="nyt", choices=SENTIMENT_DOMAINS, help="domains, default size")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    size = SIZES["full" if args.full else "default"]
+    workdir = (args.workdir / f"{args.setting}-{'full' if args.full else 'default'}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.setting == "tasks":
+        runs = [run_tasks(workdir, size)]
+    else:
+        held_outs = list(SENTIMENT_DOMAINS) if args.full else [args.held_out]
+        runs = [run_domains(workdir, size, held_out) for held_out in held_outs]
+    summary = summarise(runs)
+    results = {"setting": args.setting, "size": size.__dict__, "methods": METHODS, "runs": runs, "summary": summary,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    text = table(runs, summary)
+    (workdir / "results.md").write_text(text + "\n")
+    chart(summary, workdir / "results.png", f"gramfuse on MiniLM-L6, {args.setting} ({'full' if args.full else 'default'})")
+    print(f"\nAccuracy ({args.setting}; {size.train} training and {size.test} test examples per owner):\n")
+    print(text)
+    print(f"\n{workdir / 'results.json'}, results.md, results.png  ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
