@@ -223,7 +223,7 @@ def chart(summary: dict, path: Path, title: str) -> None:
     axes.set_ylim(min(v for v in inside + outside if v) - 0.05, 1.0)
     axes.set_ylabel("accuracy")
     axes.set_title(title)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper right", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
