@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -71,8 +72,6 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
         except StatisticsError as error:
             log.warning("%s; computing the statistics again", error)
         else:
-            from dataclasses import asdict
-
             fits = (
                 stats.fingerprint == weights_fingerprint(float_state(model))
                 and stats.settings == asdict(settings)
@@ -81,7 +80,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
             if fits:
                 log.info("reusing %s", stats_file)
                 return model, stats
-    stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False)
+    stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model)
     return model, stats
 
 

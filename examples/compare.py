@@ -32,6 +32,7 @@ from examples.owners import Owner, prepare_owner, say
 from fusion.checkpoint import load_classifier, load_tokenizer
 from fusion.data import batches, label_index, read_examples
 from fusion.evaluate import classification_scores
+from fusion.evaluate import probabilities as class_probabilities
 from server.processes import Loopback
 
 METHODS = ["average", "weighted-average", "fisher", "task-arithmetic", "ties",
@@ -50,18 +51,11 @@ SIZES = {"default": Size(train=400, test=200, epochs=2), "full": Size(train=1000
 
 
 def probabilities(model_dir: Path, data_file: Path) -> tuple[torch.Tensor, list[int]]:
-    """Class probabilities of a model on a labelled file, and the true labels."""
+    """Class probabilities of a model folder on a labelled file, and the true labels."""
     model, _ = load_classifier(model_dir)
-    tokenizer = load_tokenizer(model_dir)
     label_of = lambda e: label_index(e, model.config.label2id, model.config.num_labels, data_file)  # noqa: E731
-    probs, truth = [], []
-    with torch.no_grad():
-        for batch in batches(read_examples(data_file), tokenizer, batch_size=64, max_length=MAX_LENGTH,
-                             label_of=label_of):
-            labels = batch.pop("labels")
-            probs.append(torch.softmax(model(**batch).logits, dim=-1))
-            truth.extend(labels.tolist())
-    return torch.cat(probs), truth
+    return class_probabilities(model, batches(read_examples(data_file), load_tokenizer(model_dir), batch_size=64,
+                                              max_length=MAX_LENGTH, label_of=label_of))
 
 
 def scores_of(probs: torch.Tensor, truth: list[int]) -> dict:

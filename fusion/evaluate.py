@@ -8,19 +8,25 @@ from typing import Any
 import torch
 
 
-def predict(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None):
-    """Predicted and true labels over batches that carry ``labels``."""
-    predicted: list[int] = []
+def probabilities(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None):
+    """Class probabilities (examples x classes) and true labels over batches that carry ``labels``."""
+    probs: list[torch.Tensor] = []
     truth: list[int] = []
     model.eval()
     with torch.no_grad():
         for batch in batches:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            predicted.extend(model(**inputs).logits.argmax(dim=-1).tolist())
+            probs.append(torch.softmax(model(**inputs).logits, dim=-1))
             truth.extend(batch["labels"].tolist())
             if progress is not None:
                 progress.update(len(batch["labels"]))
-    return predicted, truth
+    return torch.cat(probs), truth
+
+
+def predict(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None):
+    """Predicted and true labels over batches that carry ``labels``."""
+    probs, truth = probabilities(model, batches, progress)
+    return probs.argmax(dim=-1).tolist(), truth
 
 
 def classification_scores(predicted: Sequence[int], truth: Sequence[int], num_labels: int) -> dict[str, float]:

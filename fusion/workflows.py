@@ -78,10 +78,15 @@ def compute_statistics(
     gram_dtype: str = "float64",
     out: str | Path | None = None,
     progress: bool = True,
+    model: Any = None,
 ) -> tuple[GramStatistics, Path]:
-    """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model."""
+    """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
+
+    ``model`` is the folder's model when the caller has already loaded it.
+    """
     model_dir, data_file = Path(model_dir), Path(data_file)
-    model, _ = load_classifier(model_dir)
+    if model is None:
+        model, _ = load_classifier(model_dir)
     check_finite(str(model_dir), float_state(model))
     tokenizer = load_tokenizer(model_dir)
     make_batches = partial(_batches, model, tokenizer, data_file, settings)
