@@ -53,7 +53,7 @@ def _batches(model: Any, tokenizer: Any, data_file: Path, settings: DataSettings
             yield example
 
     return batches(
-        checked(examples),
+        examples if labelled else checked(examples),  # labelled batches check every label as they encode it
         tokenizer,
         batch_size=settings.batch_size,
         max_length=settings.max_length,
