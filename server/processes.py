@@ -47,7 +47,10 @@ class Loopback:
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home)}
+        # The SuperLink and SuperNodes start Flower's other commands (flower-superexec) by name: our environment's
+        # bin folder must be on PATH even when it was never activated (make, CI).
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
         self.processes: dict[str, subprocess.Popen] = {}
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "loopback"\n\n'
