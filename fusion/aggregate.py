@@ -12,7 +12,7 @@ own head, as with ``gramfuse merge``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ class Aggregator:
         self.label_sets: dict[str, tuple] = {}
         self._reference: OwnerUpdate | None = None
         self._shapes: dict[str, tuple] = {}
+        self._layout: dict[str, Any] = {}  # the first owner's module -> Gram map
 
     def check(self, owner: OwnerUpdate) -> None:
         """Raise the error :meth:`add` would raise for ``owner`` before computing anything."""
@@ -86,8 +87,10 @@ class Aggregator:
         self.head.check(head_part)
         # Every check passed: from here on nothing can fail half-way.
         if self._reference is None:
-            self._reference = owner
+            # Only what later checks read: holding the first owner's tensors would keep a whole reply in memory.
+            self._reference = replace(owner, params={}, statistics=None)
             self._shapes = {n: tuple(v.shape) for n, v in body.items()}
+            self._layout = dict(owner.statistics.modules) if owner.statistics is not None else {}
         self.context = context
         self.body.add(body_part)
         self.head.add(head_part)
@@ -118,9 +121,9 @@ class Aggregator:
                 f"owner {owner.name!r}: label set {[label for _, label in owner.label_set]} does not fit "
                 f"{[label for _, label in reference.label_set]} of owner {reference.name!r} (heads are shared)"
             )
-        if stats is not None and reference.statistics is not None:
+        if stats is not None:
             for module, info in stats.modules.items():
-                other = reference.statistics.modules.get(module)
+                other = self._layout.get(module)
                 if other is not None and other.gram != info.gram:
                     raise CompatibilityError(
                         f"owner {owner.name!r}: layer {module!r} shares the Gram of {info.gram!r}, but for owner "
