@@ -76,6 +76,10 @@ class Aggregator:
     def add(self, owner: OwnerUpdate) -> None:
         """Check ``owner``, then fold it in; on any error nothing changes."""
         self.check(owner)
+        self.fold(owner)
+
+    def fold(self, owner: OwnerUpdate) -> None:
+        """Fold in an owner that :meth:`check` has passed (the server checks it against every aggregation first)."""
         body = {n: v for n, v in owner.params.items() if n not in owner.head}
         head = {n: v for n, v in owner.params.items() if n in owner.head}
         context = self._context_with(owner.statistics)

@@ -145,7 +145,7 @@ class RegMeanStrategy(Strategy):
             for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
                 aggregator.check(owner)
             for aggregator in self.aggregators.values():
-                aggregator.add(owner)
+                aggregator.fold(owner)
         except GramfuseError as error:
             record.status, record.reason = "rejected", str(error)
             log.warning("owner node %d rejected: %s", node_id, error)
