@@ -37,6 +37,11 @@ class OwnerUpdate:
     statistics: GramStatistics | None = None
     config: Any = None  # the owner's transformers config, to write its own folder when heads differ
 
+    def split(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(body, head)`` parameters."""
+        body = {n: v for n, v in self.params.items() if n not in self.head}
+        return body, {n: v for n, v in self.params.items() if n in self.head}
+
 
 @dataclass
 class Merged:
@@ -80,13 +85,10 @@ class Aggregator:
 
     def fold(self, owner: OwnerUpdate) -> None:
         """Fold in an owner that :meth:`check` has passed (the server checks it against every aggregation first)."""
-        body = {n: v for n, v in owner.params.items() if n not in owner.head}
-        head = {n: v for n, v in owner.params.items() if n in owner.head}
-        context = self._context_with(owner.statistics)
-        body_part = self.method.contribute(OwnerState(owner.name, body, owner.statistics), context)
+        body, head = owner.split()
+        context = context_with(self.context, owner.statistics)
         in_reference = self._reference is None or owner.label_set == self._reference.label_set
-        head_part = self.method.contribute(OwnerState(owner.name, head, owner.statistics), context) if (
-            head and in_reference) else {}
+        body_part, head_part = contributions(self.method, owner, context, with_head=in_reference)
         self.body.check(body_part)
         self.head.check(head_part)
         # Every check passed: from here on nothing can fail half-way.
@@ -118,8 +120,7 @@ class Aggregator:
                 f"owner {owner.name!r}: model type {owner.model_type!r} differs from owner {reference.name!r}'s "
                 f"{reference.model_type!r}"
             )
-        body = {n: v for n, v in owner.params.items() if n not in owner.head}
-        check_same_shapes(owner.name, body, reference.name, self._shapes)
+        check_same_shapes(owner.name, owner.split()[0], reference.name, self._shapes)
         if owner.label_set != reference.label_set and self.heads == "shared":
             raise CompatibilityError(
                 f"owner {owner.name!r}: label set {[label for _, label in owner.label_set]} does not fit "
@@ -133,15 +134,6 @@ class Aggregator:
                         f"owner {owner.name!r}: layer {module!r} shares the Gram of {info.gram!r}, but for owner "
                         f"{reference.name!r} that of {other.gram!r}"
                     )
-
-    def _context_with(self, stats: GramStatistics | None) -> MergeContext:
-        context = MergeContext(self.context.base, dict(self.context.modules), self.context.gram_dtype)
-        if stats is not None:
-            if not context.modules:
-                context.modules = dict(stats.modules)
-            if stats.gram_dtype == "float32":
-                context.gram_dtype = "float32"
-        return context
 
     def result(self, method: MergeMethod | None = None) -> Merged:
         """The merge; ``method`` may differ from the aggregated one in its ``combine_only`` options (alpha)."""
@@ -165,6 +157,27 @@ class Aggregator:
                 merged.outputs[name] = {**body.params, **self.own_heads[name]}
                 merged.configs[name] = self.configs[name]
         return merged
+
+
+def context_with(context: MergeContext, stats: GramStatistics | None) -> MergeContext:
+    """``context`` completed by an owner's statistics: the layer layout, and the least precise Gram dtype."""
+    context = MergeContext(context.base, dict(context.modules), context.gram_dtype)
+    if stats is not None:
+        if not context.modules:
+            context.modules = dict(stats.modules)
+        if stats.gram_dtype == "float32":
+            context.gram_dtype = "float32"
+    return context
+
+
+def contributions(method: MergeMethod, owner: OwnerUpdate, context: MergeContext,
+                  with_head: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What ``owner`` adds to the body's sums and (``with_head``: its label set is the merged one) the head's."""
+    body, head = owner.split()
+    body_part = method.contribute(OwnerState(owner.name, body, owner.statistics), context)
+    head_part = method.contribute(OwnerState(owner.name, head, owner.statistics), context) if (
+        head and with_head) else {}
+    return body_part, head_part
 
 
 def owner_update(name: str, model: Any, statistics: GramStatistics | None) -> OwnerUpdate:

@@ -153,3 +153,40 @@ def module_weight(model, name: str) -> torch.Tensor:
     return dict(model.named_modules())[name].weight.detach()
 
 
+
+
+class SecureRun:
+    """Every step of the secure protocol in one process: the server's routing done by hand, as the strategy does it.
+
+    ``drop[round]`` names the owners that vanish after the previous step (they send nothing more)."""
+
+    def __init__(self, nodes, threshold, session="test"):
+        from fusion.secure.protocol import OwnerSession
+
+        self.threshold = threshold
+        self.sessions = {node: OwnerSession.begin(session, node) for node in nodes}
+        self.roster = {node: s.public_keys() for node, s in self.sessions.items()}
+        sealed, self.commitments = {}, {}
+        for node, s in self.sessions.items():
+            sealed[node], self.commitments[node] = s.share(self.roster, threshold)
+        self.session = session
+        self.sealed = sealed
+        self.delivered = set()
+
+    def masked_round(self, round_name, participants, layout, vectors_of, drop_before=(), drop_after=()):
+        """The sum over the owners of ``participants`` that answer; returns ``(totals, survivors)``."""
+        from fusion.secure.protocol import MaskedSum
+
+        summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
+                           layout)
+        for node in participants:
+            if node not in self.delivered:  # shares reach an owner with its first masked request
+                self.sessions[node].receive_shares({sender: by[node] for sender, by in self.sealed.items()
+                                                    if node in by and sender in participants})
+                self.delivered.add(node)
+            if node in drop_before:
+                continue
+            summed.add(node, self.sessions[node].mask(round_name, participants, layout, vectors_of(node)))
+        revealed = {node: self.sessions[node].reveal(round_name, summed.survivors, summed.dropped)
+                    for node in summed.survivors if node not in drop_after}
+        return summed.unmask(revealed), summed.survivors

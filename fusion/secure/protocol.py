@@ -1,0 +1,296 @@
+"""Secure aggregation with dropout recovery (after Bonawitz et al., CCS 2017), for an honest-but-curious server.
+
+Steps, each one message exchange through the server:
+
+1. ``keys``: every owner makes fresh X25519 key pairs (shares, and one per masked round) and publishes the public
+   halves. The server sends the roster of everyone who answered to everyone.
+2. ``shares``: every owner draws a self-mask seed per masked round and Shamir-splits, for every owner on the
+   roster, its seeds and its round mask keys; each share travels sealed (ChaCha20-Poly1305 under a key agreed with
+   the recipient), so the server routes shares it cannot read. An owner also publishes a hash of each seed, so
+   that a wrong reconstruction is detected.
+3. a masked round (``bounds``, then ``sums``): each participant adds to its fixed-point vector its self mask and,
+   for every other participant, a pairwise mask it shares with that one (added by the lower node id, subtracted
+   by the higher): pairwise masks cancel in the sum, self masks do not.
+4. ``unmask``: the server names who answered (survivors) and who did not (dropped); each survivor returns its
+   shares of the survivors' self-mask seeds and of the dropped owners' mask keys for that round, never both for
+   one owner. With ``threshold`` of them the server removes the survivors' self masks and the dropped owners'
+   pairwise masks, and is left with the survivors' sum, and nothing else.
+
+An owner that drops before step 3 is simply not a participant; one that drops during a masked round is recovered
+in its unmask step, and the merge goes on as long as ``threshold`` owners remain. Everything an owner keeps between
+steps is in :attr:`OwnerSession.state`, plain bytes and strings that Flower keeps in the node's context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .crypto import (
+    SHARE_BYTES,
+    SecureProtocolError,
+    combine_shares,
+    derive_key,
+    expand,
+    keystream,
+    new_private_key,
+    public_key,
+    seal,
+    split_secret,
+    unseal,
+)
+
+ROUNDS = ("bounds", "sums")  # the masked rounds: magnitudes (to fix the fixed-point scales), then the sums
+SHARE_KEY = "share"
+Layout = list[tuple[str, tuple[int, ...]]]
+Roster = dict[int, dict[str, bytes]]  # node id -> public keys by purpose (SHARE_KEY and each round)
+
+
+def default_threshold(owners: int) -> int:
+    """A majority of the roster: fewer colluding owners than that, with the server, cannot unmask anyone."""
+    return max(2, owners // 2 + 1)
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    return hashlib.sha256(b"gramfuse/seed/" + seed).digest()
+
+
+def share_position(roster: Iterable[int], node: int) -> int:
+    """The Shamir x of an owner: its place among the roster's node ids, from 1."""
+    return sorted(roster).index(node) + 1
+
+
+def _mask_sign(node: int, peer: int) -> int:
+    return 1 if node < peer else -1
+
+
+def flatten(layout: Layout, vectors: Mapping[str, np.ndarray]) -> np.ndarray:
+    missing = [key for key, _ in layout if key not in vectors]
+    if missing:
+        raise SecureProtocolError(f"vector {missing[0]!r} of the agreed layout is missing")
+    parts = []
+    for key, shape in layout:
+        part = np.ascontiguousarray(vectors[key], dtype=np.uint64).reshape(-1)
+        if part.size != int(np.prod(shape, dtype=np.int64)):
+            raise SecureProtocolError(f"vector {key!r} has {part.size} values, the layout says shape {shape}")
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def unflatten(layout: Layout, flat: np.ndarray) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for key, shape in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        out[key] = flat[start : start + size]
+        start += size
+    return out
+
+
+def _pairwise_stream(private: bytes, peer_public: bytes, round_name: str, session: str, count: int) -> np.ndarray:
+    return keystream(derive_key(private, peer_public, f"mask/{round_name}", session), count)
+
+
+def _self_stream(seed: bytes, round_name: str, session: str, count: int) -> np.ndarray:
+    return keystream(expand(seed, f"self-mask/{round_name}", session), count)
+
+
+class OwnerSession:
+    """One owner's side of one secure aggregation. ``state`` holds its secrets; it never leaves the site."""
+
+    def __init__(self, state: Mapping[str, object]) -> None:
+        self.state = dict(state)
+
+    @classmethod
+    def begin(cls, session: str, node: int) -> OwnerSession:
+        state: dict[str, object] = {"session": session, "node": int(node), "private/" + SHARE_KEY: new_private_key()}
+        for round_name in ROUNDS:
+            state["private/" + round_name] = new_private_key()
+        return cls(state)
+
+    @property
+    def session(self) -> str:
+        return str(self.state["session"])
+
+    @property
+    def node(self) -> int:
+        return int(self.state["node"])
+
+    def public_keys(self) -> dict[str, bytes]:
+        return {purpose: public_key(self._private(purpose)) for purpose in (SHARE_KEY, *ROUNDS)}
+
+    def _private(self, purpose: str) -> bytes:
+        return bytes(self.state["private/" + purpose])
+
+    def _roster(self) -> Roster:
+        return {int(node): {k: bytes.fromhex(v) for k, v in keys.items()}
+                for node, keys in json.loads(str(self.state["roster"])).items()}
+
+    def _share_context(self, sender: int, recipient: int) -> str:
+        return f"shares/{self.session}/{sender}->{recipient}"
+
+    def share(self, roster: Roster, threshold: int) -> tuple[dict[int, bytes], dict[str, bytes]]:
+        """Sealed shares for every other owner on the roster, and the public commitments to this owner's seeds."""
+        if self.node not in roster or roster[self.node] != self.public_keys():
+            raise SecureProtocolError(f"node {self.node}: the roster does not carry this owner's keys")
+        if not 2 <= threshold <= len(roster):
+            raise SecureProtocolError(f"threshold {threshold} does not fit a roster of {len(roster)} owners")
+        if "roster" in self.state:
+            raise SecureProtocolError(f"node {self.node}: shares were already made in session {self.session}")
+        self.state["roster"] = json.dumps({str(n): {k: v.hex() for k, v in keys.items()} for n, keys in roster.items()})
+        self.state["threshold"] = int(threshold)
+        positions = {node: share_position(roster, node) for node in roster}
+        bundles: dict[int, bytes] = {node: b"" for node in roster}
+        commitments = {}
+        for round_name in ROUNDS:
+            seed = new_private_key()  # 32 random bytes
+            self.state["seed/" + round_name] = seed
+            commitments[round_name] = seed_commitment(seed)
+            for secret in (self._private(round_name), seed):
+                shares = split_secret(secret, threshold, list(positions.values()))
+                for node, x in positions.items():
+                    bundles[node] += shares[x]
+        self.state[f"bundle/{self.node}"] = bundles.pop(self.node)
+        sealed = {node: seal(derive_key(self._private(SHARE_KEY), roster[node][SHARE_KEY], "shares", self.session),
+                             bundle, self._share_context(self.node, node)) for node, bundle in bundles.items()}
+        return sealed, commitments
+
+    def receive_shares(self, sealed: Mapping[int, bytes]) -> None:
+        roster = self._roster()
+        for sender, message in sealed.items():
+            if sender not in roster or sender == self.node:
+                raise SecureProtocolError(f"node {self.node}: shares from node {sender}, who is not a peer")
+            key = derive_key(self._private(SHARE_KEY), roster[sender][SHARE_KEY], "shares", self.session)
+            bundle = unseal(key, bytes(message), self._share_context(sender, self.node))
+            if len(bundle) != 2 * len(ROUNDS) * SHARE_BYTES:
+                raise SecureProtocolError(f"node {self.node}: the bundle from node {sender} has the wrong size")
+            self.state[f"bundle/{sender}"] = bundle
+
+    def mask(self, round_name: str, participants: list[int], layout: Layout,
+             vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This owner's vectors (uint64, in ``layout``) masked for the sum over ``participants``."""
+        if round_name not in ROUNDS or f"participants/{round_name}" in self.state:
+            raise SecureProtocolError(f"node {self.node}: round {round_name!r} is unknown or was already masked")
+        roster = self._roster()
+        peers = sorted(set(participants) - {self.node})
+        if self.node not in participants or any(p not in roster for p in peers):
+            raise SecureProtocolError(f"node {self.node}: participants of {round_name!r} not on the roster")
+        unshared = [p for p in peers if f"bundle/{p}" not in self.state]
+        if unshared:
+            raise SecureProtocolError(f"node {self.node}: no shares from node {unshared[0]}, so it could not be "
+                                      "recovered if it dropped; refusing to mask with it")
+        if len(participants) < int(self.state["threshold"]):
+            raise SecureProtocolError(f"node {self.node}: {len(participants)} participants, below the threshold")
+        self.state[f"participants/{round_name}"] = json.dumps(sorted(int(p) for p in participants))
+        masked = flatten(layout, vectors).copy()
+        masked += _self_stream(bytes(self.state["seed/" + round_name]), round_name, self.session, masked.size)
+        for peer in peers:
+            stream = _pairwise_stream(self._private(round_name), roster[peer][round_name], round_name, self.session,
+                                      masked.size)
+            if _mask_sign(self.node, peer) > 0:
+                masked += stream
+            else:
+                masked -= stream
+        return unflatten(layout, masked)
+
+    def reveal(self, round_name: str, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
+        """Shares to unmask ``round_name``: of survivors' seeds and of dropped owners' mask keys, never both."""
+        key = f"participants/{round_name}"
+        if key not in self.state:
+            raise SecureProtocolError(f"node {self.node}: asked to unmask {round_name!r}, which it never masked")
+        if f"revealed/{round_name}" in self.state:
+            raise SecureProtocolError(f"node {self.node}: round {round_name!r} was already unmasked")
+        participants = set(json.loads(str(self.state[key])))
+        survivors_set, dropped_set = set(survivors), set(dropped)
+        if survivors_set & dropped_set or survivors_set | dropped_set != participants or self.node not in survivors_set:
+            raise SecureProtocolError(
+                f"node {self.node}: survivors and dropped owners of {round_name!r} do not split its participants"
+            )
+        if len(survivors_set) < int(self.state["threshold"]):
+            raise SecureProtocolError(f"node {self.node}: {len(survivors_set)} survivors, below the threshold")
+        self.state[f"revealed/{round_name}"] = json.dumps({"survivors": sorted(survivors_set),
+                                                           "dropped": sorted(dropped_set)})
+        index = ROUNDS.index(round_name)
+        revealed = {}
+        for owner in participants:
+            bundle = bytes(self.state[f"bundle/{owner}"])
+            part = 2 * index + (1 if owner in survivors_set else 0)  # the seed of a survivor, the key of the dropped
+            revealed[owner] = bundle[part * SHARE_BYTES : (part + 1) * SHARE_BYTES]
+        return revealed
+
+
+class MaskedSum:
+    """The server's side of one masked round: adds masked vectors, then removes what the revealed shares allow."""
+
+    def __init__(self, round_name: str, session: str, roster: Roster, commitments: Mapping[int, Mapping[str, bytes]],
+                 participants: Iterable[int], threshold: int, layout: Layout) -> None:
+        self.round_name, self.session, self.roster = round_name, session, roster
+        self.commitments, self.threshold, self.layout = commitments, threshold, layout
+        self.participants = sorted(participants)
+        self.size = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
+        self.total = np.zeros(self.size, dtype=np.uint64)
+        self.survivors: list[int] = []
+
+    @property
+    def dropped(self) -> list[int]:
+        return [node for node in self.participants if node not in self.survivors]
+
+    def check(self, node: int, vectors: Mapping[str, np.ndarray]) -> np.ndarray:
+        if node not in self.participants or node in self.survivors:
+            raise SecureProtocolError(f"node {node}: not a participant of {self.round_name!r}, or already added")
+        extra = sorted(set(vectors) - {key for key, _ in self.layout})
+        if extra:
+            raise SecureProtocolError(f"node {node}: vector {extra[0]!r} is not in the agreed layout")
+        for key, _ in self.layout:
+            if key in vectors and np.asarray(vectors[key]).dtype != np.uint64:
+                raise SecureProtocolError(f"node {node}: vector {key!r} is not uint64 (masked values are)")
+        try:
+            return flatten(self.layout, vectors)
+        except SecureProtocolError as error:
+            raise SecureProtocolError(f"node {node}: {error}") from None
+
+    def add(self, node: int, vectors: Mapping[str, np.ndarray]) -> None:
+        flat = self.check(node, vectors)
+        self.total += flat  # uint64 addition wraps: the sum is modulo 2^64, as the masks need
+        self.survivors.append(node)
+
+    def unmask(self, revealed: Mapping[int, Mapping[int, bytes]]) -> dict[str, np.ndarray]:
+        """The survivors' sum, from ``revealed[holder][owner]`` shares of at least ``threshold`` survivors."""
+        if len(self.survivors) < self.threshold:
+            raise SecureProtocolError(f"round {self.round_name!r}: {len(self.survivors)} owners answered, "
+                                      f"the threshold is {self.threshold}")
+        total = self.total.copy()
+        for owner in self.participants:
+            secret = self._recover(owner, revealed)
+            if owner in self.survivors:
+                total -= _self_stream(secret, self.round_name, self.session, self.size)
+                continue
+            for survivor in self.survivors:  # the masks the survivors added with the dropped owner
+                stream = _pairwise_stream(secret, self.roster[survivor][self.round_name], self.round_name,
+                                          self.session, self.size)
+                if _mask_sign(survivor, owner) > 0:
+                    total -= stream
+                else:
+                    total += stream
+        return unflatten(self.layout, total)
+
+    def _recover(self, owner: int, revealed: Mapping[int, Mapping[int, bytes]]) -> bytes:
+        shares = {share_position(self.roster, holder): bytes(by_owner[owner])
+                  for holder, by_owner in revealed.items() if owner in by_owner and holder in self.survivors}
+        if len(shares) < self.threshold:
+            raise SecureProtocolError(f"round {self.round_name!r}: only {len(shares)} shares for node {owner}, "
+                                      f"the threshold is {self.threshold}")
+        try:
+            secret = combine_shares(shares, self.threshold)
+        except SecureProtocolError:
+            secret = None
+        if secret is not None and owner in self.survivors:
+            valid = seed_commitment(secret) == bytes(self.commitments[owner][self.round_name])
+        else:
+            valid = secret is not None and public_key(secret) == self.roster[owner][self.round_name]
+        if not valid:
+            raise SecureProtocolError(f"round {self.round_name!r}: the shares of node {owner} do not reconstruct "
+                                      "its secret (a holder sent a wrong share)")
+        return secret

@@ -1,0 +1,258 @@
+"""Secure aggregation in one process: fixed point, Shamir shares, masks with dropouts, and the merge it gives.
+
+The reference everywhere is computed independently: the plain modular or float sum of the survivors' vectors, and
+the plaintext aggregation path (`fusion.aggregate.Aggregator`) for the merge."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import SecureRun, perturbed, tiny_model, write_data
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusion.aggregate import Aggregator, owner_update
+from fusion.methods import MergeContext, get_method
+from fusion.secure import (
+    band_vectors,
+    bands_layout,
+    decoded_sums,
+    encoded_vectors,
+    layout_of,
+    merge_from_sums,
+    scales_from_bands,
+    secure_contributions,
+)
+from fusion.secure.crypto import SecureProtocolError, combine_shares, split_secret
+from fusion.secure.fixedpoint import BAND_BITS, FixedPointError, decode, encode, fraction_bits, magnitude_bands
+from fusion.secure.protocol import default_threshold
+from fusion.workflows import DataSettings, compute_statistics
+
+# --- fixed point ----------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(owners=st.integers(1, 9), exponent=st.integers(-40, 40), seed=st.integers(0, 2**31))
+def test_fixed_point_sum_is_the_float_sum_to_its_scale(owners, exponent, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = [torch.randn(50, generator=generator, dtype=torch.float64) * 2.0**exponent for _ in range(owners)]
+    histogram = sum(magnitude_bands({"t": v})["t"] for v in values)
+    bits = fraction_bits(histogram, owners)
+    total = np.zeros(50, dtype=np.uint64)
+    for value in values:
+        total += encode("t", value, bits, owners)
+    decoded = decode("t", total, bits, (50,))
+    exact = [math.fsum(float(v[i]) for v in values) for i in range(50)]  # correctly rounded
+    for got, want in zip(decoded.tolist(), exact):
+        # rounding each owner's value to the scale, then the decoded integer to float64
+        assert abs(got - want) <= owners * 2.0 ** (-bits - 1) + 2 * math.ulp(want)
+    # the scale is as fine as the headroom allows: at most one band coarser than the largest entry needs
+    largest = float(torch.stack(values).abs().max())
+    assert bits >= 61 - BAND_BITS - math.frexp(largest)[1] - math.ceil(math.log2(owners))
+
+
+def test_fixed_point_hand_computed():
+    bits = 4  # scale 1/16
+    total = encode("t", torch.tensor([1.5, -0.25]), bits, 2) + encode("t", torch.tensor([0.0625, -3.0]), bits, 2)
+    assert decode("t", total, bits, (2,)).tolist() == [1.5625, -3.25]
+
+
+def test_value_beyond_the_agreed_range_is_an_error_naming_the_tensor():
+    histogram = magnitude_bands({"gram/x": torch.tensor([3.0])})["gram/x"]
+    bits = fraction_bits(histogram, 4)
+    encode("gram/x", torch.tensor([3.0, -3.0]), bits, 4)
+    with pytest.raises(FixedPointError, match="'gram/x'.*beyond the range"):
+        encode("gram/x", torch.tensor([1e12]), bits, 4)
+    with pytest.raises(FixedPointError, match="'gram/x'"):
+        encode("gram/x", torch.tensor([float("nan")]), bits, 4)
+
+
+def test_overflowed_sum_is_detected():
+    bits = fraction_bits(magnitude_bands({"t": torch.tensor([1.0])})["t"], 2)
+    forged = np.array([2**62 + 5], dtype=np.uint64)  # what a sum beyond every honest encoding decodes to
+    with pytest.raises(FixedPointError, match="'t'.*overflowed"):
+        decode("t", forged, bits, (1,))
+
+
+# --- Shamir ---------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(holders=st.integers(2, 8), data=st.data())
+def test_any_threshold_shares_recover_the_secret_and_fewer_do_not(holders, data):
+    threshold = data.draw(st.integers(2, holders))
+    secret = data.draw(st.binary(min_size=32, max_size=32))
+    shares = split_secret(secret, threshold, list(range(1, holders + 1)))
+    chosen = data.draw(st.permutations(list(shares)))[:threshold]
+    assert combine_shares({x: shares[x] for x in chosen}, threshold) == secret
+    with pytest.raises(SecureProtocolError):
+        combine_shares({x: shares[x] for x in chosen[:-1]}, threshold)
+    if threshold > 2:  # interpolating too few shares as if the threshold were lower gives no secret, or another
+        try:
+            assert combine_shares({x: shares[x] for x in chosen[:-1]}, threshold - 1) != secret
+        except SecureProtocolError:
+            pass
+
+
+# --- the protocol ---------------------------------------------------------------------------------------------------
+
+LAYOUT = [("a", (3, 4)), ("b", (5,))]
+
+
+def random_vectors(seed):
+    generator = np.random.default_rng(seed)
+    return {key: generator.integers(0, 2**64, size=int(np.prod(shape)), dtype=np.uint64) for key, shape in LAYOUT}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(owners=st.integers(3, 6), data=st.data())
+def test_masked_sums_equal_the_survivors_sums_whoever_drops(owners, data):
+    nodes = [1000 + 7 * i for i in range(owners)]
+    threshold = default_threshold(owners)
+    spare = owners - threshold
+    drop_bounds = set(data.draw(st.lists(st.sampled_from(nodes), max_size=spare, unique=True)))
+    left = [n for n in nodes if n not in drop_bounds]
+    drop_sums = set(data.draw(st.lists(st.sampled_from(left), max_size=len(left) - threshold, unique=True)))
+    run = SecureRun(nodes, threshold)
+    vectors = {node: random_vectors(node) for node in nodes}
+    totals, survivors = run.masked_round("bounds", nodes, LAYOUT, vectors.get, drop_before=drop_bounds)
+    assert sorted(survivors) == sorted(left)
+    for key, _ in LAYOUT:
+        expected = sum((vectors[n][key] for n in left), np.zeros_like(vectors[left[0]][key]))
+        assert np.array_equal(totals[key], expected)
+    totals, survivors = run.masked_round("sums", survivors, LAYOUT, vectors.get, drop_before=drop_sums)
+    kept = [n for n in left if n not in drop_sums]
+    for key, _ in LAYOUT:
+        expected = sum((vectors[n][key] for n in kept), np.zeros_like(vectors[kept[0]][key]))
+        assert np.array_equal(totals[key], expected)
+
+
+def test_masked_vector_looks_random_and_fewer_than_threshold_cannot_unmask():
+    nodes = [1, 2, 3, 4, 5]
+    run = SecureRun(nodes, 3)
+    vectors = {node: {"a": np.arange(12, dtype=np.uint64), "b": np.zeros(5, dtype=np.uint64)} for node in nodes}
+    for node, s in run.sessions.items():
+        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
+    masked = run.sessions[1].mask("bounds", nodes, LAYOUT, vectors[1])
+    assert not np.array_equal(masked["b"], vectors[1]["b"])
+    assert len(set(masked["a"].tolist())) == 12  # uniformly random words, none equal to the input
+    from fusion.secure.protocol import MaskedSum
+
+    summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 3, LAYOUT)
+    for node in nodes:
+        summed.add(node, masked if node == 1 else run.sessions[node].mask("bounds", nodes, LAYOUT, vectors[node]))
+    revealed = {n: run.sessions[n].reveal("bounds", nodes, []) for n in (1, 2)}
+    with pytest.raises(SecureProtocolError, match="only 2 shares for node"):
+        summed.unmask(revealed)
+    revealed[3] = run.sessions[3].reveal("bounds", nodes, [])
+    assert np.array_equal(summed.unmask(revealed)["a"], 5 * np.arange(12, dtype=np.uint64))
+
+
+def test_owner_refuses_to_reveal_both_secrets_of_one_owner_or_twice():
+    nodes = [1, 2, 3, 4]
+    run = SecureRun(nodes, 3)
+    for node, s in run.sessions.items():
+        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
+        s.mask("bounds", nodes, LAYOUT, random_vectors(node))
+    with pytest.raises(SecureProtocolError, match="do not split"):
+        run.sessions[1].reveal("bounds", [1, 2, 3, 4], [4])  # node 4 both survived and dropped
+    with pytest.raises(SecureProtocolError, match="below the threshold"):
+        run.sessions[1].reveal("bounds", [1, 2], [3, 4])
+    run.sessions[1].reveal("bounds", [1, 2, 3], [4])
+    with pytest.raises(SecureProtocolError, match="already unmasked"):
+        run.sessions[1].reveal("bounds", [1, 2, 3, 4], [])
+    with pytest.raises(SecureProtocolError, match="never masked"):
+        run.sessions[1].reveal("sums", [1, 2, 3], [4])
+
+
+def test_tampered_or_misrouted_share_is_an_error():
+    run = SecureRun([1, 2, 3], 2)
+    forged = bytearray(run.sealed[2][1])
+    forged[-1] ^= 1
+    with pytest.raises(SecureProtocolError, match="does not decrypt"):
+        run.sessions[1].receive_shares({2: bytes(forged)})
+    with pytest.raises(SecureProtocolError, match="does not decrypt"):
+        run.sessions[1].receive_shares({2: run.sealed[3][1]})  # node 3's shares presented as node 2's
+
+
+def test_wrong_share_is_detected_by_the_commitment():
+    nodes = [1, 2, 3]
+    run = SecureRun(nodes, 2)
+    for node, s in run.sessions.items():
+        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
+    from fusion.secure.protocol import MaskedSum
+
+    summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 2, LAYOUT)
+    for node in nodes:
+        summed.add(node, run.sessions[node].mask("bounds", nodes, LAYOUT, random_vectors(node)))
+    revealed = {n: run.sessions[n].reveal("bounds", nodes, []) for n in nodes}
+    revealed[1] = {**revealed[1], 2: bytes(66)}
+    revealed = {1: revealed[1], 2: revealed[2]}  # exactly the threshold, one share wrong
+    with pytest.raises(SecureProtocolError, match="node 2 do not reconstruct"):
+        summed.unmask(revealed)
+
+
+# --- the merge ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def owners(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secure-owners")
+    base = tiny_model("bert")
+    updates = []
+    for i in range(5):
+        model = perturbed(base, seed=40 + i)
+        from helpers import save_owner
+
+        folder = save_owner(model, root / f"owner{i}")
+        stats, _ = compute_statistics(folder, write_data(root / f"data{i}.jsonl", 24 + 8 * i, seed=i),
+                                      settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
+        updates.append(owner_update(f"owner{i}", model, stats))
+    return updates
+
+
+def secure_merge(methods, updates, drop_bounds=(), drop_sums=()):
+    """The whole secure path, as the sites and the server run it, in one process."""
+    nodes = list(range(1, len(updates) + 1))
+    by_node = dict(zip(nodes, updates))
+    parts = {node: secure_contributions(methods, owner, with_head=True) for node, owner in by_node.items()}
+    layout = layout_of(parts[1])
+    run = SecureRun(nodes, default_threshold(len(nodes)))
+    band_sums, survivors = run.masked_round(
+        "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, parts[n]), drop_before=drop_bounds)
+    scales = scales_from_bands(band_sums, len(survivors))
+    totals, survivors = run.masked_round(
+        "sums", survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),
+        drop_before=drop_sums)
+    sums = decoded_sums(layout, totals, scales)
+    context = MergeContext(modules=dict(updates[0].statistics.modules))
+    return merge_from_sums(methods, sums, context, updates[0].config, {}), [by_node[n] for n in survivors]
+
+
+def plaintext_merge(method, updates):
+    aggregator = Aggregator(method, MergeContext())
+    for owner in updates:
+        aggregator.add(owner)
+    return aggregator.result(method)
+
+
+def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners):
+    methods = [get_method("regmean"), get_method("regmean", alpha=0.5), get_method("average"),
+               get_method("weighted-average")]
+    merged, survivors = secure_merge(methods, owners, drop_bounds={2}, drop_sums={5})
+    assert [o.name for o in survivors] == ["owner0", "owner2", "owner3"]
+    for method in methods:
+        expected = plaintext_merge(method, survivors).outputs["."]
+        got = merged[method.label()].outputs["."]
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            scale = value.abs().max().clamp_min(1e-30)
+            assert float((got[name] - value).abs().max() / scale) <= 1e-9, (method.label(), name)
+
+
+def test_secure_mode_refuses_methods_that_need_the_base(owners):
+    from fusion.errors import MergeError
+
+    with pytest.raises(MergeError, match="task-arithmetic.*plaintext mode"):
+        secure_contributions([get_method("task-arithmetic")], owners[0], with_head=True)
