@@ -4,7 +4,9 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
 
 - ``model-path``, ``data-path`` (required in a deployment): the site's fine-tuned model folder and its data file;
 - ``max-length`` (128), ``batch-size`` (32), ``max-examples`` (all): as for ``gramfuse stats``;
-- ``name``: a label for the site in the server's report (the node id is always reported).
+- ``name``: a label for the site in the server's report (the node id is always reported);
+- ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
+  head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 
 In a local simulation the node has no such keys; it takes owner number ``partition-id`` (in name order) of the
 run config's ``workspace``, a folder of ``<owner>/model/`` and ``<owner>/data.jsonl``.
@@ -21,12 +23,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fusion.aggregate import owner_update
 from fusion.checkpoint import float_state, load_classifier, tokenizer_files
 from fusion.errors import GramfuseError, StatisticsError
+from fusion.methods import method_from_spec
 from fusion.payload import describe_model, owner_payload
+from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
+from fusion.secure.protocol import OwnerSession
 from fusion.statistics import STATS_FILENAME, load_statistics, weights_fingerprint
 from fusion.workflows import DataSettings, compute_statistics
 
@@ -113,3 +119,111 @@ def contribute(msg: Message, context: Context) -> Message:
     content = RecordDict({PAYLOAD: ArrayRecord(torch_state_dict=tensors), META: ConfigRecord({"json": json.dumps(meta), **files})})
     return Message(content=content, reply_to=msg)
 
+
+
+# --- secure mode: the same contribution, computed here and sent only masked (see fusion.secure) ---------------------
+
+SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
+MASKED = "masked"  # ArrayRecord of uint64 masked vectors
+OWN_HEAD = "own-head"  # ArrayRecord: this site's own head, in the clear, only when the site allows it
+
+
+def _session(context: Context) -> OwnerSession:
+    if SECURE_STATE not in context.state:
+        raise GramfuseError("no secure session on this node for this run (keys were never exchanged)")
+    return OwnerSession(dict(context.state[SECURE_STATE]))
+
+
+def _save_session(context: Context, session: OwnerSession) -> None:
+    context.state[SECURE_STATE] = ConfigRecord(session.state)
+
+
+def _site_contribution(context: Context, request) -> tuple:
+    """This site's owner and its contribution to the sums of the requested methods."""
+    methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
+    needs_fisher = any(method.needs_fisher for method in methods)
+    model_dir, data_file = site_paths(context)
+    model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher)
+    owner = owner_update("site", model, stats)
+    reference = json.loads(str(request["reference-label-set"]))
+    with_head = [list(item) for item in owner.label_set] == reference
+    return owner, secure_contributions(methods, owner, with_head), with_head
+
+
+def _reply(msg: Message, **records) -> Message:
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+@app.query("secure_keys")
+def secure_keys(msg: Message, context: Context) -> Message:
+    """Fresh keys for this run, and what the server must know to route and merge: the layout of the sums (names
+    and shapes, no values), the layer map, the config and label set, the public tokenizer."""
+    started = time.perf_counter()
+    request = msg.content["config"]
+    owner, parts, with_head = _site_contribution(context, request)
+    session = OwnerSession.begin(str(request["session"]), context.node_id)
+    _save_session(context, session)
+    model_dir, _ = site_paths(context)
+    share_head = bool(context.node_config.get("share-head", False)) and not with_head
+    meta = {
+        "layout": layout_of(parts),
+        "modules": {name: asdict(info) for name, info in owner.statistics.modules.items()},
+        "gram_dtype": owner.statistics.gram_dtype,
+        "config": owner.config.to_json_string(use_diff=False),
+        "label_set": [list(item) for item in owner.label_set],
+        "share_head": share_head,
+        "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
+                                            else model_dir.name)),
+        "site_seconds": round(time.perf_counter() - started, 3),
+    }
+    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()}
+    keys = {f"key/{purpose}": value for purpose, value in session.public_keys().items()}
+    return _reply(msg, **{META: ConfigRecord({"json": json.dumps(meta), **keys, **files})})
+
+
+@app.query("secure_shares")
+def secure_shares(msg: Message, context: Context) -> Message:
+    request = msg.content["config"]
+    roster = {int(node): {purpose: bytes.fromhex(key) for purpose, key in keys.items()}
+              for node, keys in json.loads(str(request["roster"])).items()}
+    session = _session(context)
+    sealed, commitments = session.share(roster, int(request["threshold"]))
+    _save_session(context, session)
+    content = {f"share/{node}": data for node, data in sealed.items()}
+    content.update({f"commitment/{name}": value for name, value in commitments.items()})
+    return _reply(msg, **{META: ConfigRecord(content)})
+
+
+@app.train("secure_masked")
+def secure_masked(msg: Message, context: Context) -> Message:
+    """One masked round: ``bounds`` (the magnitude band of every tensor) or ``sums`` (the fixed-point tensors)."""
+    request = msg.content["config"]
+    session = _session(context)
+    incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
+    if incoming:
+        session.receive_shares(incoming)
+    owner, parts, _ = _site_contribution(context, request)
+    layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
+    participants = [int(node) for node in json.loads(str(request["participants"]))]
+    round_name = str(request["round"])
+    if round_name == "bounds":
+        vectors, masked_layout = band_vectors(layout, parts), bands_layout(layout)
+    else:
+        scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
+        vectors, masked_layout = encoded_vectors(layout, parts, scales, len(participants)), layout
+    masked = session.mask(round_name, participants, masked_layout, vectors)
+    _save_session(context, session)
+    records = {MASKED: ArrayRecord({key: Array(value) for key, value in masked.items()})}
+    if round_name == "sums" and bool(request.get("send-own-head", False)):
+        records[OWN_HEAD] = ArrayRecord(torch_state_dict=owner.split()[1])
+    return _reply(msg, **records)
+
+
+@app.query("secure_unmask")
+def secure_unmask(msg: Message, context: Context) -> Message:
+    request = msg.content["config"]
+    session = _session(context)
+    revealed = session.reveal(str(request["round"]), json.loads(str(request["survivors"])),
+                              json.loads(str(request["dropped"])))
+    _save_session(context, session)
+    return _reply(msg, **{META: ConfigRecord({f"share/{owner}": share for owner, share in revealed.items()})})

@@ -1,4 +1,4 @@
-"""The ``gramfuse`` command: ``stats``, ``merge`` and ``evaluate``.
+"""The ``gramfuse`` command: ``stats``, ``merge``, ``evaluate``, and ``credentials`` for a secure deployment.
 
 Errors caused by input go to stderr as one line ``gramfuse: error: ...`` with exit status 1; usage errors exit 2
 (argparse's convention).
@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data_file", metavar="DATA_FILE")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     _data_flags(evaluate)
+
+    credentials = commands.add_parser(
+        "credentials",
+        help="TLS certificates for the SuperLink and authentication keys for sites",
+        description="Write a CA and a SuperLink TLS certificate (--host, repeatable) and/or one OpenSSH ECDSA P-384 "
+        "key pair per site (--site, repeatable) for Flower's SuperNode authentication, into OUT_DIR.",
+    )
+    credentials.add_argument("out_dir", metavar="OUT_DIR")
+    credentials.add_argument("--host", action="append", default=[], help="a name or address the SuperLink is "
+                             "reached at (its certificate covers each)")
+    credentials.add_argument("--site", action="append", default=[], help="a site to make a key pair for")
     return parser
 
 
@@ -148,11 +159,25 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(f"accuracy {scores['accuracy']:.4f}  macro-F1 {scores['macro_f1']:.4f}  ({scores['examples']} examples)")
 
 
+def run_credentials(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .credentials import make_site_key, make_tls
+
+    if not args.host and not args.site:
+        raise GramfuseError("nothing to make: give --host (TLS certificates) and/or --site (site keys)")
+    out = Path(args.out_dir)
+    written = make_tls(out, args.host) if args.host else []
+    for site in args.site:
+        written += make_site_key(out, site)
+    print("\n".join(str(path) for path in written))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="gramfuse: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate}[args.command](args)
+        {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate, "credentials": run_credentials}[args.command](args)
     except GramfuseError as error:
         print(f"gramfuse: error: {error}", file=sys.stderr)
         return 1

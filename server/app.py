@@ -7,7 +7,10 @@
 - ``min-owners`` (2): fewer merged owners is a failed run that writes nothing;
 - ``timeout`` (600 s): for sites to connect and for their replies;
 - ``heads`` (auto): ``auto`` merges heads when all owners share a label set, else keeps each owner's own;
-  ``shared`` rejects an owner whose label set differs from the first.
+  ``shared`` rejects an owner whose label set differs from the first;
+- ``secure`` (false): secure aggregation (``server/secure.py``): sites send only masked sums, the server decodes
+  only their total; ``secure-threshold`` (0: a majority) sites must survive each masked round;
+- ``record-dir`` (empty: off): save every reply the server receives, as received, for audits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fusion.methods import get_method, method_from_spec, option_names
 from fusion.merge import load_base
+from server.secure import SecureRegMeanStrategy
 from server.strategy import RegMeanStrategy
 
 app = ServerApp()
@@ -58,12 +62,16 @@ def main(grid: Grid, context: Context) -> None:
     methods = methods_from(config)
     needs_base = any(method.needs_base for method in methods)
     base = load_base(str(config["base-path"])) if needs_base and config.get("base-path") else None
-    strategy = RegMeanStrategy(
-        methods,
-        str(config.get("out-dir", "runs/federated")),
+    options = dict(
         min_owners=int(config.get("min-owners", 2)),
         timeout=float(config.get("timeout", 600)),
         heads=str(config.get("heads", "auto")),
         base=base,
+        record_dir=str(config.get("record-dir", "")) or None,
     )
+    out_dir = str(config.get("out-dir", "runs/federated"))
+    if bool(config.get("secure", False)):
+        strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)), **options)
+    else:
+        strategy = RegMeanStrategy(methods, out_dir, **options)
     strategy.run(grid)

@@ -8,12 +8,15 @@ handle to stop it by.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -41,8 +44,13 @@ class Loopback:
     ``num_supernodes`` nodes instead of talking to SuperNodes.
     """
 
-    def __init__(self, root: Path, simulation: bool = False) -> None:
+    def __init__(self, root: Path, simulation: bool = False, credentials: Path | None = None,
+                 authenticate: bool = False) -> None:
+        """``credentials``: a folder from ``gramfuse credentials`` (``ca.crt``, ``server.pem``, ``server.key``, site
+        keys): TLS everywhere. ``authenticate``: only sites registered with :meth:`register` may connect."""
         self.simulation = simulation
+        self.credentials = credentials.resolve() if credentials else None
+        self.authenticate = authenticate
         self.root = root.resolve()
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -52,9 +60,11 @@ class Loopback:
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
         self.processes: dict[str, subprocess.Popen] = {}
+        transport = (f'root-certificates = "{self.credentials / "ca.crt"}"\n' if self.credentials
+                     else "insecure = true\n")
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "loopback"\n\n'
-            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n{transport}'
         )
 
     def _start(self, name: str, command: list[str]) -> subprocess.Popen:
@@ -66,8 +76,10 @@ class Loopback:
 
     def start_superlink(self) -> None:
         # A file database: the in-memory one fails under concurrent pushes in flwr 1.41.
-        command = [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+        command = [str(BIN / "flower-superlink"), *self._tls_flags(), "--port", str(self.port),
                    "--database", str(self.root / "superlink.db")]
+        if self.authenticate:
+            command.append("--enable-supernode-auth")
         self._start("superlink", command + (["--simulation", "--isolation", "subprocess"] if self.simulation else []))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -77,19 +89,54 @@ class Loopback:
             time.sleep(0.5)
         raise RuntimeError(f"the SuperLink did not open port {self.port}; see {self.root / 'superlink.log'}")
 
-    def start_supernode(self, name: str, model_path: Path, data_path: Path) -> subprocess.Popen:
-        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}'"
-        return self._start(name, [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+    def _tls_flags(self) -> list[str]:
+        if self.credentials is None:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.credentials / "ca.crt"), "--ssl-certfile",
+                str(self.credentials / "server.pem"), "--ssl-keyfile", str(self.credentials / "server.key")]
+
+    def register(self, public_key: Path) -> int:
+        """Register a site's public key with the SuperLink (``flwr supernode register``); returns its node id."""
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key), "loopback", "--format",
+                               "json"], env=self.env, capture_output=True, text=True, timeout=120, cwd=self.root)
+        try:
+            return int(json.loads(done.stdout)["node-id"])
+        except (ValueError, KeyError) as error:
+            raise RuntimeError(f"registering {public_key} failed: {done.stdout[-2000:]} {done.stderr[-2000:]}") from error
+
+    def start_supernode(self, name: str, model_path: Path, data_path: Path, key: Path | None = None,
+                        extra_config: str = "") -> subprocess.Popen:
+        """A SuperNode for one site; ``key``: its private key, for a SuperLink that authenticates sites."""
+        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}' {extra_config}".strip()
+        transport = (["--root-certificates", str(self.credentials / "ca.crt")] if self.credentials
+                     else ["--insecure"])
+        auth = ["--auth-supernode-private-key", str(key)] if key else []
+        return self._start(name, [str(BIN / "flower-supernode"), *transport, *auth, "--superlink",
                                   f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config])
 
-    def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600,
-            capture: bool = True) -> subprocess.CompletedProcess:
-        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed)."""
+    def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600, capture: bool = True,
+            on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed). ``on_line`` is
+        called with each line of the run's output as it comes (to act at a given step, as the tests do)."""
         command = [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config]
         if self.simulation:
             # One CPU per simulated node: on 2 cores Ray would otherwise oversubscribe.
             command += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
-        return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
+        if on_line is None:
+            return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
+        process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   cwd=REPO)
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        lines = []
+        try:
+            for line in process.stdout:
+                lines.append(line)
+                on_line(line)
+            process.wait()
+        finally:
+            timer.cancel()
+        return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.app import META, PAYLOAD, TOKENIZER
-from fusion.aggregate import Aggregator
+from fusion.aggregate import Aggregator, Merged
 from fusion.errors import GramfuseError
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.merge import merge_report, write_outputs
@@ -78,6 +78,7 @@ class RegMeanStrategy(Strategy):
         heads: str = "auto",
         base: dict | None = None,
         overwrite: bool = True,
+        record_dir: str | Path | None = None,
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
         self.out_dir = Path(out_dir)
@@ -85,26 +86,32 @@ class RegMeanStrategy(Strategy):
         self.timeout = timeout
         self.overwrite = overwrite
         self.heads = heads
+        self.record_dir = Path(record_dir) if record_dir else None
         self.aggregators: dict[tuple, Aggregator] = {}
         for method in self.methods:
             self.aggregators.setdefault(method.sums_key(), Aggregator(method, MergeContext(base=base), heads))
         self.records: dict[int, OwnerRecord] = {}
         self.asked: dict[str, int] = {}  # message id -> node id
         self.fitting: list[int] | None = None  # the sites whose architecture fits the majority
+        self.described: dict[int, dict] = {}  # node id -> what its site said it holds
         self.tokenizer: dict[str, bytes] = {}
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
 
     # --- Flower's strategy lifecycle -------------------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
-        """Ask each fitting site (every connected one if none were described) for what the method needs."""
-        request = ConfigRecord({
+    def request(self, **extra: Any) -> ConfigRecord:
+        """What every site is asked for: the methods, and so which statistics."""
+        return ConfigRecord({
             "method": ",".join(method.label() for method in self.methods),
             "needs-statistics": any(m.needs_statistics or m.needs_fisher for m in self.methods),
             "needs-fisher": any(m.needs_fisher for m in self.methods),
-            **config,
+            **extra,
         })
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Ask each fitting site (every connected one if none were described) for what the method needs."""
+        request = self.request(**config)
         nodes = self.fitting if self.fitting is not None else list(grid.get_node_ids())
         for node_id in nodes:
             self.records.setdefault(node_id, OwnerRecord(node_id))
@@ -166,7 +173,6 @@ class RegMeanStrategy(Strategy):
             raise GramfuseError(f"owner node {node_id}: malformed reply ({error})") from error
         record.site = str(meta.get("site", ""))
         record.site_seconds = float(meta.get("site_seconds", 0.0))
-        record.bytes_received = int(arrays.count_bytes()) + int(config.count_bytes())
         if not self.tokenizer:
             self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
         return owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
@@ -177,12 +183,16 @@ class RegMeanStrategy(Strategy):
         """Wait for sites, ask each once, fold replies in as they arrive, merge. Returns the report."""
         self.summary()
         self._wait_for_nodes(grid)
-        descriptions = self._messages(grid.get_node_ids(), MessageType.QUERY, ConfigRecord(), 0)
-        self.choose_fitting(list(self._exchange(grid, descriptions)))
-        self.timings["describe_seconds"] = round(time.perf_counter() - self.started, 3)
-        self.aggregate_train(1, self._exchange(grid, self.configure_train(1, ArrayRecord(), ConfigRecord(), grid)))
+        self.describe(grid)
+        self.aggregate_train(1, self._exchange(grid, self.configure_train(1, ArrayRecord(), ConfigRecord(), grid),
+                                               "train"))
         self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
         return self.merge()
+
+    def describe(self, grid: Grid) -> None:
+        descriptions = self._messages(grid.get_node_ids(), MessageType.QUERY, ConfigRecord(), 0)
+        self.choose_fitting(list(self._exchange(grid, descriptions, "describe")))
+        self.timings["describe_seconds"] = round(time.perf_counter() - self.started, 3)
 
     def choose_fitting(self, replies: list[Message]) -> None:
         """Keep the sites of the most common architecture (and label set, where heads are shared); name the rest.
@@ -199,6 +209,7 @@ class RegMeanStrategy(Strategy):
                 log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
                 continue
             described = json.loads(str(reply.content[META]["json"]))
+            self.described[node_id] = described
             key = f"model type {described['model_type']!r}, body {described['body']}"
             if self.heads == "shared":
                 key += f", labels {[label for _, label in described['label_set']]}"
@@ -228,10 +239,11 @@ class RegMeanStrategy(Strategy):
         return [Message(content=RecordDict({"config": request}), dst_node_id=node_id, message_type=kind,
                         group_id=str(server_round)) for node_id in nodes]
 
-    def _exchange(self, grid: Grid, messages: list[Message]) -> Iterator[Message]:
+    def _exchange(self, grid: Grid, messages: list[Message], stage: str) -> Iterator[Message]:
         """Send, then yield replies one at a time, each pulled only once the previous one has been dealt with.
 
-        Sites that have not answered within the timeout are recorded as timed out.
+        Every reply is counted (bytes per site) and, with ``record_dir``, saved as it came. Sites that have not
+        answered within the timeout are recorded as timed out.
         """
         pushed = {message_id: message.metadata.dst_node_id
                   for message_id, message in zip(grid.push_messages(messages), messages) if message_id}
@@ -244,6 +256,7 @@ class RegMeanStrategy(Strategy):
                 for reply in grid.pull_messages([message_id]):
                     pending.pop(message_id, None)
                     arrived = True
+                    self._account(stage, pushed[message_id], reply)
                     yield reply
             if not arrived:
                 time.sleep(POLL_SECONDS)
@@ -265,9 +278,10 @@ class RegMeanStrategy(Strategy):
         tokenizer = tokenizer_from_files(self.tokenizer)
         solve_started = time.perf_counter()
         reports = {}
+        results = self.merged_results()
         with atomic_folder(self.out_dir, self.overwrite) as staging:
             for method in self.methods:
-                merged = self.aggregators[method.sums_key()].result(method)
+                merged = results[method.label()]
                 for warning in merged.warnings:
                     log.warning("%s: %s", method.label(), warning)
                 reports[method.label()] = merge_report(method, merged, owners)
@@ -281,6 +295,17 @@ class RegMeanStrategy(Strategy):
         log.info("wrote %s", self.out_dir)
         return report
 
+    def merged_results(self) -> dict[str, Merged]:
+        return {method.label(): self.aggregators[method.sums_key()].result(method) for method in self.methods}
+
+    def _account(self, stage: str, node_id: int, reply: Message) -> None:
+        record = self.records.setdefault(node_id, OwnerRecord(node_id))
+        if reply.has_error():
+            return
+        record.bytes_received += sum(int(item.count_bytes()) for item in reply.content.values())
+        if self.record_dir is not None:
+            record_reply(self.record_dir / f"{stage}-node-{node_id}.safetensors", reply)
+
     def federation_report(self) -> dict[str, Any]:
         return {
             "owners": {str(r.node_id): asdict(r) for r in self.records.values()},
@@ -290,3 +315,25 @@ class RegMeanStrategy(Strategy):
             "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},
             "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+
+
+def record_reply(path: Path, reply: Message) -> None:
+    """Save a reply as it arrived: every array, every bytes value (as uint8), the rest of its configs as metadata.
+
+    For audits (run config ``record-dir``): what the server could have kept of each site.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays, metadata = {}, {}
+    for record_name, record in reply.content.items():
+        for key, value in record.items():
+            name = f"{record_name}/{key}"
+            if isinstance(record, ArrayRecord):
+                arrays[name] = np.ascontiguousarray(value.numpy())
+            elif isinstance(value, bytes):
+                arrays[name] = np.frombuffer(value, dtype=np.uint8).copy()
+            else:
+                metadata[name] = json.dumps(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(path), metadata=metadata)

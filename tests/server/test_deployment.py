@@ -12,7 +12,9 @@ import torch
 from helpers import perturbed, save_owner, tiny_model, write_data
 from safetensors.torch import load_file
 
+from fusion.audit import recorded_arrays, revealing
 from fusion.cli import main as gramfuse
+from fusion.statistics import STATS_FILENAME, load_statistics
 from server.processes import Loopback
 
 GOOD = ("good0", "good1", "good2")
@@ -52,7 +54,7 @@ def report_of(out):
 def test_merge_equals_offline_cli_and_misfits_are_named(federation):
     root, loopback, sites = federation
     out = root / "federated"
-    done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180 heads='shared'")
+    done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180 heads='shared' record-dir='{root / 'records'}'")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = report_of(out)["federation"]
     owners = list(report["owners"].values())
@@ -80,6 +82,18 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
         scale = value.abs().max().clamp_min(1e-12)
         assert float((federated_weights[name] - value).abs().max() / scale) <= 1e-6, name
     assert (out / "tokenizer.json").is_file() and (out / "gramfuse-merge.json").is_file()
+
+
+def test_plaintext_records_reveal_each_site_statistics(federation):
+    """The audit the secure deployment test passes finds every site's Grams in plaintext mode: it can fail."""
+    root, _, sites = federation
+    recorded = recorded_arrays(root / "records")  # written by the merge test's run
+    for name in GOOD:
+        stats = load_statistics(sites[name][0] / STATS_FILENAME)
+        secrets = {f"gram {key}": stats.full_gram(key) for key in stats.grams}
+        secrets.update({f"packed gram {key}": value for key, value in stats.grams.items()})
+        found = {secret for _, secret, _ in revealing(recorded, secrets)}
+        assert found == {f"packed gram {key}" for key in stats.grams}, name
 
 
 def test_below_min_owners_fails_and_writes_nothing(federation):

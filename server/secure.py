@@ -1,0 +1,263 @@
+"""The secure-mode strategy: the server routes the protocol of :mod:`fusion.secure.protocol` and decodes sums only.
+
+Lifecycle (each step one exchange with the sites that are still in): describe (as in plaintext mode) → ``keys``
+(public keys and the layout of the sums: names and shapes, no values) → ``shares`` (sealed, routed unread) →
+masked ``bounds`` → unmask → masked ``sums`` → unmask → merge. A site that stops answering after the shares were
+exchanged is *dropped*: its masks are removed with the survivors' shares and the merge goes on, while at least
+``threshold`` sites (and ``min-owners``) remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from transformers import AutoConfig
+
+from clients.app import MASKED, META, OWN_HEAD, TOKENIZER
+from fusion.aggregate import Merged
+from fusion.errors import GramfuseError
+from fusion.methods import MergeContext
+from fusion.secure import (
+    BODY,
+    bands_layout,
+    check_secure_methods,
+    decoded_sums,
+    merge_from_sums,
+    scales_from_bands,
+)
+from fusion.secure.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
+from fusion.statistics import ModuleInfo
+from server.strategy import FederationError, OwnerRecord, RegMeanStrategy, owner_name
+
+log = logging.getLogger("gramfuse.server")
+
+
+class SecureRegMeanStrategy(RegMeanStrategy):
+    """:class:`RegMeanStrategy` whose sites send only masked sums; ``threshold`` (0: a majority of the roster)
+    is how many sites must survive each masked round for the dropped ones to be recovered."""
+
+    def __init__(self, methods, out_dir, *, threshold: int = 0, **options: Any) -> None:
+        super().__init__(methods, out_dir, **options)
+        check_secure_methods(self.methods)
+        self.threshold_setting = threshold
+        self.threshold = 0
+        self.session = secrets.token_hex(16)  # fresh per run: keys, masks and shares are bound to it
+        self.roster: dict[int, dict[str, bytes]] = {}
+        self.commitments: dict[int, dict[str, bytes]] = {}
+        self.sealed: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> sealed shares
+        self.site_meta: dict[int, dict] = {}
+        self.layout: Layout = []
+        self.survivors: list[int] = []
+        self.own_heads: dict[int, dict] = {}
+        self.sums: dict = {}
+        self.rounds: dict[str, dict[str, list[int]]] = {}
+
+    @property
+    def merged_owners(self) -> list[str]:
+        return [owner_name(node) for node in self.survivors]
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        self.summary()
+        self._wait_for_nodes(grid)
+        self.describe(grid)
+        self.exchange_keys(grid)
+        participants = self.exchange_shares(grid)
+        band_sums, participants = self.masked_round(grid, "bounds", participants, {})
+        scales = scales_from_bands(band_sums, len(participants))
+        totals, self.survivors = self.masked_round(grid, "sums", participants, {"scales": json.dumps(scales)})
+        self.sums = decoded_sums(self.layout, totals, scales)
+        self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
+        for node in self.survivors:
+            self.records[node].status = "merged"
+        return self.merge()
+
+    # --- the steps ---------------------------------------------------------------------------------------------------
+
+    def reference_label_set(self) -> list:
+        """The label set of most fitting sites: its heads are summed (securely) with the body."""
+        counts: dict[str, int] = {}
+        for node in self.fitting or []:
+            key = json.dumps(self.described[node]["label_set"])
+            counts[key] = counts.get(key, 0) + 1
+        if not counts:
+            raise FederationError("no site fits: nothing to merge")
+        return json.loads(min(counts, key=lambda k: (-counts[k], k)))
+
+    def exchange_keys(self, grid: Grid) -> None:
+        reference = self.reference_label_set()
+        request = self.request(session=self.session, **{"reference-label-set": json.dumps(reference)})
+        messages = self._messages(self.fitting, MessageType.QUERY + ".secure_keys", request, 1)
+        for reply in self._exchange(grid, messages, "keys"):
+            node = self._answered(reply, "keys")
+            if node is None:
+                continue
+            config = reply.content[META]
+            meta = json.loads(str(config["json"]))
+            meta["layout"] = [(key, tuple(shape)) for key, shape in meta["layout"]]
+            try:
+                self._check_layout(node, meta, meta["label_set"] == reference)
+            except GramfuseError as error:
+                self._lose(node, "rejected", str(error))
+                continue
+            record = self.records[node]
+            record.site, record.site_seconds = str(meta["site"]), float(meta["site_seconds"])
+            self.site_meta[node] = meta
+            self.roster[node] = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
+            if not self.tokenizer:
+                self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
+        if not self.layout:
+            raise FederationError("no site of the merged label set sent its keys: nothing to merge")
+        self.threshold = self.threshold_setting or default_threshold(len(self.roster))
+        if not 2 <= self.threshold <= len(self.roster):
+            raise FederationError(f"secure threshold {self.threshold} does not fit the {len(self.roster)} sites "
+                                  "that sent keys")
+        if len(self.roster) < 3:
+            log.warning("secure mode with %d sites: each one can work out the other's contribution from the merge",
+                        len(self.roster))
+        log.info("secure: %d sites exchanged keys (session %s), threshold %d", len(self.roster), self.session[:8],
+                 self.threshold)
+
+    def _check_layout(self, node: int, meta: dict, in_reference: bool) -> None:
+        """Every site's sums have the names and shapes of the merged label set's (the body's, at least)."""
+        layout = dict(meta["layout"])
+        if in_reference and not self.layout:
+            self.layout = sorted(meta["layout"])
+            return
+        reference = dict(self.layout) if self.layout else None
+        if reference is None:
+            return  # checked once the reference arrives: see below
+        expected = reference if in_reference else {k: v for k, v in reference.items() if f"/{BODY}" in k}
+        for key in sorted(set(expected) | set(layout)):
+            if expected.get(key) != layout.get(key):
+                raise GramfuseError(f"owner node {node}: sum {key!r} has shape {layout.get(key)}, the merged "
+                                    f"label set's has {expected.get(key)} (another architecture or layer map)")
+
+    def exchange_shares(self, grid: Grid) -> list[int]:
+        # A site whose layout was checked before the reference arrived is checked now.
+        for node, meta in list(self.site_meta.items()):
+            try:
+                self._check_layout(node, meta, meta["label_set"] == self.reference_label_set())
+            except GramfuseError as error:
+                self._lose(node, "rejected", str(error))
+                self.roster.pop(node), self.site_meta.pop(node)
+        roster = json.dumps({str(n): {p: k.hex() for p, k in keys.items()} for n, keys in self.roster.items()})
+        request = ConfigRecord({"roster": roster, "threshold": self.threshold})
+        messages = self._messages(sorted(self.roster), MessageType.QUERY + ".secure_shares", request, 1)
+        for reply in self._exchange(grid, messages, "shares"):
+            node = self._answered(reply, "shares")
+            if node is None:
+                continue
+            config = reply.content[META]
+            self.sealed[node] = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
+            self.commitments[node] = {r: bytes(config[f"commitment/{r}"]) for r in ROUNDS}
+        participants = sorted(self.sealed)
+        self._enough(participants, "shares")
+        log.info("secure: shares exchanged among %d sites", len(participants))
+        return participants
+
+    def masked_round(self, grid: Grid, round_name: str, participants: list[int], extra: dict) -> tuple[dict, list[int]]:
+        """One masked round and its unmasking: the survivors' sum, and the survivors."""
+        layout = bands_layout(self.layout) if round_name == "bounds" else self.layout
+        summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
+                           layout)
+        common = {"round": round_name, "participants": json.dumps(participants), "layout": json.dumps(self.layout),
+                  "reference-label-set": json.dumps(self.reference_label_set()), **extra}
+        messages = []
+        for node in participants:
+            request = self.request(**common)
+            if round_name == ROUNDS[0]:  # the shares addressed to this site travel with its first masked request
+                for sender in participants:
+                    if sender != node:
+                        request[f"share/{sender}"] = self.sealed[sender][node]
+            request["send-own-head"] = round_name == "sums" and bool(self.site_meta[node]["share_head"])
+            messages.append(Message(content=RecordDict({"config": request}), dst_node_id=node,
+                                    message_type=MessageType.TRAIN + ".secure_masked", group_id=round_name))
+        for reply in self._exchange(grid, messages, round_name):
+            node = self._answered(reply, round_name)
+            if node is None:
+                continue
+            try:
+                summed.add(node, {key: array.numpy() for key, array in reply.content[MASKED].items()})
+            except (GramfuseError, KeyError) as error:
+                self._lose(node, "rejected", f"{round_name}: {error}")
+                continue
+            if OWN_HEAD in reply.content:
+                self.own_heads[node] = reply.content[OWN_HEAD].to_torch_state_dict()
+        self._enough(summed.survivors, round_name)
+        self.rounds[round_name] = {"participants": participants, "survivors": sorted(summed.survivors),
+                                   "dropped": summed.dropped}
+        for node in summed.dropped:
+            log.warning("owner node %d dropped out of the %s round: its masks are removed with the others' shares",
+                        node, round_name)
+        revealed = self.unmask(grid, round_name, summed)
+        totals = summed.unmask(revealed)
+        log.info("secure: %s round summed over %d sites (%d dropped, recovered)", round_name, len(summed.survivors),
+                 len(summed.dropped))
+        return totals, sorted(summed.survivors)
+
+    def unmask(self, grid: Grid, round_name: str, summed: MaskedSum) -> dict[int, dict[int, bytes]]:
+        request = ConfigRecord({"round": round_name, "survivors": json.dumps(sorted(summed.survivors)),
+                                "dropped": json.dumps(summed.dropped)})
+        messages = self._messages(sorted(summed.survivors), MessageType.QUERY + ".secure_unmask", request, 2)
+        revealed = {}
+        for reply in self._exchange(grid, messages, f"unmask-{round_name}"):
+            node = self._answered(reply, f"unmasking {round_name}")
+            if node is not None:
+                config = reply.content[META]
+                revealed[node] = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
+        if len(revealed) < self.threshold:
+            raise FederationError(f"secure: only {len(revealed)} sites answered the unmasking of {round_name}, the "
+                                  f"threshold is {self.threshold}: the sum cannot be recovered")
+        return revealed
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------------
+
+    def _answered(self, reply: Message, step: str) -> int | None:
+        node = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            self._lose(node, "failed", f"{step}: {reply.error.reason}")
+            return None
+        return node
+
+    def _lose(self, node: int, status: str, reason: str) -> None:
+        record = self.records.setdefault(node, OwnerRecord(node))
+        if record.status in ("failed", "rejected"):
+            return
+        record.status, record.reason = status, reason
+        log.warning("owner node %d %s: %s", node, status, reason)
+
+    def _enough(self, nodes: list[int], step: str) -> None:
+        needed = max(self.threshold, self.min_owners)
+        if len(nodes) < needed:
+            raise FederationError(f"secure: only {len(nodes)} sites took part in {step}; at least {needed} "
+                                  f"(threshold {self.threshold}, min-owners {self.min_owners}) are needed")
+
+    def merged_results(self) -> dict[str, Merged]:
+        reference = next(n for n in self.survivors if self.site_meta[n]["label_set"] == self.reference_label_set())
+        meta = self.site_meta[reference]
+        context = MergeContext(modules={name: ModuleInfo(**info) for name, info in meta["modules"].items()},
+                               gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
+                                                           for n in self.survivors) else "float64")
+        own_heads = {owner_name(node): (params, _config(self.site_meta[node]))
+                     for node, params in self.own_heads.items() if node in self.survivors}
+        for node in self.survivors:
+            if self.site_meta[node]["label_set"] != meta["label_set"] and node not in self.own_heads:
+                log.info("owner node %d keeps its own head at its site (share-head is off)", node)
+        return merge_from_sums(self.methods, self.sums, context, _config(meta), own_heads)
+
+    def federation_report(self) -> dict[str, Any]:
+        report = super().federation_report()
+        report["secure"] = {"session": self.session, "threshold": self.threshold, "rounds": self.rounds,
+                            "heads_sent_in_clear": sorted(owner_name(n) for n in self.own_heads)}
+        return report
+
+
+def _config(meta: dict):
+    config = json.loads(meta["config"])
+    return AutoConfig.for_model(config.pop("model_type"), **config)
