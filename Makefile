@@ -38,6 +38,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.bench_stats
 	$(BIN)/python -m benchmarks.bench_federation
+	$(BIN)/python -m benchmarks.bench_secure
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -10,9 +10,9 @@ benchmarks/results/federation.json with the ratio of peak memory, largest to sma
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from benchmarks import write_results
 from examples.federation import run
 
 RESULTS = Path(__file__).parent / "results" / "federation.json"
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_peak_rss_ratio": round(runs[largest]["server_peak_rss_mb"] / runs[smallest]["server_peak_rss_mb"], 3),
         "owners_ratio": largest / smallest,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_results(RESULTS, result)
     return 0
 
 

@@ -158,7 +158,6 @@ def _reply(msg: Message, **records) -> Message:
 def secure_keys(msg: Message, context: Context) -> Message:
     """Fresh keys for this run, and what the server must know to route and merge: the layout of the sums (names
     and shapes, no values), the layer map, the config and label set, the public tokenizer."""
-    started = time.perf_counter()
     request = msg.content["config"]
     owner, parts, with_head = _site_contribution(context, request)
     session = OwnerSession.begin(str(request["session"]), context.node_id)
@@ -174,8 +173,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
         "share_head": share_head,
         "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                             else model_dir.name)),
-        "site_seconds": round(time.perf_counter() - started, 3),
-    }
+    }  # no timings: how long the statistics took would tell the server how much data the site holds
     files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()}
     keys = {f"key/{purpose}": value for purpose, value in session.public_keys().items()}
     return _reply(msg, **{META: ConfigRecord({"json": json.dumps(meta), **keys, **files})})

@@ -5,7 +5,7 @@ runs one node per owner: each node computes its statistics at its "site" and sen
 server folds them into sums and merges. The same folders are then merged offline by `gramfuse merge`, and the two
 results compared.
 
-    python -m examples.federation [--owners 3] [--method regmean] [--workdir runs/federation]
+    python -m examples.federation [--owners 3] [--method regmean] [--secure] [--workdir runs/federation]
 
 Prints wall time, bytes received per owner and the server's peak memory; writes WORKDIR/federation.json.
 """
@@ -41,20 +41,22 @@ def largest_relative_difference(a: Path, b: Path) -> float:
     return max(float((left[k] - right[k]).abs().max() / right[k].abs().max().clamp_min(1e-12)) for k in right)
 
 
-def run(count: int, domains: list[str], method: str, workdir: Path, train: int, epochs: int, timeout: int) -> dict:
+def run(count: int, domains: list[str], method: str, workdir: Path, train: int, epochs: int, timeout: int,
+        secure: bool = False) -> dict:
     workdir = workdir.resolve()  # the sites and the server run in folders of their own
     owners = prepare_owners(domains, count, workdir, train=train, test=200, epochs=epochs)
+    mode = "secure" if secure else "plaintext"
     workspace = workspace_of(owners, workdir / f"workspace-{count}")
-    out = workdir / f"federated-{count}"
+    out = workdir / f"federated-{count}" if not secure else workdir / f"federated-{count}-secure"
     for owner in owners:  # a fresh start: every simulated site computes its statistics itself
         (owner.model / "gramfuse-stats.safetensors").unlink(missing_ok=True)
-    simulation = Loopback(workdir / f"flower-{count}", simulation=True)
-    say(f"simulating {count} sites with Flower ({method}); per-site progress follows")
+    simulation = Loopback(workdir / f"flower-{count}-{mode}", simulation=True)
+    say(f"simulating {count} sites with Flower ({method}, {mode}); per-site progress follows")
     started = time.perf_counter()
     try:
         simulation.start_superlink()
         done = simulation.run(f"workspace='{workspace}' out-dir='{out}' method='{method}' min-owners={count} "
-                              f"timeout={timeout}", num_supernodes=count, timeout=timeout + 120, capture=False)
+                              f"timeout={timeout} secure={str(secure).lower()}", num_supernodes=count, timeout=timeout + 120, capture=False)
     finally:
         simulation.stop()
     wall = time.perf_counter() - started
@@ -69,13 +71,14 @@ def run(count: int, domains: list[str], method: str, workdir: Path, train: int, 
     summary = {
         "owners": count,
         "method": method,
+        "mode": mode,
         "wall_seconds": round(wall, 1),
         "server_seconds": report["timings"],
         "bytes_per_owner": {o["site"]: o["bytes_received"] for o in report["owners"].values()},
         "server_peak_rss_mb": report["server_peak_rss_mb"],
         "largest_relative_difference_to_offline": largest_relative_difference(out, offline),
     }
-    (workdir / f"federation-{count}.json").write_text(json.dumps(summary, indent=2))
+    (workdir / f"federation-{count}-{mode}.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--workdir", type=Path, default=Path("runs/federation"))
+    parser.add_argument("--secure", action="store_true", help="secure aggregation: the server decodes only sums")
     args = parser.parse_args(argv)
-    summary = run(args.owners, args.domains, args.method, args.workdir, args.train, args.epochs, args.timeout)
+    summary = run(args.owners, args.domains, args.method, args.workdir, args.train, args.epochs, args.timeout,
+                  secure=args.secure)
     print(json.dumps(summary, indent=2))
     return 0 if summary["largest_relative_difference_to_offline"] <= 1e-6 else 1
 

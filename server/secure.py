@@ -105,8 +105,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             except GramfuseError as error:
                 self._lose(node, "rejected", str(error))
                 continue
-            record = self.records[node]
-            record.site, record.site_seconds = str(meta["site"]), float(meta["site_seconds"])
+            self.records[node].site = str(meta["site"])
             self.site_meta[node] = meta
             self.roster[node] = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
             if not self.tokenizer:

@@ -190,3 +190,40 @@ class SecureRun:
         revealed = {node: self.sessions[node].reveal(round_name, summed.survivors, summed.dropped)
                     for node in summed.survivors if node not in drop_after}
         return summed.unmask(revealed), summed.survivors
+
+
+def secure_merge(methods, updates, drop_bounds=(), drop_sums=()):
+    """The whole secure path, as the sites and the server run it, in one process: ``(merges by label, survivors)``."""
+    from fusion.methods import MergeContext
+    from fusion.secure import (band_vectors, bands_layout, decoded_sums, encoded_vectors, layout_of, merge_from_sums,
+                               scales_from_bands, secure_contributions)
+    from fusion.secure.protocol import default_threshold
+
+    nodes = list(range(1, len(updates) + 1))
+    by_node = dict(zip(nodes, updates))
+    reference = updates[0].label_set  # the first owner's label set is the merged one; others send their head apart
+    parts = {node: secure_contributions(methods, owner, with_head=owner.label_set == reference)
+             for node, owner in by_node.items()}
+    layout = layout_of(parts[1])
+    run = SecureRun(nodes, default_threshold(len(nodes)))
+    band_sums, survivors = run.masked_round(
+        "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, parts[n]), drop_before=drop_bounds)
+    scales = scales_from_bands(band_sums, len(survivors))
+    totals, survivors = run.masked_round(
+        "sums", survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),
+        drop_before=drop_sums)
+    sums = decoded_sums(layout, totals, scales)
+    context = MergeContext(modules=dict(updates[0].statistics.modules))
+    survivors = [by_node[n] for n in survivors]
+    own_heads = {o.name: (o.split()[1], o.config) for o in survivors if o.label_set != reference}
+    return merge_from_sums(methods, sums, context, updates[0].config, own_heads), survivors
+
+
+def plaintext_merge(method, updates):
+    from fusion.aggregate import Aggregator
+    from fusion.methods import MergeContext
+
+    aggregator = Aggregator(method, MergeContext())
+    for owner in updates:
+        aggregator.add(owner)
+    return aggregator.result(method)

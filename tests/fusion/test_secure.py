@@ -8,22 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import SecureRun, perturbed, tiny_model, write_data
+from helpers import SecureRun, perturbed, plaintext_merge, save_owner, secure_merge, tiny_model, write_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion.aggregate import Aggregator, owner_update
-from fusion.methods import MergeContext, get_method
-from fusion.secure import (
-    band_vectors,
-    bands_layout,
-    decoded_sums,
-    encoded_vectors,
-    layout_of,
-    merge_from_sums,
-    scales_from_bands,
-    secure_contributions,
-)
+from fusion.aggregate import owner_update
+from fusion.methods import get_method
+from fusion.secure import secure_contributions
 from fusion.secure.crypto import SecureProtocolError, combine_shares, split_secret
 from fusion.secure.fixedpoint import BAND_BITS, FixedPointError, decode, encode, fraction_bits, magnitude_bands
 from fusion.secure.protocol import default_threshold
@@ -203,38 +194,11 @@ def owners(tmp_path_factory):
     updates = []
     for i in range(5):
         model = perturbed(base, seed=40 + i)
-        from helpers import save_owner
-
         folder = save_owner(model, root / f"owner{i}")
         stats, _ = compute_statistics(folder, write_data(root / f"data{i}.jsonl", 24 + 8 * i, seed=i),
                                       settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
         updates.append(owner_update(f"owner{i}", model, stats))
     return updates
-
-
-def secure_merge(methods, updates, drop_bounds=(), drop_sums=()):
-    """The whole secure path, as the sites and the server run it, in one process."""
-    nodes = list(range(1, len(updates) + 1))
-    by_node = dict(zip(nodes, updates))
-    parts = {node: secure_contributions(methods, owner, with_head=True) for node, owner in by_node.items()}
-    layout = layout_of(parts[1])
-    run = SecureRun(nodes, default_threshold(len(nodes)))
-    band_sums, survivors = run.masked_round(
-        "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, parts[n]), drop_before=drop_bounds)
-    scales = scales_from_bands(band_sums, len(survivors))
-    totals, survivors = run.masked_round(
-        "sums", survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),
-        drop_before=drop_sums)
-    sums = decoded_sums(layout, totals, scales)
-    context = MergeContext(modules=dict(updates[0].statistics.modules))
-    return merge_from_sums(methods, sums, context, updates[0].config, {}), [by_node[n] for n in survivors]
-
-
-def plaintext_merge(method, updates):
-    aggregator = Aggregator(method, MergeContext())
-    for owner in updates:
-        aggregator.add(owner)
-    return aggregator.result(method)
 
 
 def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners):
@@ -256,3 +220,33 @@ def test_secure_mode_refuses_methods_that_need_the_base(owners):
 
     with pytest.raises(MergeError, match="task-arithmetic.*plaintext mode"):
         secure_contributions([get_method("task-arithmetic")], owners[0], with_head=True)
+
+
+def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, tmp_path):
+    """Its body goes into the secure sums; its head, which nobody can be summed with, only into its own folder."""
+    from fusion.aggregate import Aggregator
+    from fusion.methods import MergeContext
+
+    three_labels = tiny_model("bert", num_labels=3)
+    three_labels.bert.load_state_dict(perturbed(tiny_model("bert"), seed=49).bert.state_dict())
+    folder = save_owner(three_labels, tmp_path / "topics")
+    stats, _ = compute_statistics(folder, write_data(tmp_path / "topics.jsonl", 32, seed=9, num_labels=3),
+                                  settings=DataSettings(max_length=16, batch_size=8), progress=False, model=three_labels)
+    updates = [*owners[:3], owner_update("topics", three_labels, stats)]
+    method = get_method("regmean")
+    merged, _ = secure_merge([method], updates)
+    plaintext = Aggregator(method, MergeContext())  # heads "auto": each owner gets the merged body and its own head
+    for owner in updates:
+        plaintext.add(owner)
+    expected = plaintext.result().outputs["topics"]
+    got = merged["regmean"].outputs["topics"]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert float((got[name] - value).abs().max() / value.abs().max().clamp_min(1e-30)) <= 1e-9, name
+    head = updates[3].split()[1]
+    assert all(torch.equal(got[name], head[name]) for name in head)
+    # the merged model's head is the two-label owners' head, merged as if the topics owner were not there
+    reference_head = plaintext_merge(method, owners[:3]).outputs["."]
+    for name in updates[0].split()[1]:
+        value = reference_head[name]
+        assert float((merged["regmean"].outputs["."][name] - value).abs().max() / value.abs().max()) <= 1e-9

@@ -10,7 +10,6 @@ import os
 import signal
 
 import pytest
-import torch
 from helpers import perturbed, save_owner, tiny_model, write_data
 from safetensors.torch import load_file
 
