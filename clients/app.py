@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fusion.aggregate import owner_update
-from fusion.checkpoint import float_state, load_classifier, tokenizer_files
+from fusion.checkpoint import float_state, load_classifier, public_config_json, tokenizer_files
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
 from fusion.payload import describe_model, owner_payload
@@ -168,7 +168,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
         "layout": layout_of(parts),
         "modules": {name: asdict(info) for name, info in owner.statistics.modules.items()},
         "gram_dtype": owner.statistics.gram_dtype,
-        "config": owner.config.to_json_string(use_diff=False),
+        "config": public_config_json(owner.config),
         "label_set": [list(item) for item in owner.label_set],
         "share_head": share_head,
         "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"

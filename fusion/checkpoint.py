@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -72,6 +74,13 @@ def head_names(model: Any) -> set[str]:
     if not prefix or not any(name.startswith(prefix + ".") for name in names):
         return set()
     return {name for name in names if not name.startswith(prefix + ".")}
+
+
+def public_config_json(config: Any) -> str:
+    """A model config to send to the server, without the site's local path (``_name_or_path``)."""
+    values = json.loads(config.to_json_string(use_diff=False))
+    values.pop("_name_or_path", None)
+    return json.dumps(values)
 
 
 def label_set(config: Any) -> tuple[tuple[int, str], ...]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .aggregate import OwnerUpdate
-from .checkpoint import float_state, head_names, label_set
+from .checkpoint import float_state, head_names, label_set, public_config_json
 from .errors import GramfuseError, StatisticsError
 from .statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
 
@@ -30,7 +30,7 @@ def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False
         "payload_version": PAYLOAD_VERSION,
         "label_set": [list(item) for item in label_set(model.config)],
         "model_type": model.config.model_type,
-        "config": model.config.to_json_string(use_diff=False),
+        "config": public_config_json(model.config),
         "head": sorted(head_names(model)),
     }
     if stats is not None:

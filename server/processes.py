@@ -14,9 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -104,39 +102,24 @@ class Loopback:
         except (ValueError, KeyError) as error:
             raise RuntimeError(f"registering {public_key} failed: {done.stdout[-2000:]} {done.stderr[-2000:]}") from error
 
-    def start_supernode(self, name: str, model_path: Path, data_path: Path, key: Path | None = None,
-                        extra_config: str = "") -> subprocess.Popen:
+    def start_supernode(self, name: str, model_path: Path, data_path: Path,
+                        key: Path | None = None) -> subprocess.Popen:
         """A SuperNode for one site; ``key``: its private key, for a SuperLink that authenticates sites."""
-        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}' {extra_config}".strip()
+        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}'"
         transport = (["--root-certificates", str(self.credentials / "ca.crt")] if self.credentials
                      else ["--insecure"])
         auth = ["--auth-supernode-private-key", str(key)] if key else []
         return self._start(name, [str(BIN / "flower-supernode"), *transport, *auth, "--superlink",
                                   f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config])
 
-    def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600, capture: bool = True,
-            on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
-        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed). ``on_line`` is
-        called with each line of the run's output as it comes (to act at a given step, as the tests do)."""
+    def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600,
+            capture: bool = True) -> subprocess.CompletedProcess:
+        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed)."""
         command = [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config]
         if self.simulation:
             # One CPU per simulated node: on 2 cores Ray would otherwise oversubscribe.
             command += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
-        if on_line is None:
-            return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
-        process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   cwd=REPO)
-        timer = threading.Timer(timeout, process.kill)
-        timer.start()
-        lines = []
-        try:
-            for line in process.stdout:
-                lines.append(line)
-                on_line(line)
-            process.wait()
-        finally:
-            timer.cancel()
-        return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+        return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
 
     def stop(self) -> None:
         for process in self.processes.values():

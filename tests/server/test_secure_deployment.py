@@ -1,6 +1,6 @@
 """Secure mode on a real loopback deployment over TLS, with authenticated sites (tiny models).
 
-Five registered sites and one unregistered; one registered site is killed once the shares are exchanged. The run
+Five registered sites and one unregistered; one registered site is killed when its first masked request reaches it. The run
 must turn the unregistered site away, recover the dropped one's masks, merge the four others exactly as
 `gramfuse merge` does in plaintext, and leave in the server's records nothing that reveals any site's Grams or
 weights (the plaintext deployment test runs the same audit and finds them)."""
@@ -8,6 +8,8 @@ weights (the plaintext deployment test runs the same audit and finds them)."""
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 from helpers import perturbed, save_owner, tiny_model, write_data
@@ -21,6 +23,18 @@ from server.processes import Loopback
 
 SITES = ("site0", "site1", "site2", "site3", "site4")
 DROPS = "site4"
+
+
+def kill_on_first_masked_request(loopback, site):
+    """Kill ``site`` the moment its SuperNode receives its first masked request: after it has exchanged keys and
+    shares, before it can answer (its ClientApp takes seconds to start)."""
+    log = loopback.root / f"{site}.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if "Receiving: train.secure_masked" in log.read_text(errors="replace"):
+            os.killpg(loopback.processes[site].pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +57,11 @@ def secure_run(tmp_path_factory):
         intruder_key, _ = make_site_key(credentials, "intruder")  # never registered
         intruder = loopback.start_supernode("intruder", *sites["site0"], key=intruder_key)
 
-        def drop_when_shared(line):
-            if "secure: shares exchanged" in line and loopback.processes[DROPS].poll() is None:
-                os.killpg(loopback.processes[DROPS].pid, signal.SIGKILL)  # the site vanishes mid-protocol
-
+        watcher = threading.Thread(target=kill_on_first_masked_request, args=(loopback, DROPS), daemon=True)
+        watcher.start()
         done = loopback.run(f"out-dir='{root / 'out'}' secure=true record-dir='{root / 'records'}' min-owners=3 "
-                            "secure-threshold=3 timeout=60 heads='shared'", timeout=900, on_line=drop_when_shared)
+                            "secure-threshold=3 timeout=60 heads='shared'", timeout=900)
+        watcher.join(timeout=1)
         intruder.wait(timeout=120)
     finally:
         loopback.stop()
