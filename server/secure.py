@@ -97,17 +97,21 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             node = self._answered(reply, "keys")
             if node is None:
                 continue
-            config = reply.content[META]
-            meta = json.loads(str(config["json"]))
-            meta["layout"] = [(key, tuple(shape)) for key, shape in meta["layout"]]
             try:
+                config = reply.content[META]
+                meta = json.loads(str(config["json"]))
+                meta["layout"] = [(key, tuple(shape)) for key, shape in meta["layout"]]
+                keys = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
                 self._check_layout(node, meta, meta["label_set"] == reference)
+            except (KeyError, ValueError, TypeError) as error:
+                self._lose(node, "rejected", f"keys: malformed reply ({type(error).__name__}: {error})")
+                continue
             except GramfuseError as error:
                 self._lose(node, "rejected", str(error))
                 continue
-            self.records[node].site = str(meta["site"])
+            self.records[node].site = str(meta.get("site", ""))
             self.site_meta[node] = meta
-            self.roster[node] = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
+            self.roster[node] = keys
             if not self.tokenizer:
                 self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
         if not self.layout:
@@ -152,9 +156,18 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             node = self._answered(reply, "shares")
             if node is None:
                 continue
-            config = reply.content[META]
-            self.sealed[node] = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
-            self.commitments[node] = {r: bytes(config[f"commitment/{r}"]) for r in ROUNDS}
+            try:
+                config = reply.content[META]
+                commitments = {r: bytes(config[f"commitment/{r}"]) for r in ROUNDS}
+                sealed = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
+            except (KeyError, ValueError) as error:
+                self._lose(node, "rejected", f"shares: malformed reply ({error})")
+                continue
+            missing = sorted(set(self.roster) - set(sealed) - {node})
+            if missing:
+                self._lose(node, "rejected", f"shares: none for node {missing[0]}")
+                continue
+            self.sealed[node], self.commitments[node] = sealed, commitments
         participants = sorted(self.sealed)
         self._enough(participants, "shares")
         log.info("secure: shares exchanged among %d sites", len(participants))

@@ -250,3 +250,25 @@ def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, 
     for name in updates[0].split()[1]:
         value = reference_head[name]
         assert float((merged["regmean"].outputs["."][name] - value).abs().max() / value.abs().max()) <= 1e-9
+
+
+def test_malformed_masked_vectors_are_refused_naming_the_owner_and_change_nothing():
+    from fusion.secure.protocol import MaskedSum
+
+    run = SecureRun([1, 2, 3], 2)
+    summed = MaskedSum("bounds", "test", run.roster, run.commitments, [1, 2, 3], 2, LAYOUT)
+    good = random_vectors(1)
+    summed.add(1, good)
+    before = summed.total.copy()
+    cases = {
+        "not uint64": {"a": good["a"].astype(np.float64), "b": good["b"]},
+        "missing": {"a": good["a"]},
+        "has 4 values": {"a": good["a"], "b": good["b"][:4]},
+        "not in the agreed layout": {**good, "c": good["b"]},
+    }
+    for message, vectors in cases.items():
+        with pytest.raises(SecureProtocolError, match=f"node 2: .*{message}"):
+            summed.add(2, vectors)
+    with pytest.raises(SecureProtocolError, match="node 1: not a participant .* or already added"):
+        summed.add(1, good)
+    assert np.array_equal(summed.total, before) and summed.survivors == [1]
