@@ -277,20 +277,31 @@ class MaskedSum:
         return unflatten(self.layout, total)
 
     def _recover(self, owner: int, revealed: Mapping[int, Mapping[int, bytes]]) -> bytes:
+        """An owner's secret from its shares, checked against its public key or seed commitment. With more shares
+        than the threshold, one wrong share (a faulty holder) is survived by leaving each holder out in turn."""
         shares = {share_position(self.roster, holder): bytes(by_owner[owner])
                   for holder, by_owner in revealed.items() if owner in by_owner and holder in self.survivors}
         if len(shares) < self.threshold:
             raise SecureProtocolError(f"round {self.round_name!r}: only {len(shares)} shares for node {owner}, "
                                       f"the threshold is {self.threshold}")
+        positions = sorted(shares)
+        subsets = [positions[: self.threshold]]
+        if len(positions) > self.threshold:
+            subsets += [[x for x in positions if x != left_out][: self.threshold] for left_out in positions]
+        for subset in subsets:
+            secret = self._valid_secret(owner, {x: shares[x] for x in subset})
+            if secret is not None:
+                return secret
+        raise SecureProtocolError(f"round {self.round_name!r}: the shares of node {owner} do not reconstruct "
+                                  "its secret (holders sent wrong shares)")
+
+    def _valid_secret(self, owner: int, shares: dict[int, bytes]) -> bytes | None:
         try:
             secret = combine_shares(shares, self.threshold)
         except SecureProtocolError:
-            secret = None
-        if secret is not None and owner in self.survivors:
+            return None
+        if owner in self.survivors:
             valid = seed_commitment(secret) == bytes(self.commitments[owner][self.round_name])
         else:
-            valid = secret is not None and public_key(secret) == self.roster[owner][self.round_name]
-        if not valid:
-            raise SecureProtocolError(f"round {self.round_name!r}: the shares of node {owner} do not reconstruct "
-                                      "its secret (a holder sent a wrong share)")
-        return secret
+            valid = public_key(secret) == self.roster[owner][self.round_name]
+        return secret if valid else None

@@ -167,7 +167,7 @@ def test_tampered_or_misrouted_share_is_an_error():
         run.sessions[1].receive_shares({2: run.sealed[3][1]})  # node 3's shares presented as node 2's
 
 
-def test_wrong_share_is_detected_by_the_commitment():
+def test_wrong_share_is_detected_by_the_commitment_and_survived_with_a_spare():
     nodes = [1, 2, 3]
     run = SecureRun(nodes, 2)
     for node, s in run.sessions.items():
@@ -179,6 +179,8 @@ def test_wrong_share_is_detected_by_the_commitment():
         summed.add(node, run.sessions[node].mask("bounds", nodes, LAYOUT, random_vectors(node)))
     revealed = {n: run.sessions[n].reveal("bounds", nodes, []) for n in nodes}
     revealed[1] = {**revealed[1], 2: bytes(66)}
+    expected = sum((random_vectors(n)["a"] for n in nodes), np.zeros(12, dtype=np.uint64))
+    assert np.array_equal(summed.unmask(revealed)["a"], expected)  # one more share than needed: the bad one is left out
     revealed = {1: revealed[1], 2: revealed[2]}  # exactly the threshold, one share wrong
     with pytest.raises(SecureProtocolError, match="node 2 do not reconstruct"):
         summed.unmask(revealed)
