@@ -150,6 +150,11 @@ def _site_contribution(context: Context, request) -> tuple:
     return owner, secure_contributions(methods, owner, with_head), with_head
 
 
+def _shares_head(context: Context, with_head: bool) -> bool:
+    """Only a head that is not summed with others' (another label set), and only if the site's operator says so."""
+    return bool(context.node_config.get("share-head", False)) and not with_head
+
+
 def _reply(msg: Message, **records) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
@@ -163,14 +168,12 @@ def secure_keys(msg: Message, context: Context) -> Message:
     session = OwnerSession.begin(str(request["session"]), context.node_id)
     _save_session(context, session)
     model_dir, _ = site_paths(context)
-    share_head = bool(context.node_config.get("share-head", False)) and not with_head
     meta = {
         "layout": layout_of(parts),
         "modules": {name: asdict(info) for name, info in owner.statistics.modules.items()},
         "gram_dtype": owner.statistics.gram_dtype,
         "config": public_config_json(owner.config),
         "label_set": [list(item) for item in owner.label_set],
-        "share_head": share_head,
         "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                             else model_dir.name)),
     }  # no timings: how long the statistics took would tell the server how much data the site holds
@@ -200,7 +203,7 @@ def secure_masked(msg: Message, context: Context) -> Message:
     incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
     if incoming:
         session.receive_shares(incoming)
-    owner, parts, _ = _site_contribution(context, request)
+    owner, parts, with_head = _site_contribution(context, request)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
     participants = [int(node) for node in json.loads(str(request["participants"]))]
     round_name = str(request["round"])
@@ -212,7 +215,7 @@ def secure_masked(msg: Message, context: Context) -> Message:
     masked = session.mask(round_name, participants, masked_layout, vectors)
     _save_session(context, session)
     records = {MASKED: ArrayRecord({key: Array(value) for key, value in masked.items()})}
-    if round_name == "sums" and bool(request.get("send-own-head", False)):
+    if round_name == "sums" and _shares_head(context, with_head):  # the site decides, whatever the server asks
         records[OWN_HEAD] = ArrayRecord(torch_state_dict=owner.split()[1])
     return _reply(msg, **records)
 

@@ -187,7 +187,6 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 for sender in participants:
                     if sender != node:
                         request[f"share/{sender}"] = self.sealed[sender][node]
-            request["send-own-head"] = round_name == "sums" and bool(self.site_meta[node]["share_head"])
             messages.append(Message(content=RecordDict({"config": request}), dst_node_id=node,
                                     message_type=MessageType.TRAIN + ".secure_masked", group_id=round_name))
         for reply in self._exchange(grid, messages, round_name):
