@@ -102,20 +102,15 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 meta = json.loads(str(config["json"]))
                 meta["layout"] = [(key, tuple(shape)) for key, shape in meta["layout"]]
                 keys = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
-                self._check_layout(node, meta, meta["label_set"] == reference)
             except (KeyError, ValueError, TypeError) as error:
                 self._lose(node, "rejected", f"keys: malformed reply ({type(error).__name__}: {error})")
-                continue
-            except GramfuseError as error:
-                self._lose(node, "rejected", str(error))
                 continue
             self.records[node].site = str(meta.get("site", ""))
             self.site_meta[node] = meta
             self.roster[node] = keys
             if not self.tokenizer:
                 self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
-        if not self.layout:
-            raise FederationError("no site of the merged label set sent its keys: nothing to merge")
+        self._agree_layout(reference)
         self.threshold = self.threshold_setting or default_threshold(len(self.roster))
         if not 2 <= self.threshold <= len(self.roster):
             raise FederationError(f"secure threshold {self.threshold} does not fit the {len(self.roster)} sites "
@@ -126,29 +121,23 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         log.info("secure: %d sites exchanged keys (session %s), threshold %d", len(self.roster), self.session[:8],
                  self.threshold)
 
-    def _check_layout(self, node: int, meta: dict, in_reference: bool) -> None:
-        """Every site's sums have the names and shapes of the merged label set's (the body's, at least)."""
-        layout = dict(meta["layout"])
-        if in_reference and not self.layout:
-            self.layout = sorted(meta["layout"])
-            return
-        reference = dict(self.layout) if self.layout else None
-        if reference is None:
-            return  # checked once the reference arrives: see below
-        expected = reference if in_reference else {k: v for k, v in reference.items() if f"/{BODY}" in k}
-        for key in sorted(set(expected) | set(layout)):
-            if expected.get(key) != layout.get(key):
-                raise GramfuseError(f"owner node {node}: sum {key!r} has shape {layout.get(key)}, the merged "
-                                    f"label set's has {expected.get(key)} (another architecture or layer map)")
+    def _agree_layout(self, reference: list) -> None:
+        """The layout of the sums is that of the merged label set's first site; every site must have it (the body's
+        part, for a site with a label set of its own). A site that does not is turned away before any shares."""
+        in_reference = sorted(n for n, meta in self.site_meta.items() if meta["label_set"] == reference)
+        if not in_reference:
+            raise FederationError("no site of the merged label set sent its keys: nothing to merge")
+        self.layout = sorted(self.site_meta[in_reference[0]]["layout"])
+        body = {k: v for k, v in self.layout if f"/{BODY}" in k}
+        for node, meta in list(self.site_meta.items()):
+            expected, layout = (dict(self.layout) if node in in_reference else body), dict(meta["layout"])
+            misfit = next((k for k in sorted(set(expected) | set(layout)) if expected.get(k) != layout.get(k)), None)
+            if misfit is not None:
+                self._lose(node, "rejected", f"sum {misfit!r} has shape {layout.get(misfit)}, the merged label "
+                           f"set's has {expected.get(misfit)} (another architecture or layer map)")
+                self.roster.pop(node), self.site_meta.pop(node)
 
     def exchange_shares(self, grid: Grid) -> list[int]:
-        # A site whose layout was checked before the reference arrived is checked now.
-        for node, meta in list(self.site_meta.items()):
-            try:
-                self._check_layout(node, meta, meta["label_set"] == self.reference_label_set())
-            except GramfuseError as error:
-                self._lose(node, "rejected", str(error))
-                self.roster.pop(node), self.site_meta.pop(node)
         roster = json.dumps({str(n): {p: k.hex() for p, k in keys.items()} for n, keys in self.roster.items()})
         request = ConfigRecord({"roster": roster, "threshold": self.threshold})
         messages = self._messages(sorted(self.roster), MessageType.QUERY + ".secure_shares", request, 1)
