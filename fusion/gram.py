@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .statistics import GramStatistics, ModuleInfo, weights_fingerprint
+from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -39,28 +39,6 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         elif conv1d is not None and isinstance(module, conv1d):
             found.append((name, module, CONV1D))
     return found
-
-
-def upper_indices(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(dim, dim)
-    return rows, cols
-
-
-def pack_upper(full: torch.Tensor) -> torch.Tensor:
-    """The upper triangle (diagonal included) of a square matrix, row by row, as a vector of d(d+1)/2."""
-    rows, cols = upper_indices(full.shape[0])
-    return full[rows, cols]
-
-
-def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``packed``."""
-    if packed.numel() != dim * (dim + 1) // 2:
-        raise ValueError(f"a packed triangle of dimension {dim} has {dim * (dim + 1) // 2} entries, not {packed.numel()}")
-    rows, cols = upper_indices(dim)
-    full = torch.zeros(dim, dim, dtype=packed.dtype)
-    full[rows, cols] = packed
-    full[cols, rows] = packed
-    return full
 
 
 def _block_edges(dim: int) -> list[int]:

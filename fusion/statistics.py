@@ -29,6 +29,28 @@ GRAM_PREFIX = "gram."
 FISHER_PREFIX = "fisher."
 
 
+def upper_indices(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(dim, dim)
+    return rows, cols
+
+
+def pack_upper(full: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row by row, as a vector of d(d+1)/2."""
+    rows, cols = upper_indices(full.shape[0])
+    return full[rows, cols]
+
+
+def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``packed``."""
+    if packed.numel() != dim * (dim + 1) // 2:
+        raise ValueError(f"a packed triangle of dimension {dim} has {dim * (dim + 1) // 2} entries, not {packed.numel()}")
+    rows, cols = upper_indices(dim)
+    full = torch.zeros(dim, dim, dtype=packed.dtype)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
 @dataclass(frozen=True)
 class ModuleInfo:
     gram: str  # key of the Gram this module's input shares
@@ -53,8 +75,6 @@ class GramStatistics:
     gram_dtype: str = "float64"  # dtype of the per-batch products; sums are float64 either way
 
     def full_gram(self, key: str) -> torch.Tensor:
-        from .gram import unpack_upper
-
         return unpack_upper(self.grams[key], self.dims[key])
 
     def modules_by_gram(self) -> dict[str, list[str]]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gram import CONV1D, unpack_upper
+from ..gram import CONV1D
+from ..statistics import unpack_upper
 from ..solve import GRAM_PRECISION, solve_gram
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
 

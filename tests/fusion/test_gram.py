@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import layer_inputs, tiny_model, tokenizer
 
-from fusion.gram import CONV1D, LINEAR, GramAccumulator, collect_statistics, pack_upper, unpack_upper
+from fusion.gram import CONV1D, LINEAR, GramAccumulator, collect_statistics
+from fusion.statistics import pack_upper, unpack_upper
 
 SENTENCES = ["good movie", "the plot was slow and boring and the actor never smiled", "fine", "quite a great story"]
 

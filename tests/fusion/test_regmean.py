@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.gram import CONV1D, LINEAR, pack_upper
+from fusion.gram import CONV1D, LINEAR
+from fusion.statistics import pack_upper
 from fusion.merge import merge_states
 from fusion.methods import OwnerState, get_method
 from fusion.statistics import GramStatistics, ModuleInfo
