@@ -33,7 +33,8 @@ from fusion.methods import method_from_spec
 from fusion.payload import describe_model, owner_payload
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
 from fusion.secure.protocol import OwnerSession
-from fusion.statistics import STATS_FILENAME, load_statistics, weights_fingerprint
+from fusion.lazy import CheckpointFiles
+from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.workflows import DataSettings, compute_statistics
 
 log = logging.getLogger("gramfuse.client")
@@ -79,7 +80,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
             log.warning("%s; computing the statistics again", error)
         else:
             fits = (
-                stats.fingerprint == weights_fingerprint(float_state(model))
+                stats.fingerprint == CheckpointFiles(model_dir).fingerprint()
                 and stats.settings == asdict(settings)
                 and (stats.fisher is not None or not fisher)
             )

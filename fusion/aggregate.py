@@ -1,24 +1,24 @@
-"""Folding owners into running sums one at a time: the one aggregation path of the offline merge and the server.
+"""Folding owners into whole-model running sums one at a time: the plaintext server's aggregation, and in-memory
+merges (the offline merge of folders streams group by group instead, :mod:`fusion.merge`).
 
 An owner is checked against the first one accepted (model type, shapes, the layout of shared Grams, the label set
 where heads must be shared), its contributions are computed, and only then added; an owner that fails any check
-is rejected with an error naming it, and nothing already aggregated changes.
-
-Heads: the body's contributions go into one set of sums; the head's (the parameters outside the pretrained body)
-into a second set for the first owner's label set, and each owner's own head is kept (heads are small). If every
-owner shares that label set the merged model has a merged head; otherwise each owner gets the merged body with its
-own head, as with ``gramfuse merge``.
+is rejected with an error naming it, and nothing already aggregated changes. Every mode ends in the same
+:func:`fusion.finish.finish`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import check_finite, check_same_shapes
 from .errors import CompatibilityError, MergeError
+from .finish import Group, Output, finish, plan_groups, plan_outputs, restrict
 from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
 from .statistics import GramStatistics
 
@@ -43,18 +43,14 @@ class OwnerUpdate:
         return body, {n: v for n, v in self.params.items() if n in self.head}
 
 
-@dataclass
-class Merged:
-    """The merge result: one parameter set per output (a single ``"."`` when every owner shares one model)."""
-
-    outputs: dict[str, dict[str, torch.Tensor]]
-    configs: dict[str, Any]
-    shared_head: bool
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-
 class Aggregator:
+    """Whole-model running sums, folded one owner at a time: the plaintext server's aggregation, and merges in memory.
+
+    The body's sums are one set; each label set's heads are summed apart, so that the reference label set (the one
+    most owners share, :func:`fusion.finish.reference_label_set`) is chosen once every owner is in, as in every
+    other mode. Each owner's own head is kept too (heads are small).
+    """
+
     def __init__(self, method: MergeMethod, context: MergeContext | None = None, heads: str = "auto") -> None:
         if heads not in HEADS:
             raise MergeError(f"heads must be one of {', '.join(HEADS)}, not {heads!r}")
@@ -62,13 +58,16 @@ class Aggregator:
         self.context = context or MergeContext()
         self.heads = heads
         self.body = Sums()
-        self.head = Sums()
+        self.head_sums: dict[tuple, Sums] = {}
         self.owners: list[str] = []
         self.own_heads: dict[str, dict[str, torch.Tensor]] = {}
         self.configs: dict[str, Any] = {}
         self.label_sets: dict[str, tuple] = {}
         self._reference: OwnerUpdate | None = None
         self._shapes: dict[str, tuple] = {}
+        self._names: list[str] = []  # the first owner's parameters, in order
+        self._head: set[str] = set()
+        self.dtypes: dict[str, torch.dtype] = {}
         self._layout: dict[str, Any] = {}  # the first owner's module -> Gram map
 
     def check(self, owner: OwnerUpdate) -> None:
@@ -87,19 +86,23 @@ class Aggregator:
         """Fold in an owner that :meth:`check` has passed (the server checks it against every aggregation first)."""
         body, head = owner.split()
         context = context_with(self.context, owner.statistics)
-        in_reference = self._reference is None or owner.label_set == self._reference.label_set
-        body_part, head_part = contributions(self.method, owner, context, with_head=in_reference)
+        body_part, head_part = contributions(self.method, owner, context, with_head=True)
+        head_sums = self.head_sums.get(owner.label_set, Sums())
         self.body.check(body_part)
-        self.head.check(head_part)
+        head_sums.check(head_part)
         # Every check passed: from here on nothing can fail half-way.
         if self._reference is None:
             # Only what later checks read: holding the first owner's tensors would keep a whole reply in memory.
             self._reference = replace(owner, params={}, statistics=None)
             self._shapes = {n: tuple(v.shape) for n, v in body.items()}
+            self._names = list(owner.params)
+            self._head = set(owner.head)
+            self.dtypes = {n: v.dtype for n, v in owner.params.items()}
             self._layout = dict(owner.statistics.modules) if owner.statistics is not None else {}
         self.context = context
         self.body.add(body_part)
-        self.head.add(head_part)
+        head_sums.add(head_part)
+        self.head_sums[owner.label_set] = head_sums
         self.owners.append(owner.name)
         self.own_heads[owner.name] = {n: v.detach().clone() for n, v in head.items()}
         self.configs[owner.name] = owner.config
@@ -135,33 +138,58 @@ class Aggregator:
                         f"{reference.name!r} that of {other.gram!r}"
                     )
 
-    def result(self, method: MergeMethod | None = None) -> Merged:
-        """The merge; ``method`` may differ from the aggregated one in its ``combine_only`` options (alpha)."""
-        method = method or self.method
+    def _check_combinable(self, method: MergeMethod) -> None:
         if method.sums_key() != self.method.sums_key():
             raise MergeError(f"{method.label()} cannot be combined from the sums of {self.method.label()}")
         if not self.owners:
             raise MergeError("no owners to merge")
-        body = method.combine(self.body, self.context)
-        reference_labels = self._reference.label_set
-        shared_head = all(labels == reference_labels for labels in self.label_sets.values())
-        merged = Merged({}, {}, shared_head, dict(body.layers), list(body.warnings))
-        if shared_head:
-            head = method.combine(self.head, self.context) if self.head else MergeOutcome({})
-            merged.layers.update(head.layers)
-            merged.warnings += head.warnings
-            merged.outputs["."] = {**body.params, **head.params}
-            merged.configs["."] = self.configs[self.owners[0]]
-        else:
-            for name in self.owners:
-                merged.outputs[name] = {**body.params, **self.own_heads[name]}
-                merged.configs[name] = self.configs[name]
-        return merged
+
+    def outputs(self, order: list[str] | None = None) -> list[Output]:
+        """The output folders, by the one rule of :func:`fusion.finish.plan_outputs` (``order``: owners by
+        precedence, default the order they were folded in)."""
+        order = order or self.owners
+        heads = {name: head for name, head in self.own_heads.items() if head}
+        return plan_outputs(order, self.label_sets, self.configs, heads)
+
+    def sums_of(self, outputs: list[Output]):
+        """``sums_of`` for :func:`fusion.finish.finish`: the whole-model sums restricted to a group."""
+        reference = self.label_sets[outputs[0].owners[0]]
+
+        def sums_of(method: MergeMethod, group: Group) -> Sums:
+            return restrict(self.head_sums.get(reference, Sums()) if group.head else self.body, group)
+
+        return sums_of
+
+    def groups(self) -> list[Group]:
+        return plan_groups(self._names, self._head, self.context.modules)
+
+    def finish_into(self, roots: Mapping[str, Path], methods: list[MergeMethod], *, order: list[str] | None = None,
+                    report: Mapping[str, Any], tokenizer: Any = None, progress: Any = None) -> dict[str, dict]:
+        """Write every method's merge into its folder of ``roots`` (:func:`fusion.finish.finish`); returns the
+        reports."""
+        for method in methods:
+            self._check_combinable(method)
+        outputs = self.outputs(order)
+        common = {**report, "shared_label_set": len(set(self.label_sets.values())) == 1}
+        return finish(roots, methods, self.groups(), self.sums_of(outputs), self.context, outputs, self.dtypes,
+                      report=common, tokenizer=tokenizer, progress=progress)
+
+    def combined(self, method: MergeMethod | None = None) -> MergeOutcome:
+        """The body's merge in memory, group by group as every merge goes (heads are the files' business)."""
+        method = method or self.method
+        self._check_combinable(method)
+        outcome = MergeOutcome({})
+        for group in self.groups():
+            part = method.combine(restrict(self.body, group), self.context)
+            outcome.params.update(part.params)
+            outcome.layers.update(part.layers)
+            outcome.warnings += [w for w in part.warnings if w not in outcome.warnings]
+        return outcome
 
 
 def context_with(context: MergeContext, stats: GramStatistics | None) -> MergeContext:
     """``context`` completed by an owner's statistics: the layer layout, and the least precise Gram dtype."""
-    context = MergeContext(context.base, dict(context.modules), context.gram_dtype)
+    context = replace(context, modules=dict(context.modules))
     if stats is not None:
         if not context.modules:
             context.modules = dict(stats.modules)

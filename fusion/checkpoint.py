@@ -30,7 +30,7 @@ def quiet_transformers() -> None:
 
 
 def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[Any, list[str]]:
-    """A sequence classifier from a folder, in float32 and eval mode, with the names of weights it lacked.
+    """A sequence classifier from a folder, in its checkpoint's dtype and eval mode, with the names of weights it lacked.
 
     A folder whose checkpoint lacks weights (an untrained classification head that transformers would initialise at
     random) is an error unless ``allow_missing``: statistics or a merge of random weights would be meaningless.
@@ -43,7 +43,7 @@ def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[A
         raise GramfuseError(f"{path}: not a model folder (no config.json)")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=torch.float32, output_loading_info=True
+            str(path), dtype="auto", output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise GramfuseError(f"{path}: cannot load the model: {error}") from error
@@ -178,3 +178,85 @@ def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: 
     model.save_pretrained(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3  # transformers' own default is 5 GB; a smaller shard bounds a merge's peak memory
+
+
+class ShardWriter:
+    """Tensors written as safetensors shards of at most ``max_shard_bytes`` as they come, with an index when there is
+    more than one, as ``save_pretrained(max_shard_size=...)`` writes them: what ``from_pretrained`` loads.
+
+    Only the shard being filled is held in memory.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            size = value.numel() * value.element_size()
+            if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self.pending[name] = value.detach().contiguous()
+            self.pending_bytes += size
+            self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f".shard-{len(self.shards)}.partial"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Name the shards (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` and the index)."""
+        from .lazy import INDEX_FILE, SINGLE_FILE
+
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            final = self.folder / SINGLE_FILE
+            self.shards[0][0].replace(final)
+            return [final]
+        count = len(self.shards)
+        weight_map, written = {}, []
+        for number, (path, names) in enumerate(self.shards, start=1):
+            final = self.folder / f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.replace(final)
+            written.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return written
+
+
+def model_skeleton(config: Any) -> Any:
+    """The model ``config`` describes, on the meta device: its parameter names and layers, no memory, no weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def missing_from(skeleton: Any, present: set[str]) -> list[str]:
+    """The state-dict entries of ``skeleton`` that a checkpoint holding ``present`` lacks (a tied parameter counts as
+    present when the tensor it is tied to is)."""
+    params = dict(skeleton.named_parameters(remove_duplicate=False))
+    names_of: dict[int, list[str]] = {}
+    for name, param in params.items():
+        names_of.setdefault(id(param), []).append(name)
+    missing = []
+    for name in skeleton.state_dict():
+        tied = names_of.get(id(params[name]), [name]) if name in params else [name]
+        if not any(other in present for other in tied):
+            missing.append(name)
+    return sorted(missing)

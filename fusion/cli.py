@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
+from .checkpoint import DEFAULT_SHARD_BYTES
 from .errors import GramfuseError
 from .methods import METHODS, get_method, option_names
 
@@ -23,6 +25,19 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size such as 500MB or 2GB: {text!r}")
+    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, not {text!r}")
     return value
 
 
@@ -55,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--gram-dtype", choices=("float64", "float32"), default="float64",
                        help="dtype of the per-batch Gram products: float64 (exact, default) or float32 (faster); "
                        "sums are float64 either way")
+    stats.add_argument("--device", default="auto", help="auto (a GPU when there is one, default), cpu, cuda, cuda:N")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -71,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
     merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
     merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties)")
+    merge.add_argument("--max-shard-size", type=_byte_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
+                       help="largest output shard, e.g. 500MB or 2GB (default 2GB); a larger model is written as "
+                       "several shards with an index, as save_pretrained does")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -108,7 +127,7 @@ def run_stats(args: argparse.Namespace) -> None:
 
     stats, path = compute_statistics(
         args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
-        progress=not args.quiet,
+        progress=not args.quiet, device=args.device,
     )
     tokens = max(stats.token_counts.values(), default=0)
     print(f"{path}: {stats.example_count} examples, {tokens} tokens, {len(stats.modules)} layers, "
@@ -128,10 +147,9 @@ def run_merge(args: argparse.Namespace) -> None:
     method = get_method(args.method, **given)
     if method.needs_base and args.base is None:
         raise GramfuseError(f"method {args.method!r} works relative to a base model: give --base BASE_DIR")
-    with tqdm(total=len(args.model_dirs), desc=f"merging ({args.method})", unit="owner", disable=args.quiet) as bar:
-        report = merge_folders(
-            args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite, progress=bar
-        )
+    with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
+        report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
+                               progress=bar, max_shard_bytes=args.max_shard_size)
     print(merge_summary(args.output, report))
 
 

@@ -25,8 +25,9 @@ def collect_fisher(
     count = 0
     try:
         for batch in batches:
-            labels = batch["labels"]
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            device = next(iter(params.values())).device
+            labels = batch["labels"].to(device)
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             for row in range(labels.shape[0]):
                 single = {k: v[row : row + 1] for k, v in inputs.items()}
                 if "attention_mask" in single:  # drop this example's padding: it would change nothing but cost
@@ -44,4 +45,4 @@ def collect_fisher(
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return {name: value.to(torch.float32) for name, value in fisher.items()}, count
+    return {name: value.to(torch.float32).cpu() for name, value in fisher.items()}, count

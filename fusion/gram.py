@@ -58,9 +58,11 @@ class GramAccumulator:
     edges: list[int] = field(init=False)
     total: torch.Tensor = field(init=False)
 
+    device: torch.device | str = "cpu"
+
     def __post_init__(self) -> None:
         self.edges = _block_edges(self.dim)
-        self.total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
 
     def add(self, rows: torch.Tensor) -> None:
         """Add the rows (tokens x features) of one batch."""
@@ -74,7 +76,7 @@ class GramAccumulator:
         self.token_count += rows.shape[0]
 
     def packed(self) -> torch.Tensor:
-        return pack_upper(self.total)
+        return pack_upper(self.total).cpu()
 
 
 def _real_rows(inputs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
@@ -154,7 +156,7 @@ class GramCollector:
         rows, pads_excluded = _real_rows(inputs.detach(), self._mask)
         accumulator = self.accumulators.get(key)
         if accumulator is None:
-            accumulator = self.accumulators[key] = GramAccumulator(rows.shape[-1], self._dtype_for(rows))
+            accumulator = self.accumulators[key] = GramAccumulator(rows.shape[-1], self._dtype_for(rows), device=rows.device)
         accumulator.add(rows)
         self.pads_excluded[key] = pads_excluded
 
@@ -187,14 +189,14 @@ class GramCollector:
         )
 
 
-def _split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None, int]:
+def _split_batch(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor | None, int]:
     if isinstance(batch, Mapping):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         mask = inputs.get("attention_mask")
         first = next(iter(inputs.values()))
         return (), inputs, mask, int(first.shape[0])
     if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None, int(batch.shape[0])
+        return (batch.to(device),), {}, None, int(batch.shape[0])
     raise TypeError(f"a batch is a mapping of model inputs or a tensor, not {type(batch).__name__}")
 
 
@@ -213,12 +215,13 @@ def collect_statistics(
     (exact, the default) or float32 (about twice as fast, ~1e-7 relative error). ``progress`` is an optional tqdm-like object updated per example.
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
+    device = next(model.parameters()).device  # batches go where the model is: the GPU, when it was put there
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), GramCollector(model, compute_dtype) as collector:
             for batch in batches:
-                args, kwargs, mask, size = _split_batch(batch)
+                args, kwargs, mask, size = _split_batch(batch, device)
                 collector.set_mask(mask, size)
                 model(*args, **kwargs)
                 if progress is not None:

@@ -1,26 +1,45 @@
-"""Merging: in memory over owner states, and over Hugging Face model folders carrying statistics files.
+"""Merging: in memory over owner states, and streamed over Hugging Face model folders carrying statistics files.
 
-Owners are streamed through an :class:`~fusion.aggregate.Aggregator`: each is loaded, checked, folded into the sums
-and dropped, so a merge holds one owner's model and the sums whatever the number of owners.
+A merge of folders never holds a whole owner. Every owner is first checked from its files' headers and metadata
+(architecture, shapes, the layout of its statistics), then its weights are read once, tensor by tensor, to check
+them (finite, and the very weights its statistics were computed from). Then the merge runs group by group
+(:mod:`fusion.finish`): for each shared Gram with its layers, or each averaged tensor, every owner's tensors are
+read, turned into contributions, added, and the group is combined and written. Peak memory: one group's float64
+sums and one output shard, flat in the model's depth and in the number of owners.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .aggregate import Aggregator, Merged, OwnerUpdate, owner_update
-from .checkpoint import atomic_folder, check_finite, float_state, load_classifier, save_classifier, tokenizer_or_none
-from .errors import CompatibilityError, MergeError, StatisticsError
-from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState
-from .statistics import STATS_FILENAME, GramStatistics, load_statistics, read_metadata, weights_fingerprint
+import torch
+
+from .aggregate import Aggregator, OwnerUpdate
+from .checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    atomic_folder,
+    float_state,
+    head_names,
+    label_set,
+    load_classifier,
+    missing_from,
+    model_skeleton,
+    quiet_transformers,
+    tokenizer_or_none,
+)
+from .errors import CompatibilityError, GramfuseError, MergeError, StatisticsError
+from .finish import Group, finish, plan_groups, plan_outputs, write_report
+from .lazy import CheckpointFiles, Restricted
+from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
+from .methods.regmean import needs_diagonal
+from .statistics import STATS_FILENAME, GramStatistics, open_statistics
 
 log = logging.getLogger("gramfuse")
-REPORT_FILENAME = "gramfuse-merge.json"
 
 
 def merge_states(
@@ -32,8 +51,7 @@ def merge_states(
         aggregator.add(OwnerUpdate(owner.name, dict(owner.params), set(), (), "", owner.statistics))
         if progress is not None:
             progress.update(1)
-    merged = aggregator.result()
-    return MergeOutcome(merged.outputs["."], merged.layers, merged.warnings)
+    return aggregator.combined(method)
 
 
 def owner_names(paths: Sequence[Path]) -> list[str]:
@@ -42,47 +60,105 @@ def owner_names(paths: Sequence[Path]) -> list[str]:
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
-def check_folders(paths: Sequence[Path], method: MergeMethod) -> list[str]:
-    """Cheap checks of every owner before any heavy work: model folders, model types, statistics headers."""
+@dataclass
+class FolderOwner:
+    """An owner's model folder, opened: its config, what its checkpoint holds (read lazily) and its statistics."""
+
+    name: str
+    path: Path
+    config: Any
+    files: CheckpointFiles
+    head: set[str]
+    statistics: GramStatistics | None
+
+    @property
+    def label_set(self) -> tuple:
+        return label_set(self.config)
+
+    def float_names(self) -> list[str]:
+        return [name for name in self.files if self.files.is_float(name)]
+
+    def body_shapes(self) -> dict[str, tuple]:
+        return {name: self.files.shape(name) for name in self.float_names() if name not in self.head}
+
+
+def open_owner(name: str, path: Path, needs_statistics: bool) -> FolderOwner:
+    """An owner folder checked from headers alone: a loadable model whose checkpoint lacks no weight."""
     from transformers import AutoConfig
 
-    names = owner_names(paths)
-    model_types = {}
-    for name, path in zip(names, paths):
-        if not (path / "config.json").is_file():
-            raise CompatibilityError(f"owner {name!r}: {path} is not a model folder (no config.json)")
-        model_types[name] = AutoConfig.from_pretrained(str(path)).model_type
-        if method.needs_statistics or method.needs_fisher:
-            try:
-                read_metadata(path / STATS_FILENAME)
-            except StatisticsError as error:
-                raise StatisticsError(f"owner {name!r}: {error}") from error
-    first = names[0]
-    for name in names[1:]:
-        if model_types[name] != model_types[first]:
-            raise CompatibilityError(
-                f"owner {name!r}: model type {model_types[name]!r} differs from owner {first!r}'s "
-                f"{model_types[first]!r}"
-            )
-    return names
-
-
-def folder_statistics(name: str, path: Path, state: Mapping) -> GramStatistics:
-    """An owner folder's statistics, checked to have been made from exactly the weights in the folder."""
-    stats_path = path / STATS_FILENAME
+    quiet_transformers()
+    if not (path / "config.json").is_file():
+        raise CompatibilityError(f"owner {name!r}: {path} is not a model folder (no config.json)")
     try:
-        stats = load_statistics(stats_path)
-    except StatisticsError as error:
-        raise StatisticsError(f"owner {name!r}: {error}") from error
-    if stats.fingerprint != weights_fingerprint(state):
-        raise StatisticsError(
-            f"owner {name!r}: {stats_path} was made from other weights than those in {path} "
-            "(fingerprints differ); run `gramfuse stats` on this model again"
+        config = AutoConfig.from_pretrained(str(path))
+        files = CheckpointFiles(path)
+        skeleton = model_skeleton(config)
+    except GramfuseError as error:
+        raise type(error)(f"owner {name!r}: {error}") from error
+    except (OSError, ValueError, KeyError) as error:
+        raise CompatibilityError(f"owner {name!r}: {path}: cannot read the model: {error}") from error
+    missing = missing_from(skeleton, set(files))
+    if missing:
+        raise CompatibilityError(
+            f"owner {name!r}: {path}: the checkpoint lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} "
+            "(an untrained classification head?); fine-tune the model first"
         )
-    for module, info in stats.modules.items():
-        if info.weight not in state:
-            raise StatisticsError(f"owner {name!r}: layer {module!r} in the statistics is not in the model")
-    return stats
+    stats = open_statistics(path / STATS_FILENAME, f"owner {name!r}: {path / STATS_FILENAME}") if needs_statistics else None
+    if stats is not None:
+        for module, info in stats.modules.items():
+            if info.weight not in files:
+                raise StatisticsError(f"owner {name!r}: layer {module!r} in the statistics is not in the model")
+    return FolderOwner(name, path, config, files, head_names(skeleton), stats)
+
+
+def check_owners(owners: Sequence[FolderOwner], heads: str = "auto") -> None:
+    """Every owner against the first: model type, body shapes, shared-Gram layout (and label set with shared heads)."""
+    reference = owners[0]
+    for owner in owners[1:]:
+        if owner.config.model_type != reference.config.model_type:
+            raise CompatibilityError(
+                f"owner {owner.name!r}: model type {owner.config.model_type!r} differs from owner {reference.name!r}'s "
+                f"{reference.config.model_type!r}"
+            )
+        check_shapes(owner.name, owner.body_shapes(), reference.name, reference.body_shapes())
+        if heads == "shared" and owner.label_set != reference.label_set:
+            raise CompatibilityError(f"owner {owner.name!r}: label set differs from owner {reference.name!r}'s "
+                                     "(heads are shared)")
+        if owner.statistics is not None and reference.statistics is not None:
+            check_layout(owner.name, owner.statistics.modules, reference.name, reference.statistics.modules)
+
+
+def check_shapes(owner: str, shapes: Mapping[str, tuple], reference_owner: str, reference: Mapping[str, tuple]) -> None:
+    from .checkpoint import check_same_shapes
+
+    check_same_shapes(owner, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
+                      reference_owner, reference)
+
+
+def check_layout(owner: str, modules: Mapping, reference_owner: str, reference: Mapping) -> None:
+    for module, info in modules.items():
+        other = reference.get(module)
+        if other is not None and other.gram != info.gram:
+            raise CompatibilityError(
+                f"owner {owner!r}: layer {module!r} shares the Gram of {info.gram!r}, but for owner "
+                f"{reference_owner!r} that of {other.gram!r}"
+            )
+
+
+def verify_weights(owner: FolderOwner) -> None:
+    """Read every weight once, one tensor at a time: finite, and those the statistics were computed from."""
+
+    def finite(name: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value).all():
+            raise MergeError(f"owner {owner.name!r}: layer {name!r}: weights hold NaN or Inf")
+
+    fingerprint = owner.files.fingerprint(each=finite)
+    stats = owner.statistics
+    if stats is not None and stats.fingerprint != fingerprint:
+        raise StatisticsError(
+            f"owner {owner.name!r}: {owner.path / STATS_FILENAME} was made from other weights than those in "
+            f"{owner.path} (fingerprints differ); run `gramfuse stats` on this model again"
+        )
 
 
 def load_base(base_dir: str | Path | None) -> dict | None:
@@ -93,39 +169,26 @@ def load_base(base_dir: str | Path | None) -> dict | None:
     return {name: value for name, value in float_state(model).items() if name not in set(missing)}
 
 
-def merge_report(method: MergeMethod, merged: Merged, owners: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "method": method.name,
-        "options": method.options(),
-        "owners": owners,
-        "shared_label_set": merged.shared_head,
-        "outputs": {name: name for name in merged.outputs},
-        "layers": merged.layers,
-        "warnings": merged.warnings,
-    }
+def merge_context(method: MergeMethod, owners: Sequence[FolderOwner], base: Mapping | None) -> MergeContext:
+    stats = [owner.statistics for owner in owners if owner.statistics is not None]
+    gram_dtype = "float32" if any(s.gram_dtype == "float32" for s in stats) else "float64"
+    return MergeContext(base=base, modules=dict(stats[0].modules) if stats else {}, gram_dtype=gram_dtype,
+                        diagonal=needs_diagonal([method]))
 
 
-def write_merged(
-    out_dir: str | Path,
-    merged: Merged,
-    tokenizers: Mapping[str, Any],
-    report: dict[str, Any],
-    overwrite: bool,
-    extra_files: Mapping[str, dict] | None = None,
-) -> None:
-    """Every output folder and the report (and ``extra_files``, JSON), all at once or not at all."""
-    with atomic_folder(out_dir, overwrite) as staging:
-        write_outputs(staging, merged, tokenizers, report)
-        for filename, content in (extra_files or {}).items():
-            (staging / filename).write_text(json.dumps(content, indent=2))
+def streamed_sums(owners: Sequence[FolderOwner], head_owners: set[str], context: MergeContext):
+    """``sums_of`` for :func:`fusion.finish.finish`: a group's sums over the owners, reading only its tensors."""
 
+    def sums_of(method: MergeMethod, group: Group) -> Sums:
+        sums = Sums()
+        for owner in owners:
+            if group.head and owner.name not in head_owners:
+                continue
+            params = Restricted(owner.files, group.tensors)
+            sums.add(method.contribute(OwnerState(owner.name, params, owner.statistics), context))
+        return sums
 
-def write_outputs(folder: Path, merged: Merged, tokenizers: Mapping[str, Any], report: dict[str, Any]) -> None:
-    """The merged model folder(s) and ``gramfuse-merge.json`` into an existing ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, params in merged.outputs.items():
-        save_classifier(merged.configs[name], params, tokenizers.get(name), folder / name if name != "." else folder)
-    (folder / REPORT_FILENAME).write_text(json.dumps(report, indent=2))
+    return sums_of
 
 
 def merge_folders(
@@ -136,34 +199,48 @@ def merge_folders(
     base_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: Any = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
-    Owners sharing one label set give one merged model, head included. Otherwise each owner gets a folder
-    ``out_dir/<owner>`` holding the merged body with its own head.
+    The merged model holds the label set most owners share (:func:`fusion.finish.plan_outputs`); every other owner
+    gets a folder ``out_dir/<owner>`` with the merged body and its own head. ``progress`` is a tqdm-like object whose
+    total is set to the number of groups.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
     if not paths:
         raise MergeError("no model folders given")
-    names = check_folders(paths, method)
-    aggregator = Aggregator(method, MergeContext(base=load_base(base_dir)))
     needs_statistics = method.needs_statistics or method.needs_fisher
-    for name, path in zip(names, paths):
-        model, _ = load_classifier(path)
-        state = float_state(model)
-        check_finite(name, state)  # before the fingerprint: NaN weights are the clearer error
-        stats = folder_statistics(name, path, state) if needs_statistics else None
-        aggregator.add(owner_update(name, model, stats))
-        log.info("owner %s: %s examples", name, stats.example_count if stats else "?")
-        if progress is not None:
-            progress.update(1)
-    merged = aggregator.result()
-    for warning in merged.warnings:
-        log.warning("%s", warning)
-    report = merge_report(method, merged, [{"name": n, "path": str(p)} for n, p in zip(names, paths)])
-    tokenizer_of = dict(zip(names, paths))
-    tokenizers = {out: tokenizer_or_none(tokenizer_of[out] if out != "." else paths[0]) for out in merged.outputs}
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    write_merged(out_dir, merged, tokenizers, report, overwrite)
+    owners = [open_owner(name, path, needs_statistics) for name, path in zip(owner_names(paths), paths)]
+    check_owners(owners)
+    for owner in owners:
+        if method.needs_fisher and not owner.statistics.fisher:
+            raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics (`gramfuse stats --fisher`)")
+        verify_weights(owner)
+        log.info("owner %s: checked, %s examples", owner.name,
+                 owner.statistics.example_count if owner.statistics else "?")
+    by_name = {owner.name: owner for owner in owners}
+    order = [owner.name for owner in owners]
+    own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
+    outputs = plan_outputs(order, {o.name: o.label_set for o in owners}, {o.name: o.config for o in owners}, own_heads)
+    reference = by_name[outputs[0].owners[0]]
+    context = merge_context(method, owners, load_base(base_dir))
+    names = reference.float_names()
+    groups = plan_groups(names, reference.head, context.modules)
+    if progress is not None:
+        progress.reset(total=len(groups))
+    shared = len({o.label_set for o in owners}) == 1
+    common = {"owners": [{"name": o.name, "path": str(o.path)} for o in owners], "shared_label_set": shared}
+    with atomic_folder(out_dir, overwrite) as staging:
+        reports = finish(
+            {method.label(): staging}, [method], groups, streamed_sums(owners, set(outputs[0].owners), context), context, outputs,
+            {name: reference.files.dtype(name) for name in names}, report=common,
+            tokenizer=tokenizer_or_none(reference.path),
+            copied=reference.files.read(n for n in reference.files if not reference.files.is_float(n)),
+            max_shard_bytes=max_shard_bytes, progress=progress,
+        )
+        report = reports[method.label()]
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        write_report(staging, report)
     return report

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +99,26 @@ class GramStatistics:
         }
 
 
+class WeightsDigest:
+    """A SHA-256 over names, dtypes, shapes and bytes of tensors added in name order."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        self._digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        self._digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """A SHA-256 over names, dtypes, shapes and bytes of every tensor, in name order."""
-    digest = hashlib.sha256()
+    """The :class:`WeightsDigest` of every tensor of ``state``, in name order."""
+    digest = WeightsDigest()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.add(name, state[name])
     return digest.hexdigest()
 
 
@@ -158,8 +171,63 @@ def load_statistics(path: str | Path) -> GramStatistics:
     return statistics_from(str(path), meta, tensors)
 
 
-def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> GramStatistics:
-    """Statistics from their metadata and tensors (``gram.<key>``, ``fisher.<name>``; others ignored), all checked.
+class _FileTensors(Mapping):
+    """The tensors of a statistics file under one prefix, read (and checked by ``check``) each time one is asked for."""
+
+    def __init__(self, path: Path, source: str, prefix: str, names: list[str], check) -> None:
+        self.path, self.source, self.prefix, self.names, self.check = path, source, prefix, names, check
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                value = handle.get_tensor(self.prefix + name)
+        except Exception as error:  # safetensors' own error types for data that is cut short or damaged
+            raise StatisticsError(f"{self.source}: {name!r}: corrupt or truncated statistics data: {error}") from error
+        self.check(name, value)
+        return value.to(torch.float64) if self.prefix == GRAM_PREFIX else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def open_statistics(path: str | Path, source: str | None = None) -> GramStatistics:
+    """A statistics file whose Grams and Fisher are read only when a merge asks for them, one at a time.
+
+    The metadata and the tensors' presence and shapes are checked now; NaN or Inf when a tensor is read. ``source``
+    (an owner) starts every error message.
+    """
+    path = Path(path)
+    source = source or str(path)
+    meta = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:
+        raise StatisticsError(f"{path}: not a readable statistics file (corrupt or truncated): {error}") from error
+    placeholders = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    stats = statistics_from(source, meta, placeholders, check_values=False)
+
+    def check_gram(key: str, gram: torch.Tensor) -> None:
+        _check_gram(source, key, gram, meta["grams"][key])
+
+    def check_fisher(name: str, value: torch.Tensor) -> None:
+        _check_fisher(source, name, value)
+
+    stats.grams = _FileTensors(path, source, GRAM_PREFIX, list(stats.grams), check_gram)
+    if stats.fisher:
+        stats.fisher = _FileTensors(path, source, FISHER_PREFIX, list(stats.fisher), check_fisher)
+    return stats
+
+
+def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                    check_values: bool = True) -> GramStatistics:
+    """Statistics from their metadata and tensors (``gram.<key>``, ``fisher.<name>``; others ignored), all checked
+    (without ``check_values``, shapes only: the tensors may be placeholders on the meta device).
 
     ``source`` (a file, an owner) starts every error message.
     """
@@ -169,12 +237,11 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
             gram = tensors.get(GRAM_PREFIX + key)
             if gram is None:
                 raise StatisticsError(f"{source}: layer {key!r}: Gram listed in the metadata but missing")
-            _check_gram(source, key, gram, info)
-            grams[key] = gram.to(torch.float64)
+            _check_gram(source, key, gram, info, check_values)
+            grams[key] = gram.to(torch.float64) if check_values else gram
         fisher = {name[len(FISHER_PREFIX) :]: value for name, value in tensors.items() if name.startswith(FISHER_PREFIX)}
-        for name, value in fisher.items():
-            if not torch.isfinite(value).all():
-                raise StatisticsError(f"{source}: parameter {name!r}: Fisher holds NaN or Inf")
+        for name, value in fisher.items() if check_values else ():
+            _check_fisher(source, name, value)
         modules = {name: ModuleInfo(**info) for name, info in meta["modules"].items()}
         for name, info in modules.items():
             if info.gram not in grams:
@@ -202,14 +269,19 @@ def _gram_dtype(source: str, name: str) -> str:
     return name
 
 
-def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any]) -> None:
+def _check_fisher(source: str, name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        raise StatisticsError(f"{source}: parameter {name!r}: Fisher holds NaN or Inf")
+
+
+def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any], check_values: bool = True) -> None:
     dim = int(info["dim"])
     if gram.dim() != 1 or gram.numel() != dim * (dim + 1) // 2:
         raise StatisticsError(
             f"{source}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
             f"{dim * (dim + 1) // 2} entries for input dimension {dim}"
         )
-    if not torch.isfinite(gram).all():
+    if check_values and not torch.isfinite(gram).all():
         raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
     if int(info["tokens"]) < 0:
         raise StatisticsError(f"{source}: layer {key!r}: negative token count")

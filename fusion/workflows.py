@@ -19,6 +19,7 @@ from .errors import DataError
 from .evaluate import classification_scores, predict
 from .fisher import collect_fisher
 from .gram import collect_statistics
+from .lazy import CheckpointFiles
 from .statistics import STATS_FILENAME, GramStatistics, save_statistics
 
 
@@ -79,15 +80,19 @@ def compute_statistics(
     out: str | Path | None = None,
     progress: bool = True,
     model: Any = None,
+    device: str = "cpu",
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
 
-    ``model`` is the folder's model when the caller has already loaded it.
+    ``model`` is the folder's model when the caller has already loaded it. ``device``: ``cpu``, ``cuda`` (or
+    ``cuda:N``), or ``auto`` (a GPU when there is one) runs the forward pass and the Gram products; sums come back
+    to the CPU.
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
     if model is None:
         model, _ = load_classifier(model_dir)
     check_finite(str(model_dir), float_state(model))
+    model = model.to(resolve_device(device))
     tokenizer = load_tokenizer(model_dir)
     make_batches = partial(_batches, model, tokenizer, data_file, settings)
     with _bar(data_file, settings, "gram statistics", progress) as bar:
@@ -98,9 +103,22 @@ def compute_statistics(
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:
             stats.fisher, stats.fisher_example_count = collect_fisher(model, make_batches(labelled=True), bar)
+    # The folder's checkpoint, not the loaded model, is what a merge reads and checks the statistics against.
+    stats.fingerprint = CheckpointFiles(model_dir).fingerprint()
     path = Path(out) if out is not None else model_dir / STATS_FILENAME
     save_statistics(stats, path)
     return stats, path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"device {device!r}: no CUDA GPU here (use --device cpu or auto)")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise DataError(f"device {device!r}: {error}") from error
 
 
 def evaluate_folder(

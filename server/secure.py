@@ -20,15 +20,15 @@ from flwr.serverapp import Grid
 from transformers import AutoConfig
 
 from clients.app import MASKED, META, OWN_HEAD, TOKENIZER
-from fusion.aggregate import Merged
 from fusion.errors import GramfuseError
+from fusion.finish import reference_label_set as majority_label_set
 from fusion.methods import MergeContext
 from fusion.secure import (
     BODY,
     bands_layout,
     check_secure_methods,
     decoded_sums,
-    merge_from_sums,
+    finish_from_sums,
     scales_from_bands,
 )
 from fusion.secure.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
@@ -80,14 +80,13 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     # --- the steps ---------------------------------------------------------------------------------------------------
 
     def reference_label_set(self) -> list:
-        """The label set of most fitting sites: its heads are summed (securely) with the body."""
-        counts: dict[str, int] = {}
-        for node in self.fitting or []:
-            key = json.dumps(self.described[node]["label_set"])
-            counts[key] = counts.get(key, 0) + 1
-        if not counts:
+        """The label set of most fitting sites (ties: the lowest node id's): its heads are summed (securely) with the
+        body, by the rule of every mode (:func:`fusion.finish.reference_label_set`)."""
+        nodes = sorted(self.fitting or [])
+        if not nodes:
             raise FederationError("no site fits: nothing to merge")
-        return json.loads(min(counts, key=lambda k: (-counts[k], k)))
+        label_sets = [_labels(self.described[node]["label_set"]) for node in nodes]
+        return [list(item) for item in majority_label_set(label_sets)]
 
     def exchange_keys(self, grid: Grid) -> None:
         reference = self.reference_label_set()
@@ -238,24 +237,27 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             raise FederationError(f"secure: only {len(nodes)} sites took part in {step}; at least {needed} "
                                   f"(threshold {self.threshold}, min-owners {self.min_owners}) are needed")
 
-    def merged_results(self) -> dict[str, Merged]:
-        reference = next(n for n in self.survivors if self.site_meta[n]["label_set"] == self.reference_label_set())
-        meta = self.site_meta[reference]
-        context = MergeContext(modules={name: ModuleInfo(**info) for name, info in meta["modules"].items()},
+    def write_merges(self, roots: dict, common: dict[str, Any], tokenizer: Any) -> dict[str, dict]:
+        reference = self.reference_label_set()
+        first = next(n for n in self.survivors if self.site_meta[n]["label_set"] == reference)
+        context = MergeContext(modules={name: ModuleInfo(**info) for name, info in self.site_meta[first]["modules"].items()},
                                gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
                                                            for n in self.survivors) else "float64")
-        own_heads = {owner_name(node): (params, _config(self.site_meta[node]))
-                     for node, params in self.own_heads.items() if node in self.survivors}
-        for node in self.survivors:
-            if self.site_meta[node]["label_set"] != meta["label_set"] and node not in self.own_heads:
-                log.info("owner node %d keeps its own head at its site (share-head is off)", node)
-        return merge_from_sums(self.methods, self.sums, context, _config(meta), own_heads)
+        own_heads = {owner_name(node): params for node, params in self.own_heads.items() if node in self.survivors}
+        owners = {owner_name(node): (_labels(self.site_meta[node]["label_set"]), _config(self.site_meta[node]))
+                  for node in sorted(self.survivors)}
+        return finish_from_sums(roots, self.methods, self.sums, context, owners, own_heads, _labels(reference),
+                                report=common, tokenizer=tokenizer)
 
     def federation_report(self) -> dict[str, Any]:
         report = super().federation_report()
         report["secure"] = {"session": self.session, "threshold": self.threshold, "rounds": self.rounds,
                             "heads_sent_in_clear": sorted(owner_name(n) for n in self.own_heads)}
         return report
+
+
+def _labels(label_set: list) -> tuple:
+    return tuple((int(index), str(label)) for index, label in label_set)
 
 
 def _config(meta: dict):

@@ -26,11 +26,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.app import META, PAYLOAD, TOKENIZER
-from fusion.aggregate import Aggregator, Merged
-from fusion.errors import GramfuseError
+from fusion.aggregate import Aggregator
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
-from fusion.merge import merge_report, write_outputs
+from fusion.errors import GramfuseError
+from fusion.finish import method_roots
 from fusion.methods import MergeContext, MergeMethod
+from fusion.methods.regmean import needs_diagonal
 from fusion.payload import owner_from_payload
 
 log = logging.getLogger("gramfuse.server")
@@ -89,7 +90,8 @@ class RegMeanStrategy(Strategy):
         self.record_dir = Path(record_dir) if record_dir else None
         self.aggregators: dict[tuple, Aggregator] = {}
         for method in self.methods:
-            self.aggregators.setdefault(method.sums_key(), Aggregator(method, MergeContext(base=base), heads))
+            context = MergeContext(base=base, diagonal=needs_diagonal(self.methods))
+            self.aggregators.setdefault(method.sums_key(), Aggregator(method, context, heads))
         self.records: dict[int, OwnerRecord] = {}
         self.asked: dict[str, int] = {}  # message id -> node id
         self.fitting: list[int] | None = None  # the sites whose architecture fits the majority
@@ -274,20 +276,13 @@ class RegMeanStrategy(Strategy):
                                   + (f"; {problems}" if problems else ""))
         names = {owner_name(r.node_id): r for r in self.records.values()}
         owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
-                  for name in self.merged_owners]
+                  for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
         tokenizer = tokenizer_from_files(self.tokenizer)
         solve_started = time.perf_counter()
-        reports = {}
-        results = self.merged_results()
         with atomic_folder(self.out_dir, self.overwrite) as staging:
-            for method in self.methods:
-                merged = results[method.label()]
-                for warning in merged.warnings:
-                    log.warning("%s: %s", method.label(), warning)
-                reports[method.label()] = merge_report(method, merged, owners)
-                folder = staging if len(self.methods) == 1 else staging / method.label()
-                write_outputs(folder, merged, {name: tokenizer for name in merged.outputs}, reports[method.label()])
-                log.info("merged %d owners with %s", merged_count, method.label())
+            reports = self.write_merges(method_roots(staging, self.methods), {"owners": owners}, tokenizer)
+            for label in reports:
+                log.info("merged %d owners with %s", merged_count, label)
             self.timings["solve_and_write_seconds"] = round(time.perf_counter() - solve_started, 3)
             report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
             report = {**report, "federation": self.federation_report()}
@@ -295,8 +290,15 @@ class RegMeanStrategy(Strategy):
         log.info("wrote %s", self.out_dir)
         return report
 
-    def merged_results(self) -> dict[str, Merged]:
-        return {method.label(): self.aggregators[method.sums_key()].result(method) for method in self.methods}
+    def write_merges(self, roots: dict[str, Path], common: dict[str, Any], tokenizer: Any) -> dict[str, dict]:
+        """Every method's merge, from the sums, through the one finish of every mode."""
+        order = [owner["name"] for owner in common["owners"]]  # by node id: the tie-break of the reference labels
+        reports = {}
+        for key, aggregator in self.aggregators.items():
+            methods = [method for method in self.methods if method.sums_key() == key]
+            reports.update(aggregator.finish_into({m.label(): roots[m.label()] for m in methods}, methods,
+                                                  order=order, report=common, tokenizer=tokenizer))
+        return {method.label(): reports[method.label()] for method in self.methods}
 
     def _account(self, stage: str, node_id: int, reply: Message) -> None:
         record = self.records.setdefault(node_id, OwnerRecord(node_id))

@@ -192,16 +192,27 @@ class SecureRun:
         return summed.unmask(revealed), summed.survivors
 
 
-def secure_merge(methods, updates, drop_bounds=(), drop_sums=()):
-    """The whole secure path, as the sites and the server run it, in one process: ``(merges by label, survivors)``."""
+def read_outputs(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every model folder a merge wrote under ``root``, by its name in the report ("." or an owner's), as tensors."""
+    from fusion.finish import REPORT_FILENAME
+    from fusion.lazy import CheckpointFiles
+
+    report = json.loads((Path(root) / REPORT_FILENAME).read_text())
+    return {folder: dict(CheckpointFiles(Path(root) / folder)) for folder in report["outputs"]}
+
+
+def secure_merge(methods, updates, out_dir, drop_bounds=(), drop_sums=()):
+    """The whole secure path, as the sites and the server run it, in one process, written in float64 to ``out_dir``:
+    ``(sums, outputs by method label and folder, survivors)``."""
+    from fusion.finish import method_roots, reference_label_set
     from fusion.methods import MergeContext
-    from fusion.secure import (band_vectors, bands_layout, decoded_sums, encoded_vectors, layout_of, merge_from_sums,
+    from fusion.secure import (band_vectors, bands_layout, decoded_sums, encoded_vectors, finish_from_sums, layout_of,
                                scales_from_bands, secure_contributions)
     from fusion.secure.protocol import default_threshold
 
     nodes = list(range(1, len(updates) + 1))
     by_node = dict(zip(nodes, updates))
-    reference = updates[0].label_set  # the first owner's label set is the merged one; others send their head apart
+    reference = reference_label_set([owner.label_set for owner in updates])  # others send their head apart
     parts = {node: secure_contributions(methods, owner, with_head=owner.label_set == reference)
              for node, owner in by_node.items()}
     layout = layout_of(parts[1])
@@ -215,15 +226,25 @@ def secure_merge(methods, updates, drop_bounds=(), drop_sums=()):
     sums = decoded_sums(layout, totals, scales)
     context = MergeContext(modules=dict(updates[0].statistics.modules))
     survivors = [by_node[n] for n in survivors]
-    own_heads = {o.name: (o.split()[1], o.config) for o in survivors if o.label_set != reference}
-    return merge_from_sums(methods, sums, context, updates[0].config, own_heads), survivors
+    own_heads = {o.name: o.split()[1] for o in survivors if o.label_set != reference}
+    owners = {o.name: (o.label_set, o.config) for o in survivors}
+    roots = method_roots(Path(out_dir), methods)
+    finish_from_sums(roots, methods, sums, context, owners, own_heads, reference, report={}, dtype=torch.float64)
+    return sums, {label: read_outputs(root) for label, root in roots.items()}, survivors
 
 
-def plaintext_merge(method, updates):
+def plaintext_aggregator(method, updates, base=None, diagonal=True):
     from fusion.aggregate import Aggregator
     from fusion.methods import MergeContext
 
-    aggregator = Aggregator(method, MergeContext())
+    aggregator = Aggregator(method, MergeContext(base=base, diagonal=diagonal))
     for owner in updates:
         aggregator.add(owner)
-    return aggregator.result(method)
+    aggregator.dtypes = {name: torch.float64 for name in aggregator.dtypes}  # compare merges before float32 rounding
+    return aggregator
+
+
+def plaintext_merge(method, updates, out_dir):
+    """The plaintext server's merge of ``updates``, written in float64 to ``out_dir``: outputs by folder."""
+    plaintext_aggregator(method, updates).finish_into({method.label(): Path(out_dir)}, [method], report={})
+    return read_outputs(out_dir)

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from clients.finetune import FinetuneSettings, finetune
 from examples.assets import minilm_dir, split, vader, write_jsonl
 from fusion.cli import main
-from fusion.gram import unpack_upper
+from fusion.statistics import unpack_upper
 from fusion.methods.regmean import transposed
 from fusion.statistics import load_statistics
 
@@ -82,7 +82,7 @@ def test_merged_model_loads_and_serves_both_domains(federation, capsys):
         assert scores["accuracy"] > 0.6  # well above chance on held-out real snippets of both domains
 
 
-def test_secure_merge_of_the_real_owners_equals_plaintext(federation):
+def test_secure_merge_of_the_real_owners_equals_plaintext(federation, tmp_path):
     """The secure path (fixed point, masks, unmasking) on the real owners gives the plaintext merge, to the limits
     of 64-bit fixed point: about 2^-57 of each summed tensor's largest entry, amplified by the solve."""
     from helpers import plaintext_merge, secure_merge
@@ -95,9 +95,9 @@ def test_secure_merge_of_the_real_owners_equals_plaintext(federation):
     updates = [owner_update(o.name, load_classifier(o)[0], load_statistics(o / "gramfuse-stats.safetensors"))
                for o in owners]
     method = get_method("regmean")
-    merged, _ = secure_merge([method], updates)
-    expected = plaintext_merge(method, updates).outputs["."]
-    worst = max(float((merged["regmean"].outputs["."][name] - value).abs().max() / value.abs().max())
+    _, merged, _ = secure_merge([method], updates, tmp_path / "secure")
+    expected = plaintext_merge(method, updates, tmp_path / "plaintext")["."]
+    worst = max(float((merged["regmean"]["."][name] - value).abs().max() / value.abs().max())
                 for name, value in expected.items())
     print(f"largest relative difference, secure to plaintext, real MiniLM: {worst:.2e}")
     assert worst <= 1e-9

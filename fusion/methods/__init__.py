@@ -50,6 +50,8 @@ class MergeContext:
     base: Mapping[str, torch.Tensor] | None = None
     modules: Mapping[str, ModuleInfo] = field(default_factory=dict)
     gram_dtype: str = "float64"  # the least precise dtype any owner's Gram products were computed in
+    # RegMean: also sum diag(G) W^T, which only alpha < 1 reads (see :func:`fusion.methods.regmean.needs_diagonal`)
+    diagonal: bool = True
 
 
 @dataclass
@@ -71,11 +73,11 @@ class Sums(dict):
     def add(self, contribution: Mapping[str, torch.Tensor]) -> None:
         self.check(contribution)
         for key, value in contribution.items():
-            value = value.detach().to(torch.float64)
+            value = value.detach()
             if key in self:
-                self[key].add_(value)
+                self[key].add_(value)  # promoted on the fly: no float64 copy of the contribution
             else:
-                self[key] = value.clone()
+                self[key] = value.to(torch.float64, copy=True)
 
 
 class MergeMethod:

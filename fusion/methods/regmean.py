@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MergeError
 from ..gram import CONV1D
 from ..statistics import unpack_upper
 from ..solve import GRAM_PRECISION, solve_gram
@@ -27,6 +28,12 @@ OWNERS = "owners"
 def transposed(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """``W^T`` (in x out) whatever the layer stores: nn.Linear keeps out x in, Conv1D in x out."""
     return weight if kind == CONV1D else weight.T
+
+
+def needs_diagonal(methods) -> bool:
+    """Whether the sums must hold ``diag(G) W^T``: only a RegMean with alpha < 1 reads it, and owners' sums of
+    it are as large as their weights, so a federation or a merge that asks for none leaves it out."""
+    return any(method.name == "regmean" and method.alpha < 1.0 for method in methods)
 
 
 @register("regmean")
@@ -54,15 +61,18 @@ class RegMean(MergeMethod):
             if not hooked:
                 continue
             tokens = stats.token_counts[key]
-            scale = 1.0 if self.weighting == "sum" else 1.0 / max(tokens, 1)
-            gram = unpack_upper(stats.grams[key], stats.dims[key]) * scale
-            contribution[GRAM + key] = stats.grams[key] * scale
+            packed = stats.grams[key]  # read once: a statistics file may give it lazily, from disk
+            if self.weighting == "equal":
+                packed = packed / max(tokens, 1)
+            gram = unpack_upper(packed, stats.dims[key])
+            contribution[GRAM + key] = packed
             diagonal = gram.diagonal().unsqueeze(1)
             for module in hooked:
                 info = stats.modules[module]
                 weight_t = transposed(owner.params[info.weight], info.kind).to(torch.float64)
                 contribution[GRAM_WEIGHT + module] = gram @ weight_t
-                contribution[DIAG_WEIGHT + module] = diagonal * weight_t
+                if context.diagonal:
+                    contribution[DIAG_WEIGHT + module] = diagonal * weight_t
                 contribution[COVERED + module] = torch.tensor(1.0, dtype=torch.float64)
         return contribution
 
@@ -92,6 +102,9 @@ class RegMean(MergeMethod):
         rhs = torch.cat([sums[GRAM_WEIGHT + m] for m in modules], dim=1)
         if self.alpha < 1.0:
             gram = self.alpha * gram + (1.0 - self.alpha) * torch.diag(gram.diagonal())
+            if any(DIAG_WEIGHT + m not in sums for m in modules):
+                raise MergeError(f"regmean alpha={self.alpha}: the sums hold no diag(G) W^T for layer {key!r} "
+                                 "(aggregated for alpha = 1 only)")
             diag_rhs = torch.cat([sums[DIAG_WEIGHT + m] for m in modules], dim=1)
             rhs = self.alpha * rhs + (1.0 - self.alpha) * diag_rhs
         solution, report = solve_gram(gram, rhs, prior, GRAM_PRECISION[context.gram_dtype])

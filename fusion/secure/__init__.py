@@ -2,7 +2,7 @@
 
 Every merge method is additive (:mod:`fusion.methods`): an owner's part of every sum is computed at its site, with
 :func:`secure_contributions`, encoded in fixed point (:mod:`.fixedpoint`), masked (:mod:`.protocol`), and only the
-sum over owners is ever decoded. :func:`merge_from_sums` then combines exactly as the plaintext merge does.
+sum over owners is ever decoded. :func:`finish_from_sums` then combines and writes exactly as the plaintext merge does.
 
 What cannot be summed cannot be hidden: an owner whose label set differs from the merged one has a head of its
 own, which only it has. It is sent, in the clear, only when that owner asks for it (``share-head``); otherwise it
@@ -12,14 +12,17 @@ stays at its site and the owner attaches it to the merged body itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..aggregate import Merged, OwnerUpdate, context_with, contributions
+from ..aggregate import OwnerUpdate, context_with, contributions
 from ..errors import MergeError
-from ..methods import MergeContext, MergeMethod, MergeOutcome
+from ..finish import Group, finish, plan_groups, plan_outputs, restrict
+from ..methods import MEAN, MergeContext, MergeMethod, Sums
+from ..methods.regmean import needs_diagonal
 from .fixedpoint import BANDS, decode, encode, fraction_bits, magnitude_bands
 from .protocol import Layout
 
@@ -44,7 +47,7 @@ def check_secure_methods(methods: list[MergeMethod]) -> None:
 def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_head: bool) -> dict[str, torch.Tensor]:
     """Everything ``owner`` adds to the sums of ``methods``, keyed ``<group>/body/<sum>`` and ``<group>/head/<sum>``."""
     check_secure_methods(methods)
-    context = context_with(MergeContext(), owner.statistics)
+    context = context_with(MergeContext(diagonal=needs_diagonal(methods)), owner.statistics)
     out = {}
     for index, method in enumerate(sums_groups(methods)):
         body, head = contributions(method, owner, context, with_head)
@@ -57,28 +60,35 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
     return [(key, tuple(tensors[key].shape)) for key in sorted(tensors)]
 
 
-def merge_from_sums(methods: list[MergeMethod], sums: Mapping[str, torch.Tensor], context: MergeContext,
-                    reference_config: Any, own_heads: Mapping[str, tuple[dict, Any]]) -> dict[str, Merged]:
-    """Each method's merge from the decoded sums: the merged body and head as ``"."``, and a folder per owner that
-    sent its own head, with the merged body."""
-    groups = sums_groups(methods)
-    results = {}
-    for method in methods:
-        index = next(i for i, group in enumerate(groups) if group.sums_key() == method.sums_key())
-        body = _part(sums, f"{index}/{BODY}")
-        head = _part(sums, f"{index}/{HEAD}")
-        if not body:
-            raise MergeError(f"{method.label()}: no sums to merge")
-        body_outcome = method.combine(body, context)
-        head_outcome = method.combine(head, context) if head else MergeOutcome({})
-        merged = Merged({".": {**body_outcome.params, **head_outcome.params}}, {".": reference_config},
-                        shared_head=not own_heads, layers={**body_outcome.layers, **head_outcome.layers},
-                        warnings=body_outcome.warnings + head_outcome.warnings)
-        for name, (params, config) in own_heads.items():
-            merged.outputs[name] = {**body_outcome.params, **params}
-            merged.configs[name] = config
-        results[method.label()] = merged
-    return results
+def finish_from_sums(roots: Mapping[str, Path], methods: list[MergeMethod], sums: Mapping[str, torch.Tensor],
+                     context: MergeContext, owners: Mapping[str, tuple[tuple, Any]],
+                     own_heads: Mapping[str, Mapping[str, torch.Tensor]], reference: tuple, *,
+                     report: Mapping[str, Any], tokenizer: Any = None,
+                     dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """Each method's merge from the decoded sums, through the one finish of every mode: the merged body and the
+    ``reference`` label set's summed head, and a folder per owner that sent its own head.
+
+    ``owners``: owner name -> (label set, config), in precedence order. Sites send float32 weights today: the
+    merged model is saved in ``dtype``.
+    """
+    parts = [(_part(sums, f"{index}/{BODY}"), _part(sums, f"{index}/{HEAD}")) for index in range(len(sums_groups(methods)))]
+    if not parts or not parts[0][0]:
+        raise MergeError("no sums to merge")
+    body, head = parts[0]
+    names = [key[len(MEAN):] for key in sorted(body) + sorted(head) if key.startswith(MEAN)]
+    groups = plan_groups(names, {key[len(MEAN):] for key in head if key.startswith(MEAN)}, context.modules)
+    label_sets = {name: labels for name, (labels, _) in owners.items()}
+    outputs = plan_outputs(list(owners), label_sets, {name: config for name, (_, config) in owners.items()},
+                           own_heads, reference)
+    keys = [group.sums_key() for group in sums_groups(methods)]
+
+    def sums_of(method: MergeMethod, group: Group) -> Sums:
+        body_part, head_part = parts[keys.index(method.sums_key())]
+        return restrict(head_part if group.head else body_part, group)
+
+    dtypes = {name: dtype for name in names}
+    common = {**report, "shared_label_set": len(set(label_sets.values())) == 1}
+    return finish(roots, methods, groups, sums_of, context, outputs, dtypes, report=common, tokenizer=tokenizer)
 
 
 def _part(sums: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

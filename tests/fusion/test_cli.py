@@ -139,7 +139,7 @@ def test_owners_of_different_shapes(tmp_path, capsys):
     for model_dir, data_file in zip([dirs[0], wide], data):
         gramfuse("stats", model_dir, data_file)
     expect_error(capsys, ["merge", dirs[0], wide, "-o", tmp_path / "out"],
-                 "owner 'wide'", "bert.encoder.layer.0.intermediate.dense.weight", "(32, 16)", "(24, 16)")
+                 "owner 'wide'", "layer 'bert.encoder.layer.0.intermediate.dense.", "(32", "(24")
     assert not (tmp_path / "out").exists()
 
 

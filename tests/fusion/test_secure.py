@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import SecureRun, perturbed, plaintext_merge, save_owner, secure_merge, tiny_model, write_data
+from helpers import (SecureRun, perturbed, plaintext_aggregator, plaintext_merge, save_owner, secure_merge, tiny_model,
+                     write_data)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -203,18 +204,26 @@ def owners(tmp_path_factory):
     return updates
 
 
-def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners):
+def close(got, expected, tolerance=1e-9):
+    """Every tensor of ``expected`` in ``got``, equal to ``tolerance`` relative to its largest entry."""
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        scale = value.abs().max().clamp_min(1e-30)
+        assert float((got[name] - value).abs().max() / scale) <= tolerance, name
+
+
+def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners, tmp_path):
+    from fusion.secure import BODY
+
     methods = [get_method("regmean"), get_method("regmean", alpha=0.5), get_method("average"),
                get_method("weighted-average")]
-    merged, survivors = secure_merge(methods, owners, drop_bounds={2}, drop_sums={5})
+    sums, merged, survivors = secure_merge(methods, owners, tmp_path / "secure", drop_bounds={2}, drop_sums={5})
     assert [o.name for o in survivors] == ["owner0", "owner2", "owner3"]
-    for method in methods:
-        expected = plaintext_merge(method, survivors).outputs["."]
-        got = merged[method.label()].outputs["."]
-        assert got.keys() == expected.keys()
-        for name, value in expected.items():
-            scale = value.abs().max().clamp_min(1e-30)
-            assert float((got[name] - value).abs().max() / scale) <= 1e-9, (method.label(), name)
+    for index, method in enumerate([methods[0], methods[2], methods[3]]):  # the sums: what the server decodes
+        body = {key[len(f"{index}/{BODY}"):]: value for key, value in sums.items() if key.startswith(f"{index}/{BODY}")}
+        close(body, dict(plaintext_aggregator(method, survivors).body))
+    for method in methods:  # the merges
+        close(merged[method.label()]["."], plaintext_merge(method, survivors, tmp_path / method.label())["."])
 
 
 def test_secure_mode_refuses_methods_that_need_the_base(owners):
@@ -226,8 +235,6 @@ def test_secure_mode_refuses_methods_that_need_the_base(owners):
 
 def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, tmp_path):
     """Its body goes into the secure sums; its head, which nobody can be summed with, only into its own folder."""
-    from fusion.aggregate import Aggregator
-    from fusion.methods import MergeContext
 
     three_labels = tiny_model("bert", num_labels=3)
     three_labels.bert.load_state_dict(perturbed(tiny_model("bert"), seed=49).bert.state_dict())
@@ -236,22 +243,17 @@ def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, 
                                   settings=DataSettings(max_length=16, batch_size=8), progress=False, model=three_labels)
     updates = [*owners[:3], owner_update("topics", three_labels, stats)]
     method = get_method("regmean")
-    merged, _ = secure_merge([method], updates)
-    plaintext = Aggregator(method, MergeContext())  # heads "auto": each owner gets the merged body and its own head
-    for owner in updates:
-        plaintext.add(owner)
-    expected = plaintext.result().outputs["topics"]
-    got = merged["regmean"].outputs["topics"]
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        assert float((got[name] - value).abs().max() / value.abs().max().clamp_min(1e-30)) <= 1e-9, name
+    _, merged, _ = secure_merge([method], updates, tmp_path / "secure")
+    plaintext = plaintext_merge(method, updates, tmp_path / "plaintext")  # the same rule: "." and the topics owner
+    assert merged["regmean"].keys() == plaintext.keys() == {".", "topics"}
+    close(merged["regmean"]["topics"], plaintext["topics"])
     head = updates[3].split()[1]
-    assert all(torch.equal(got[name], head[name]) for name in head)
+    assert all(torch.equal(merged["regmean"]["topics"][name], head[name].double()) for name in head)
     # the merged model's head is the two-label owners' head, merged as if the topics owner were not there
-    reference_head = plaintext_merge(method, owners[:3]).outputs["."]
+    reference_head = plaintext_merge(method, owners[:3], tmp_path / "three")["."]
     for name in updates[0].split()[1]:
         value = reference_head[name]
-        assert float((merged["regmean"].outputs["."][name] - value).abs().max() / value.abs().max()) <= 1e-9
+        assert float((merged["regmean"]["."][name] - value).abs().max() / value.abs().max()) <= 1e-9
 
 
 def test_malformed_masked_vectors_are_refused_naming_the_owner_and_change_nothing():

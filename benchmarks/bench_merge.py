@@ -1,0 +1,169 @@
+"""Peak memory and time of `gramfuse merge --method regmean`, against the model's depth, the number of owners, and a
+floor measured in the same run.
+
+    python -m benchmarks.bench_merge [--llm] [--workdir runs/bench-merge]
+
+- depth: two owners of a 512-wide BERT classifier with 4 and with 16 layers; the peak RSS ratio should stay near 1
+  (the merge streams group by group);
+- owners: 2 and 8 owners of the 4-layer model; flat too;
+- floor: reading every owner's tensors once plus one Cholesky factorisation and triangular solve per Gram group, in
+  this process; the merge's own time (its report's ``seconds``) is given as a ratio to it;
+- ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
+  owners, statistics on 48 real texts: peak RSS, seconds per layer, and the projection to 32 layers.
+
+Each merge runs in its own process (its peak RSS read with ``os.wait4``). Statistics are computed on real VADER
+snippets with the bundled MiniLM tokenizer. Writes benchmarks/results/merge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import write_results
+from examples.assets import minilm_dir, vader, write_jsonl
+from fusion.checkpoint import load_tokenizer
+from fusion.lazy import CheckpointFiles
+from fusion.statistics import STATS_FILENAME, load_statistics
+from fusion.workflows import DataSettings, compute_statistics
+
+RESULTS = Path(__file__).parent / "results" / "merge.json"
+SETTINGS = DataSettings(max_length=32, batch_size=16, max_examples=48)
+
+
+def bert_config(layers: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=512, num_hidden_layers=layers, num_attention_heads=8,
+                      intermediate_size=2048, max_position_embeddings=128, num_labels=2)
+
+
+def llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=30522, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=128, num_labels=2,
+                       pad_token_id=0, dtype="bfloat16")
+
+
+def make_owners(root: Path, config, count: int, data: Path, dtype=torch.float32) -> list[Path]:
+    """``count`` owners: one random model, each owner a perturbed copy, saved with the tokenizer and statistics."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config).to(dtype)
+    tokenizer = load_tokenizer(minilm_dir())
+    folders = []
+    for index in range(count):
+        folder = root / f"owner{index}"
+        if not (folder / STATS_FILENAME).is_file():
+            generator = torch.Generator().manual_seed(100 + index)
+            owner = AutoModelForSequenceClassification.from_config(config).to(dtype)
+            with torch.no_grad():
+                for mine, theirs in zip(owner.parameters(), base.parameters()):
+                    mine.copy_(theirs + 0.01 * torch.randn(theirs.shape, generator=generator).to(dtype))
+            owner.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
+            del owner
+            compute_statistics(folder, data, settings=SETTINGS, progress=False)
+        folders.append(folder)
+    return folders
+
+
+def merge_in_process(folders: list[Path], out: Path) -> dict:
+    """`gramfuse merge` in a process of its own: its report, its peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "fusion.cli", "merge", *map(str, folders), "-o", str(out), "--quiet"]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    output, errors = process.stdout.read().decode(), process.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"merge failed ({status}): {errors[-2000:]}")
+    report = json.loads((out / "gramfuse-merge.json").read_text())
+    return {"owners": len(folders), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "wall_seconds": round(wall, 2),
+            "merge_seconds": report["seconds"], "layers": report["layers"], "summary": output.strip()}
+
+
+def floor_seconds(folders: list[Path]) -> float:
+    """Reading every owner's tensors once, plus one Cholesky and triangular solve per Gram group."""
+    started = time.perf_counter()
+    for folder in folders:
+        files = CheckpointFiles(folder)
+        for name in files:
+            files[name]
+    stats = load_statistics(folders[0] / STATS_FILENAME)
+    widths: dict[str, int] = {}
+    for module, info in stats.modules.items():
+        widths[info.gram] = widths.get(info.gram, 0) + CheckpointFiles(folders[0]).shape(info.weight)[0]
+    for key, width in widths.items():
+        gram = stats.full_gram(key) + torch.eye(stats.dims[key], dtype=torch.float64)
+        factor = torch.linalg.cholesky(gram)
+        torch.cholesky_solve(torch.ones(stats.dims[key], width, dtype=torch.float64), factor)
+    return time.perf_counter() - started
+
+
+def run(name: str, folders: list[Path], workdir: Path) -> dict:
+    result = merge_in_process(folders, workdir / f"merged-{name}")
+    result["floor_seconds"] = round(floor_seconds(folders), 2)
+    result["merge_to_floor"] = round(result["merge_seconds"] / result["floor_seconds"], 3)
+    print(f"{name}: peak {result['peak_rss_mb']} MB, merge {result['merge_seconds']} s, "
+          f"floor {result['floor_seconds']} s", flush=True)
+    result.pop("layers")
+    return result
+
+
+def llm(workdir: Path, data: Path) -> dict:
+    folders = make_owners(workdir / "llama-7b-width-2", llama_config(2), 2, data, torch.bfloat16)
+    result = merge_in_process(folders, workdir / "merged-llama")
+    per_layer = {}
+    for layer in result.pop("layers").values():
+        index = next((part for part in layer["modules"][0].split(".") if part.isdigit()), None)
+        if index is not None:
+            per_layer[index] = per_layer.get(index, 0.0) + layer["seconds"]
+    layer_seconds = sum(per_layer.values()) / max(len(per_layer), 1)
+    result["seconds_per_layer"] = round(layer_seconds, 2)
+    result["projected_32_layer_seconds"] = round(result["merge_seconds"] + 30 * layer_seconds, 1)
+    result["floor_seconds"] = round(floor_seconds(folders), 2)
+    result["merge_to_floor"] = round(result["merge_seconds"] / result["floor_seconds"], 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-merge"))
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(vader("amazon")[:SETTINGS.max_examples], args.workdir / "data.jsonl")
+    shallow = make_owners(args.workdir / "bert-4", bert_config(4), 8, data)
+    deep = make_owners(args.workdir / "bert-16", bert_config(16), 2, data)
+    runs = {
+        "4 layers, 2 owners": run("4 layers, 2 owners", shallow[:2], args.workdir),
+        "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
+        "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
+    }
+    result = {
+        "runs": runs,
+        "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
+                                              / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+        "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
+                                             / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+    }
+    if args.llm:
+        result["llama_7b_width"] = llm(args.workdir, data)
+    write_results(RESULTS, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
