@@ -57,6 +57,22 @@ def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[A
     return model, missing
 
 
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise GramfuseError(f"device {device!r}: {error} (use auto, cpu, cuda or cuda:N)") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise GramfuseError(f"device {device!r}: this machine has {count} CUDA GPU(s) (use --device cpu or auto)")
+    elif resolved.type != "cpu":
+        raise GramfuseError(f"device {device!r}: only cpu and cuda are supported")
+    return resolved
+
+
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -180,62 +196,83 @@ def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: 
         tokenizer.save_pretrained(str(out_dir))
 
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3  # transformers' own default is 5 GB; a smaller shard bounds a merge's peak memory
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default: a shard is written as it fills, never held in memory
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class _Shard:
+    """One safetensors file written tensor by tensor: the bytes go to a side file as they come, and the header
+    (which the format puts first, and which needs every tensor's offsets) is written when it is closed.
+
+    ``safetensors.torch.save_file`` takes the whole dict at once: a merged shard would have to sit in memory.
+    """
+
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = data_path
+        self.data = data_path.open("wb")
+        self.header: dict[str, Any] = {}
+        self.size = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().contiguous().cpu()
+        raw = value.reshape(-1).view(torch.uint8).numpy() if value.numel() else b""
+        self.header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                             "data_offsets": [self.size, self.size + len(raw)]}
+        self.data.write(raw)
+        self.size += len(raw)
+
+    def close(self, path: Path) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format pads the header with spaces so that the data is aligned
+        with path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self.data_path.unlink()
 
 
 class ShardWriter:
     """Tensors written as safetensors shards of at most ``max_shard_bytes`` as they come, with an index when there is
     more than one, as ``save_pretrained(max_shard_size=...)`` writes them: what ``from_pretrained`` loads.
 
-    Only the shard being filled is held in memory.
+    Nothing is held in memory but the tensor being written.
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
+        self.shards: list[_Shard] = []
         self.total_bytes = 0
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
             size = value.numel() * value.element_size()
-            if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-                self._flush()
-            self.pending[name] = value.detach().contiguous()
-            self.pending_bytes += size
+            if not self.shards or (self.shards[-1].size and self.shards[-1].size + size > self.max_shard_bytes):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.shards.append(_Shard(self.folder / f".shard-{len(self.shards)}.partial"))
+            self.shards[-1].add(name, value)
             self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f".shard-{len(self.shards)}.partial"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> list[Path]:
         """Name the shards (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` and the index)."""
         from .lazy import INDEX_FILE, SINGLE_FILE
 
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            final = self.folder / SINGLE_FILE
-            self.shards[0][0].replace(final)
-            return [final]
+        if not self.shards:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.shards.append(_Shard(self.folder / ".shard-0.partial"))
         count = len(self.shards)
-        weight_map, written = {}, []
-        for number, (path, names) in enumerate(self.shards, start=1):
-            final = self.folder / f"model-{number:05d}-of-{count:05d}.safetensors"
-            path.replace(final)
-            written.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        return written
+        names = [SINGLE_FILE] if count == 1 else [f"model-{n:05d}-of-{count:05d}.safetensors" for n in range(1, count + 1)]
+        for shard, name in zip(self.shards, names):
+            shard.close(self.folder / name)
+        if count > 1:
+            weight_map = {tensor: name for shard, name in zip(self.shards, names) for tensor in shard.header}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return [self.folder / name for name in names]
 
 
 def model_skeleton(config: Any) -> Any:

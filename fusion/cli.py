@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
     merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties)")
     merge.add_argument("--max-shard-size", type=_byte_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
-                       help="largest output shard, e.g. 500MB or 2GB (default 2GB); a larger model is written as "
-                       "several shards with an index, as save_pretrained does")
+                       help="largest output shard, e.g. 500MB or 2GB (default 5GB, as save_pretrained); a larger "
+                       "model is written as several shards with an index")
+    merge.add_argument("--device", default="auto", help="where the Gram products and solves run: auto (a GPU when "
+                       "there is one, default), cpu, cuda, cuda:N")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -149,7 +151,7 @@ def run_merge(args: argparse.Namespace) -> None:
         raise GramfuseError(f"method {args.method!r} works relative to a base model: give --base BASE_DIR")
     with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
         report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
-                               progress=bar, max_shard_bytes=args.max_shard_size)
+                               progress=bar, max_shard_bytes=args.max_shard_size, device=args.device)
     print(merge_summary(args.output, report))
 
 

@@ -78,6 +78,13 @@ class GramAccumulator:
     def packed(self) -> torch.Tensor:
         return pack_upper(self.total).cpu()
 
+    def release(self) -> torch.Tensor:
+        """The packed triangle, the full sum freed: packing Grams one by one holds one full and one packed copy at
+        a time, not all of both."""
+        packed = self.packed()
+        self.total = torch.empty(0, dtype=torch.float64)
+        return packed
+
 
 def _real_rows(inputs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """The rows of a layer input that belong to real tokens, and whether pads are surely excluded.
@@ -168,14 +175,15 @@ class GramCollector:
         exact = all(acc.compute_dtype == torch.float64 for acc in self.accumulators.values())
         return "float64" if exact else "float32"
 
-    def statistics(self, settings: Mapping[str, Any] | None = None) -> GramStatistics:
-        """The accumulated statistics, with the fingerprint of the model's current weights."""
+    def statistics(self, settings: Mapping[str, Any] | None = None, fingerprint: str | None = None) -> GramStatistics:
+        """The accumulated statistics, with ``fingerprint`` (default: that of the model's current weights). Call it
+        once: it packs and frees the accumulators as it goes."""
         modules = {
             name: ModuleInfo(gram=self.gram_key[name], kind=self.kind[name], weight=f"{name}.weight")
             for name, _, _ in self.modules
             if name in self.gram_key
         }
-        grams = {key: acc.packed() for key, acc in self.accumulators.items()}
+        grams = {key: acc.release() for key, acc in self.accumulators.items()}
         return GramStatistics(
             grams=grams,
             dims={key: acc.dim for key, acc in self.accumulators.items()},
@@ -183,7 +191,7 @@ class GramCollector:
             pads_excluded=dict(self.pads_excluded),
             modules=modules,
             example_count=self.example_count,
-            fingerprint=weights_fingerprint(self.model.state_dict()),
+            fingerprint=fingerprint or weights_fingerprint(self.model.state_dict()),
             settings=dict(settings or {}),
             gram_dtype=self._gram_dtype_name(),
         )
@@ -207,12 +215,14 @@ def collect_statistics(
     compute_dtype: torch.dtype = torch.float64,
     settings: Mapping[str, Any] | None = None,
     progress: Any = None,
+    fingerprint: str | None = None,
 ) -> GramStatistics:
     """Gram statistics of ``model`` over ``batches``.
 
     A batch is a mapping of keyword inputs (a Hugging Face tokenizer's output; ``attention_mask`` masks pads,
     ``labels`` is ignored) or a single input tensor. ``compute_dtype`` is that of the per-batch products: float64
     (exact, the default) or float32 (about twice as fast, ~1e-7 relative error). ``progress`` is an optional tqdm-like object updated per example.
+    ``fingerprint`` names the weights when the caller knows it (a folder's), saving a hash of the whole model.
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
     device = next(model.parameters()).device  # batches go where the model is: the GPU, when it was put there
@@ -230,5 +240,5 @@ def collect_statistics(
         model.train(was_training)
     if collector.example_count == 0:
         raise ValueError("no batches: statistics need at least one example")
-    return collector.statistics(settings)
+    return collector.statistics(settings, fingerprint)
 

@@ -30,6 +30,7 @@ from .checkpoint import (
     missing_from,
     model_skeleton,
     quiet_transformers,
+    resolve_device,
     tokenizer_or_none,
 )
 from .errors import CompatibilityError, GramfuseError, MergeError, StatisticsError
@@ -103,7 +104,7 @@ def open_owner(name: str, path: Path, needs_statistics: bool) -> FolderOwner:
             f"owner {name!r}: {path}: the checkpoint lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} "
             "(an untrained classification head?); fine-tune the model first"
         )
-    stats = open_statistics(path / STATS_FILENAME, f"owner {name!r}: {path / STATS_FILENAME}") if needs_statistics else None
+    stats = open_statistics(path / STATS_FILENAME, name) if needs_statistics else None
     if stats is not None:
         for module, info in stats.modules.items():
             if info.weight not in files:
@@ -169,11 +170,12 @@ def load_base(base_dir: str | Path | None) -> dict | None:
     return {name: value for name, value in float_state(model).items() if name not in set(missing)}
 
 
-def merge_context(method: MergeMethod, owners: Sequence[FolderOwner], base: Mapping | None) -> MergeContext:
+def merge_context(method: MergeMethod, owners: Sequence[FolderOwner], base: Mapping | None,
+                  device: str = "cpu") -> MergeContext:
     stats = [owner.statistics for owner in owners if owner.statistics is not None]
     gram_dtype = "float32" if any(s.gram_dtype == "float32" for s in stats) else "float64"
     return MergeContext(base=base, modules=dict(stats[0].modules) if stats else {}, gram_dtype=gram_dtype,
-                        diagonal=needs_diagonal([method]))
+                        diagonal=needs_diagonal([method]), device=str(resolve_device(device)))
 
 
 def streamed_sums(owners: Sequence[FolderOwner], head_owners: set[str], context: MergeContext):
@@ -200,18 +202,20 @@ def merge_folders(
     overwrite: bool = False,
     progress: Any = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
     The merged model holds the label set most owners share (:func:`fusion.finish.plan_outputs`); every other owner
     gets a folder ``out_dir/<owner>`` with the merged body and its own head. ``progress`` is a tqdm-like object whose
-    total is set to the number of groups.
+    total is set to the number of groups. ``device`` (``cpu``, ``cuda``, ``auto``) runs the Gram products and solves.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
     if not paths:
         raise MergeError("no model folders given")
     needs_statistics = method.needs_statistics or method.needs_fisher
+    device = str(resolve_device(device))  # before any owner is read: a device that is not there is the user's first error
     owners = [open_owner(name, path, needs_statistics) for name, path in zip(owner_names(paths), paths)]
     check_owners(owners)
     for owner in owners:
@@ -225,7 +229,7 @@ def merge_folders(
     own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
     outputs = plan_outputs(order, {o.name: o.label_set for o in owners}, {o.name: o.config for o in owners}, own_heads)
     reference = by_name[outputs[0].owners[0]]
-    context = merge_context(method, owners, load_base(base_dir))
+    context = merge_context(method, owners, load_base(base_dir), device)
     names = reference.float_names()
     groups = plan_groups(names, reference.head, context.modules)
     if progress is not None:

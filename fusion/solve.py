@@ -21,7 +21,7 @@ GRAM_PRECISION = {"float64": 1e-12, "float32": 1e-6}
 RIDGE_TRIES = 3
 
 
-ESTIMATE_STEPS = 30
+ESTIMATE_STEPS = 10
 CONDITION_ESTIMATE = f"lower bound: {ESTIMATE_STEPS} power steps on G and on G^-1 (through its Cholesky factor)"
 
 
@@ -39,10 +39,11 @@ class SolveReport:
         }
 
 
-def _power(apply, dim: int, dtype: torch.dtype) -> float:
+def _power(apply, dim: int, dtype: torch.dtype, device: torch.device) -> float:
     """The largest eigenvalue of the symmetric positive semi-definite operator ``apply``, from below (Rayleigh
     quotients of a few power steps from a fixed start; exact for the top eigenvector, close once it dominates)."""
-    vector = torch.ones(dim, 1, dtype=dtype) + torch.linspace(0.0, 1.0, dim, dtype=dtype).unsqueeze(1)
+    vector = torch.ones(dim, 1, dtype=dtype, device=device) + torch.linspace(0.0, 1.0, dim, dtype=dtype,
+                                                                              device=device).unsqueeze(1)
     vector /= vector.norm()
     estimate = 0.0
     for _ in range(ESTIMATE_STEPS):
@@ -56,13 +57,13 @@ def _power(apply, dim: int, dtype: torch.dtype) -> float:
 
 
 def largest_eigenvalue(gram: torch.Tensor) -> float:
-    return _power(lambda v: gram @ v, gram.shape[0], gram.dtype)
+    return _power(lambda v: gram @ v, gram.shape[0], gram.dtype, gram.device)
 
 
 def condition_estimate(gram: torch.Tensor, factor: torch.Tensor, largest: float) -> float:
     """``largest / smallest`` eigenvalue of ``gram`` from its Cholesky ``factor``: the smallest eigenvalue is the
     inverse of the largest of ``G^-1``, found by power steps that each cost two triangular solves, not ``d^3``."""
-    inverse_largest = _power(lambda v: torch.cholesky_solve(v, factor), gram.shape[0], gram.dtype)
+    inverse_largest = _power(lambda v: torch.cholesky_solve(v, factor), gram.shape[0], gram.dtype, gram.device)
     return largest * inverse_largest if inverse_largest > 0.0 else math.inf
 
 
@@ -78,13 +79,13 @@ def solve_gram(
     largest = largest_eigenvalue(gram)
     if largest <= 0.0:  # no data reached this layer at all: nothing to regress on
         return prior.clone(), SolveReport(math.inf, 0.0, "none")
-    # Solving for the step from the prior makes both the ridge and the minimum-norm fallback pull towards it.
-    residual = rhs - gram @ prior
     factor, info = torch.linalg.cholesky_ex(gram)
     condition = condition_estimate(gram, factor, largest) if int(info) == 0 else math.inf
     if condition * precision < 1.0:
-        return prior + torch.cholesky_solve(residual, factor), SolveReport(condition, 0.0, "cholesky")
+        return torch.cholesky_solve(rhs, factor), SolveReport(condition, 0.0, "cholesky")
     del factor
+    # Solving for the step from the prior makes both the ridge and the minimum-norm fallback pull towards it.
+    residual = rhs - gram @ prior
     # Eigenvalues below precision * largest cannot be told from zero: a ridge of that size pulls those directions
     # towards the prior and leaves the others solved.
     ridge = precision * largest
@@ -96,5 +97,6 @@ def solve_gram(
         if int(info) == 0:
             return prior + torch.cholesky_solve(residual, factor), SolveReport(condition, ridge, "cholesky+ridge")
         ridge *= 10.0
-    delta = torch.linalg.lstsq(gram, residual, rcond=precision, driver="gelsd").solution
-    return prior + delta, SolveReport(condition, 0.0, "lstsq")
+    # gelsd (minimum norm, rank-revealing) is a CPU driver: the rare fallback runs there whatever the device.
+    delta = torch.linalg.lstsq(gram.cpu(), residual.cpu(), rcond=precision, driver="gelsd").solution
+    return prior + delta.to(prior.device), SolveReport(condition, 0.0, "lstsq")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_finite, float_state, load_classifier, load_tokenizer
+from .checkpoint import check_finite, float_state, load_classifier, load_tokenizer, resolve_device
 from .data import batches, count_examples, label_index, read_examples
 from .errors import DataError
 from .evaluate import classification_scores, predict
@@ -93,32 +93,21 @@ def compute_statistics(
         model, _ = load_classifier(model_dir)
     check_finite(str(model_dir), float_state(model))
     model = model.to(resolve_device(device))
+    # The folder's checkpoint, not the loaded model, is what a merge reads and checks the statistics against.
+    fingerprint = CheckpointFiles(model_dir).fingerprint()
     tokenizer = load_tokenizer(model_dir)
     make_batches = partial(_batches, model, tokenizer, data_file, settings)
     with _bar(data_file, settings, "gram statistics", progress) as bar:
         stats = collect_statistics(
             model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
-            progress=bar,
+            progress=bar, fingerprint=fingerprint,
         )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:
             stats.fisher, stats.fisher_example_count = collect_fisher(model, make_batches(labelled=True), bar)
-    # The folder's checkpoint, not the loaded model, is what a merge reads and checks the statistics against.
-    stats.fingerprint = CheckpointFiles(model_dir).fingerprint()
     path = Path(out) if out is not None else model_dir / STATS_FILENAME
     save_statistics(stats, path)
     return stats, path
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"device {device!r}: no CUDA GPU here (use --device cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise DataError(f"device {device!r}: {error}") from error
 
 
 def evaluate_folder(

@@ -52,6 +52,7 @@ class MergeContext:
     gram_dtype: str = "float64"  # the least precise dtype any owner's Gram products were computed in
     # RegMean: also sum diag(G) W^T, which only alpha < 1 reads (see :func:`fusion.methods.regmean.needs_diagonal`)
     diagonal: bool = True
+    device: str = "cpu"  # where Gram products and solves run ("cuda" on a GPU); merged parameters come back to the CPU
 
 
 @dataclass

@@ -61,7 +61,7 @@ class RegMean(MergeMethod):
             if not hooked:
                 continue
             tokens = stats.token_counts[key]
-            packed = stats.grams[key]  # read once: a statistics file may give it lazily, from disk
+            packed = stats.grams[key].to(context.device)  # read once: a statistics file may give it lazily
             if self.weighting == "equal":
                 packed = packed / max(tokens, 1)
             gram = unpack_upper(packed, stats.dims[key])
@@ -69,7 +69,7 @@ class RegMean(MergeMethod):
             diagonal = gram.diagonal().unsqueeze(1)
             for module in hooked:
                 info = stats.modules[module]
-                weight_t = transposed(owner.params[info.weight], info.kind).to(torch.float64)
+                weight_t = transposed(owner.params[info.weight], info.kind).to(context.device, torch.float64)
                 contribution[GRAM_WEIGHT + module] = gram @ weight_t
                 if context.diagonal:
                     contribution[DIAG_WEIGHT + module] = diagonal * weight_t
@@ -97,8 +97,9 @@ class RegMean(MergeMethod):
     def _solve_group(self, key, modules, sums, context: MergeContext, outcome: MergeOutcome) -> None:
         """One factorisation of the shared Gram serves every layer fed that input."""
         infos = [context.modules[m] for m in modules]
-        prior = torch.cat([transposed(outcome.params[i.weight], i.kind) for i in infos], dim=1)
-        gram = unpack_upper(sums[GRAM + key], prior.shape[0])
+        gram = sums[GRAM + key]
+        prior = torch.cat([transposed(outcome.params[i.weight], i.kind) for i in infos], dim=1).to(gram.device)
+        gram = unpack_upper(gram, prior.shape[0])
         rhs = torch.cat([sums[GRAM_WEIGHT + m] for m in modules], dim=1)
         if self.alpha < 1.0:
             gram = self.alpha * gram + (1.0 - self.alpha) * torch.diag(gram.diagonal())
@@ -110,7 +111,7 @@ class RegMean(MergeMethod):
         solution, report = solve_gram(gram, rhs, prior, GRAM_PRECISION[context.gram_dtype])
         widths = [sums[GRAM_WEIGHT + m].shape[1] for m in modules]
         for info, part in zip(infos, torch.split(solution, widths, dim=1)):
-            outcome.params[info.weight] = transposed(part, info.kind).contiguous()
+            outcome.params[info.weight] = transposed(part, info.kind).contiguous().cpu()
         outcome.layers[key] = {"modules": modules, **report.as_dict()}
         if report.solver != "cholesky":
             outcome.warnings.append(

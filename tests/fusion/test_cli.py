@@ -226,3 +226,41 @@ def test_existing_output_is_not_overwritten_without_asking(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", "average", "--overwrite") == 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_merge_writes_shards_and_an_index_that_transformers_loads(tmp_path):
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "whole") == 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "sharded", "--max-shard-size", "20KB") == 0
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    for name in shards:  # as save_pretrained: at most the size, unless one tensor alone is larger (the embeddings)
+        tensors = [tensor for tensor, shard in index["weight_map"].items() if shard == name]
+        assert (tmp_path / "sharded" / name).stat().st_size <= 20_000 + 4_096 or len(tensors) == 1, name
+    whole = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "whole")).state_dict()
+    sharded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "sharded")).state_dict()
+    assert whole.keys() == sharded.keys() and all(torch.equal(whole[k], sharded[k]) for k in whole)
+
+
+def test_bfloat16_owners_give_a_bfloat16_merge(tmp_path):
+    base = tiny_model("bert").to(torch.bfloat16)
+    dirs = [save_owner(perturbed(base.float(), seed=20 + i).to(torch.bfloat16), tmp_path / f"owner{i}")
+            for i in range(2)]
+    for i, model_dir in enumerate(dirs):
+        assert gramfuse("stats", model_dir, write_data(tmp_path / f"data{i}.jsonl", 24, seed=i)) == 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "merged") == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert {value.dtype for value in merged.values() if value.is_floating_point()} == {torch.bfloat16}
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"), dtype="auto")
+    assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device, message", [("cuda:99", "CUDA GPU"), ("tpu", "device 'tpu'")])
+def test_a_device_that_is_not_there_is_a_clear_error(tmp_path, capsys, device, message):
+    dirs, data = make_federation(tmp_path, "bert")
+    expect_error(capsys, ["stats", dirs[0], data[0], "--device", device], message)
+    assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out", "--device", device], message)

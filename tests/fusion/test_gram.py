@@ -16,12 +16,15 @@ def encode(texts):
     return dict(tokenizer()(texts, padding=True, return_tensors="pt"))
 
 
-@given(dim=st.integers(1, 40), seed=st.integers(0, 10_000))
+@settings(deadline=None, max_examples=40)
+@given(dim=st.one_of(st.integers(1, 40), st.integers(250, 600)), seed=st.integers(0, 10_000))
 def test_pack_unpack_round_trip(dim, seed):
+    """Packing goes by blocks of rows (256): sizes around and across block edges, against one triu_indices."""
     x = torch.randn(dim + 3, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     full = x.T @ x
     packed = pack_upper(full)
-    assert packed.numel() == dim * (dim + 1) // 2
+    rows, cols = torch.triu_indices(dim, dim)
+    assert torch.equal(packed, full[rows, cols])
     assert torch.equal(unpack_upper(packed, dim), full.triu() + full.triu(1).T)
 
 
