@@ -11,7 +11,7 @@ floor measured in the same run.
 - ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
   owners, statistics on 48 real texts: peak RSS, seconds per layer, and the projection to 32 layers.
 
-Each merge runs in its own process (its peak RSS read with ``os.wait4``). Statistics are computed on real VADER
+Each merge runs in its own process, which reports its own peak RSS (:mod:`benchmarks.peak`). Statistics are computed on real VADER
 snippets with the bundled MiniLM tokenizer. Writes benchmarks/results/merge.json.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_results
+from benchmarks import peak, write_results
 from examples.assets import minilm_dir, vader, write_jsonl
 from fusion.checkpoint import load_tokenizer
 from fusion.lazy import CheckpointFiles
@@ -54,14 +53,16 @@ def llama_config(layers: int):
                        pad_token_id=0, dtype="bfloat16")
 
 
-def make_owners(root: Path, config, count: int, data: Path, dtype=torch.float32) -> list[Path]:
-    """``count`` owners: one random model, each owner a perturbed copy, saved with the tokenizer and statistics."""
+def make_owners(root: Path, config, count: int, data: Path, tokenizer_dir: Path, dtype=torch.float32,
+                device: str = "cpu") -> tuple[list[Path], float]:
+    """``count`` owners: one random model, each owner a perturbed copy, saved with the tokenizer and statistics.
+    Also the seconds the statistics took (all owners), on ``device``."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_config(config).to(dtype)
-    tokenizer = load_tokenizer(minilm_dir())
-    folders = []
+    tokenizer = load_tokenizer(tokenizer_dir)
+    folders, seconds = [], 0.0
     for index in range(count):
         folder = root / f"owner{index}"
         if not (folder / STATS_FILENAME).is_file():
@@ -73,29 +74,30 @@ def make_owners(root: Path, config, count: int, data: Path, dtype=torch.float32)
             owner.save_pretrained(str(folder))
             tokenizer.save_pretrained(str(folder))
             del owner
-            compute_statistics(folder, data, settings=SETTINGS, progress=False)
+            started = time.perf_counter()
+            compute_statistics(folder, data, settings=SETTINGS, progress=False, device=device)
+            seconds += time.perf_counter() - started
         folders.append(folder)
-    return folders
+    return folders, seconds
 
 
-def merge_in_process(folders: list[Path], out: Path) -> dict:
-    """`gramfuse merge` in a process of its own: its report, its peak RSS."""
+def merge_in_process(folders: list[Path], out: Path, device: str = "cpu") -> dict:
+    """`gramfuse merge` in a process of its own: its report, its own peak RSS (:mod:`benchmarks.peak`)."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "fusion.cli", "merge", *map(str, folders), "-o", str(out), "--quiet"]
+    command = [sys.executable, "-m", "benchmarks.peak", "fusion.cli", "merge", *map(str, folders), "-o", str(out),
+               "--quiet", "--device", device]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    output, errors = process.stdout.read().decode(), process.stderr.read().decode()
-    if status != 0:
-        raise SystemExit(f"merge failed ({status}): {errors[-2000:]}")
+    if done.returncode != 0:
+        raise SystemExit(f"merge failed ({done.returncode}): {done.stderr[-2000:]}")
     report = json.loads((out / "gramfuse-merge.json").read_text())
-    return {"owners": len(folders), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "wall_seconds": round(wall, 2),
-            "merge_seconds": report["seconds"], "layers": report["layers"], "summary": output.strip()}
+    return {"owners": len(folders), "peak_rss_mb": peak.parse(done.stderr), "wall_seconds": round(wall, 2),
+            "merge_seconds": report["seconds"], "layers": report["layers"], "summary": done.stdout.strip()}
 
 
-def floor_seconds(folders: list[Path]) -> float:
-    """Reading every owner's tensors once, plus one Cholesky and triangular solve per Gram group."""
+def floor_seconds(folders: list[Path], device: str = "cpu") -> float:
+    """Reading every owner's tensors once, plus one Cholesky and triangular solve per Gram group (on ``device``)."""
     started = time.perf_counter()
     for folder in folders:
         files = CheckpointFiles(folder)
@@ -106,9 +108,9 @@ def floor_seconds(folders: list[Path]) -> float:
     for module, info in stats.modules.items():
         widths[info.gram] = widths.get(info.gram, 0) + CheckpointFiles(folders[0]).shape(info.weight)[0]
     for key, width in widths.items():
-        gram = stats.full_gram(key) + torch.eye(stats.dims[key], dtype=torch.float64)
+        gram = (stats.full_gram(key) + torch.eye(stats.dims[key], dtype=torch.float64)).to(device)
         factor = torch.linalg.cholesky(gram)
-        torch.cholesky_solve(torch.ones(stats.dims[key], width, dtype=torch.float64), factor)
+        float(torch.cholesky_solve(torch.ones(stats.dims[key], width, dtype=torch.float64, device=device), factor)[0, 0])
     return time.perf_counter() - started
 
 
@@ -122,46 +124,61 @@ def run(name: str, folders: list[Path], workdir: Path) -> dict:
     return result
 
 
-def llm(workdir: Path, data: Path) -> dict:
-    folders = make_owners(workdir / "llama-7b-width-2", llama_config(2), 2, data, torch.bfloat16)
-    result = merge_in_process(folders, workdir / "merged-llama")
-    per_layer = {}
-    for layer in result.pop("layers").values():
-        index = next((part for part in layer["modules"][0].split(".") if part.isdigit()), None)
-        if index is not None:
-            per_layer[index] = per_layer.get(index, 0.0) + layer["seconds"]
-    layer_seconds = sum(per_layer.values()) / max(len(per_layer), 1)
-    result["seconds_per_layer"] = round(layer_seconds, 2)
-    result["projected_32_layer_seconds"] = round(result["merge_seconds"] + 30 * layer_seconds, 1)
-    result["floor_seconds"] = round(floor_seconds(folders), 2)
-    result["merge_to_floor"] = round(result["merge_seconds"] / result["floor_seconds"], 3)
-    return result
+def llm(workdir: Path, data: Path, tokenizer_dir: Path, devices: list[str]) -> dict:
+    """The Llama-7B-width merge, its statistics and its merge timed on each of ``devices``."""
+    results = {}
+    for device in devices:
+        folders, stats_seconds = make_owners(workdir / f"llama-7b-width-2-{device}", llama_config(2), 2, data,
+                                             tokenizer_dir, torch.bfloat16, device)
+        result = merge_in_process(folders, workdir / f"merged-llama-{device}", device)
+        per_layer = {}
+        for layer in result.pop("layers").values():
+            index = next((part for part in layer["modules"][0].split(".") if part.isdigit()), None)
+            if index is not None:
+                per_layer[index] = per_layer.get(index, 0.0) + layer["seconds"]
+        layer_seconds = sum(per_layer.values()) / max(len(per_layer), 1)
+        result["statistics_seconds_two_owners"] = round(stats_seconds, 2)
+        result["seconds_per_layer"] = round(layer_seconds, 2)
+        result["projected_32_layer_seconds"] = round(result["merge_seconds"] + 30 * layer_seconds, 1)
+        result["floor_seconds"] = round(floor_seconds(folders, device), 2)
+        result["merge_to_floor"] = round(result["merge_seconds"] / result["floor_seconds"], 3)
+        print(f"llama 7B width on {device}: {result}", flush=True)
+        results[device] = result
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
+    parser.add_argument("--no-bert", action="store_true", help="skip the depth and owner-count runs")
+    parser.add_argument("--devices", nargs="+", default=["cpu"], help="devices for the --llm runs (cpu, cuda)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: bundled MiniLM)")
+    parser.add_argument("--data", type=Path, default=None, help="a JSONL data file (default: VADER amazon)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-merge"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(vader("amazon")[:SETTINGS.max_examples], args.workdir / "data.jsonl")
-    shallow = make_owners(args.workdir / "bert-4", bert_config(4), 8, data)
-    deep = make_owners(args.workdir / "bert-16", bert_config(16), 2, data)
-    runs = {
-        "4 layers, 2 owners": run("4 layers, 2 owners", shallow[:2], args.workdir),
-        "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
-        "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
-    }
-    result = {
-        "runs": runs,
-        "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
-                                              / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
-        "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
-                                             / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
-    }
+    tokenizer_dir = args.tokenizer or minilm_dir()
+    data = args.data or write_jsonl(vader("amazon")[:SETTINGS.max_examples], args.workdir / "data.jsonl")
+    result = {}
+    if not args.no_bert:
+        shallow, _ = make_owners(args.workdir / "bert-4", bert_config(4), 8, data, tokenizer_dir)
+        deep, _ = make_owners(args.workdir / "bert-16", bert_config(16), 2, data, tokenizer_dir)
+        runs = {
+            "4 layers, 2 owners": run("4 layers, 2 owners", shallow[:2], args.workdir),
+            "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
+            "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
+        }
+        result = {
+            "runs": runs,
+            "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
+                                                  / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+            "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
+                                                 / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+        }
     if args.llm:
-        result["llama_7b_width"] = llm(args.workdir, data)
-    write_results(RESULTS, result)
+        result["llama_7b_width"] = llm(args.workdir, data, tokenizer_dir, args.devices)
+    write_results(args.results, result)
     return 0
 
 
