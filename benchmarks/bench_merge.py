@@ -6,6 +6,8 @@ floor measured in the same run.
 - depth: two owners of a 512-wide BERT classifier with 4 and with 16 layers; the peak RSS ratio should stay near 1
   (the merge streams group by group);
 - owners: 2 and 8 owners of the 4-layer model; flat too;
+- the plaintext server's aggregation of the same owners (payload codec, Aggregator, finish; no transport), in a
+  process of its own: the same two ratios;
 - floor: reading every owner's tensors once plus one Cholesky factorisation and triangular solve per Gram group, in
   this process; the merge's own time (its report's ``seconds``) is given as a ratio to it;
 - ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
@@ -96,6 +98,40 @@ def merge_in_process(folders: list[Path], out: Path, device: str = "cpu") -> dic
             "merge_seconds": report["seconds"], "layers": report["layers"], "summary": done.stdout.strip()}
 
 
+def server_in_process(folders: list[Path], out: Path) -> dict:
+    """The plaintext server's aggregation and finish (the payload codec, the Aggregator, the one finish) on these
+    owners, in a process of its own, without Flower's transport: its own peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "benchmarks.peak", "benchmarks.bench_merge", "--server-probe", str(out),
+               *map(str, folders)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"server probe failed ({done.returncode}): {done.stderr[-2000:]}")
+    return {"owners": len(folders), "server_peak_rss_mb": peak.parse(done.stderr)}
+
+
+def server_probe(out: Path, folders: list[str]) -> None:
+    """What the server does with each owner's reply: decode the payload, fold it into the sums; then finish."""
+    from flwr.app import ArrayRecord
+
+    from federation.payload import owner_from_payload, owner_payload
+    from fusion.aggregate import Aggregator
+    from fusion.checkpoint import load_classifier
+    from fusion.methods import MergeContext, get_method
+    from fusion.statistics import load_statistics
+
+    method = get_method("regmean")
+    aggregator = Aggregator(method, MergeContext(diagonal=False))
+    for index, folder in enumerate(folders):
+        model, _ = load_classifier(folder)
+        tensors, meta = owner_payload(model, load_statistics(Path(folder) / STATS_FILENAME))
+        del model
+        received = ArrayRecord(torch_state_dict=tensors).to_torch_state_dict()  # what Flower hands the server
+        del tensors
+        aggregator.add(owner_from_payload(f"node-{index}", received, meta))
+    aggregator.finish_into({method.label(): out}, [method], report={})
+
+
 def floor_seconds(folders: list[Path], device: str = "cpu") -> float:
     """Reading every owner's tensors once, plus one Cholesky and triangular solve per Gram group (on ``device``)."""
     started = time.perf_counter()
@@ -148,6 +184,10 @@ def llm(workdir: Path, data: Path, tokenizer_dir: Path, devices: list[str]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--server-probe"]:  # one server aggregation, run by server_in_process in a process of its own
+        server_probe(Path(argv[1]), argv[2:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
     parser.add_argument("--no-bert", action="store_true", help="skip the depth and owner-count runs")
@@ -169,8 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
             "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
         }
+        servers = {
+            "4 layers, 2 owners": server_in_process(shallow[:2], args.workdir / "server-4"),
+            "16 layers, 2 owners": server_in_process(deep, args.workdir / "server-16"),
+            "4 layers, 8 owners": server_in_process(shallow, args.workdir / "server-8"),
+        }
         result = {
             "runs": runs,
+            "server": servers,
+            "server_peak_rss_ratio_16_to_4_layers": round(servers["16 layers, 2 owners"]["server_peak_rss_mb"]
+                                                         / servers["4 layers, 2 owners"]["server_peak_rss_mb"], 3),
+            "server_peak_rss_ratio_8_to_2_owners": round(servers["4 layers, 8 owners"]["server_peak_rss_mb"]
+                                                        / servers["4 layers, 2 owners"]["server_peak_rss_mb"], 3),
             "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
                                                   / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
             "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]

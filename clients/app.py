@@ -26,13 +26,15 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.payload import describe_model, owner_payload
+from federation.protocol import OwnerSession
+from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
+
 from fusion.aggregate import owner_update
-from fusion.checkpoint import float_state, load_classifier, public_config_json, tokenizer_files
+from fusion.checkpoint import load_classifier, public_config_json, tokenizer_files
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
-from fusion.payload import describe_model, owner_payload
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
-from fusion.secure.protocol import OwnerSession
 from fusion.lazy import CheckpointFiles
 from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.workflows import DataSettings, compute_statistics
@@ -40,9 +42,6 @@ from fusion.workflows import DataSettings, compute_statistics
 log = logging.getLogger("gramfuse.client")
 app = ClientApp()
 
-PAYLOAD = "owner"  # ArrayRecord: weights, Grams, Fisher
-META = "meta"  # ConfigRecord: one JSON string and the tokenizer's files
-TOKENIZER = "tokenizer/"
 
 
 def site_paths(context: Context) -> tuple[Path, Path]:
@@ -125,8 +124,6 @@ def contribute(msg: Message, context: Context) -> Message:
 # --- secure mode: the same contribution, computed here and sent only masked (see fusion.secure) ---------------------
 
 SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
-MASKED = "masked"  # ArrayRecord of uint64 masked vectors
-OWN_HEAD = "own-head"  # ArrayRecord: this site's own head, in the clear, only when the site allows it
 
 
 def _session(context: Context) -> OwnerSession:

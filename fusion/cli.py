@@ -182,7 +182,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_credentials(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .credentials import make_site_key, make_tls
+    # Transport credentials are the federation's business; the command lives here so that one `gramfuse` does all.
+    from federation.credentials import make_site_key, make_tls
 
     if not args.host and not args.site:
         raise GramfuseError("nothing to make: give --host (TLS certificates) and/or --site (site keys)")

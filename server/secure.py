@@ -1,4 +1,4 @@
-"""The secure-mode strategy: the server routes the protocol of :mod:`fusion.secure.protocol` and decodes sums only.
+"""The secure-mode strategy: the server routes the protocol of :mod:`federation.protocol` and decodes sums only.
 
 Lifecycle (each step one exchange with the sites that are still in): describe (as in plaintext mode) → ``keys``
 (public keys and the layout of the sums: names and shapes, no values) → ``shares`` (sealed, routed unread) →
@@ -19,7 +19,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from transformers import AutoConfig
 
-from clients.app import MASKED, META, OWN_HEAD, TOKENIZER
+from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
+from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER
+
 from fusion.errors import GramfuseError
 from fusion.finish import reference_label_set as majority_label_set
 from fusion.methods import MergeContext
@@ -31,7 +33,6 @@ from fusion.secure import (
     finish_from_sums,
     scales_from_bands,
 )
-from fusion.secure.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
 from fusion.statistics import ModuleInfo
 from server.strategy import FederationError, OwnerRecord, RegMeanStrategy, owner_name
 

@@ -25,14 +25,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.app import META, PAYLOAD, TOKENIZER
+from federation.audit import record_reply
+from federation.payload import owner_from_payload
+from federation.wire import META, PAYLOAD, TOKENIZER
+
 from fusion.aggregate import Aggregator
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.errors import GramfuseError
 from fusion.finish import method_roots
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
-from fusion.payload import owner_from_payload
 
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
@@ -317,25 +319,3 @@ class RegMeanStrategy(Strategy):
             "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},
             "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-
-
-def record_reply(path: Path, reply: Message) -> None:
-    """Save a reply as it arrived: every array, every bytes value (as uint8), the rest of its configs as metadata.
-
-    For audits (run config ``record-dir``): what the server could have kept of each site.
-    """
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    arrays, metadata = {}, {}
-    for record_name, record in reply.content.items():
-        for key, value in record.items():
-            name = f"{record_name}/{key}"
-            if isinstance(record, ArrayRecord):
-                arrays[name] = np.ascontiguousarray(value.numpy())
-            elif isinstance(value, bytes):
-                arrays[name] = np.frombuffer(value, dtype=np.uint8).copy()
-            else:
-                metadata[name] = json.dumps(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(path), metadata=metadata)

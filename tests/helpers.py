@@ -161,7 +161,7 @@ class SecureRun:
     ``drop[round]`` names the owners that vanish after the previous step (they send nothing more)."""
 
     def __init__(self, nodes, threshold, session="test"):
-        from fusion.secure.protocol import OwnerSession
+        from federation.protocol import OwnerSession
 
         self.threshold = threshold
         self.sessions = {node: OwnerSession.begin(session, node) for node in nodes}
@@ -175,7 +175,7 @@ class SecureRun:
 
     def masked_round(self, round_name, participants, layout, vectors_of, drop_before=(), drop_after=()):
         """The sum over the owners of ``participants`` that answer; returns ``(totals, survivors)``."""
-        from fusion.secure.protocol import MaskedSum
+        from federation.protocol import MaskedSum
 
         summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
                            layout)
@@ -208,7 +208,7 @@ def secure_merge(methods, updates, out_dir, drop_bounds=(), drop_sums=()):
     from fusion.methods import MergeContext
     from fusion.secure import (band_vectors, bands_layout, decoded_sums, encoded_vectors, finish_from_sums, layout_of,
                                scales_from_bands, secure_contributions)
-    from fusion.secure.protocol import default_threshold
+    from federation.protocol import default_threshold
 
     nodes = list(range(1, len(updates) + 1))
     by_node = dict(zip(nodes, updates))

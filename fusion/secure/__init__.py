@@ -24,9 +24,9 @@ from ..finish import Group, finish, plan_groups, plan_outputs, restrict
 from ..methods import MEAN, MergeContext, MergeMethod, Sums
 from ..methods.regmean import needs_diagonal
 from .fixedpoint import BANDS, decode, encode, fraction_bits, magnitude_bands
-from .protocol import Layout
 
 BODY, HEAD = "body/", "head/"
+Layout = list[tuple[str, tuple[int, ...]]]  # the sums' tensors, by name and shape, in the order they are masked
 
 
 def sums_groups(methods: list[MergeMethod]) -> list[MergeMethod]:

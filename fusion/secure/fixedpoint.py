@@ -2,7 +2,7 @@
 
 Masks only cancel in a ring, so secure aggregation sums integers, not floats. Each tensor gets a public scale
 ``2^-fraction_bits``, the same for every owner, chosen from the largest magnitude any owner will add (found by the
-``bounds`` round, see :mod:`fusion.secure.protocol`) and the number of owners, so that the sum cannot overflow:
+``bounds`` round, see :mod:`federation.protocol`) and the number of owners, so that the sum cannot overflow:
 every encoded value is below ``2^(SUM_BITS - ceil(log2 owners))`` and the true sum below ``2^SUM_BITS``. A decoded
 sum beyond that headroom means an owner broke the bound (or masks failed to cancel): an error, never a wrong merge.
 

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from fusion.aggregate import owner_update
 from fusion.methods import get_method
 from fusion.secure import secure_contributions
-from fusion.secure.crypto import SecureProtocolError, combine_shares, split_secret
+from federation.crypto import SecureProtocolError, combine_shares, split_secret
 from fusion.secure.fixedpoint import BAND_BITS, FixedPointError, decode, encode, fraction_bits, magnitude_bands
-from fusion.secure.protocol import default_threshold
+from federation.protocol import default_threshold
 from fusion.workflows import DataSettings, compute_statistics
 
 # --- fixed point ----------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_masked_vector_looks_random_and_fewer_than_threshold_cannot_unmask():
     masked = run.sessions[1].mask("bounds", nodes, LAYOUT, vectors[1])
     assert not np.array_equal(masked["b"], vectors[1]["b"])
     assert np.all(masked["a"] != vectors[1]["a"])  # every word masked (equal by chance: 2^-64 each)
-    from fusion.secure.protocol import MaskedSum
+    from federation.protocol import MaskedSum
 
     summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 3, LAYOUT)
     for node in nodes:
@@ -173,7 +173,7 @@ def test_wrong_share_is_detected_by_the_commitment_and_survived_with_a_spare():
     run = SecureRun(nodes, 2)
     for node, s in run.sessions.items():
         s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
-    from fusion.secure.protocol import MaskedSum
+    from federation.protocol import MaskedSum
 
     summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 2, LAYOUT)
     for node in nodes:
@@ -257,7 +257,7 @@ def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, 
 
 
 def test_malformed_masked_vectors_are_refused_naming_the_owner_and_change_nothing():
-    from fusion.secure.protocol import MaskedSum
+    from federation.protocol import MaskedSum
 
     run = SecureRun([1, 2, 3], 2)
     summed = MaskedSum("bounds", "test", run.roster, run.commitments, [1, 2, 3], 2, LAYOUT)

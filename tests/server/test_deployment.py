@@ -12,7 +12,7 @@ import torch
 from helpers import perturbed, save_owner, tiny_model, write_data
 from safetensors.torch import load_file
 
-from fusion.audit import recorded_arrays, revealing
+from federation.audit import recorded_arrays, revealing
 from fusion.cli import main as gramfuse
 from fusion.statistics import STATS_FILENAME, load_statistics
 from server.processes import Loopback
@@ -55,7 +55,7 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
     root, loopback, sites = federation
     out = root / "federated"
     done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180 heads='shared' record-dir='{root / 'records'}'")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     report = report_of(out)["federation"]
     owners = list(report["owners"].values())
     merged = sorted(o["site"] for o in owners if o["status"] == "merged")

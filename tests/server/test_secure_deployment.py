@@ -15,9 +15,9 @@ import pytest
 from helpers import perturbed, save_owner, tiny_model, write_data
 from safetensors.torch import load_file
 
-from fusion.audit import recorded_arrays, revealing
+from federation.audit import recorded_arrays, revealing
 from fusion.cli import main as gramfuse
-from fusion.credentials import make_site_key, make_tls
+from federation.credentials import make_site_key, make_tls
 from fusion.statistics import STATS_FILENAME, load_statistics
 from server.processes import Loopback
 

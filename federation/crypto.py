@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from ..errors import GramfuseError
+from fusion.errors import GramfuseError
 
 KEY_BYTES = 32
 PRIME = 2**521 - 1  # a Mersenne prime: every 32-byte secret is a field element

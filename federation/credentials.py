@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .errors import GramfuseError
+from fusion.errors import GramfuseError
 
 VALID_DAYS = 365
 

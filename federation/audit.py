@@ -1,4 +1,5 @@
-"""Audit what the server recorded (run config ``record-dir``) against what an owner must keep to itself.
+"""The audit record: what the server received, saved as it came (run config ``record-dir``), and the check of
+it against what an owner must keep to itself.
 
 A recorded array *reveals* an owner's tensor when it is that tensor up to scale and offset: same number of
 values, Pearson correlation of magnitude ``threshold`` or more, and so far from chance that no comparison among
@@ -9,11 +10,13 @@ Grams and weights themselves (correlation 1); a masked one is uniform noise modu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message
 from safetensors.numpy import load_file
 
 MIN_VALUES = 64  # below this no correlation is far enough from chance
@@ -48,3 +51,24 @@ def revealing(recorded: Mapping[str, np.ndarray], secrets: Mapping[str, torch.Te
             if abs(correlation) >= max(threshold, Z_SCORE / np.sqrt(array.size)):
                 found.append((key, name, correlation))
     return found
+
+
+def record_reply(path: Path, reply: Message) -> None:
+    """Save a reply as it arrived: every array, every bytes value (as uint8), the rest of its configs as metadata.
+
+    For audits (run config ``record-dir``): what the server could have kept of each site.
+    """
+    from safetensors.numpy import save_file
+
+    arrays, metadata = {}, {}
+    for record_name, record in reply.content.items():
+        for key, value in record.items():
+            name = f"{record_name}/{key}"
+            if isinstance(record, ArrayRecord):
+                arrays[name] = np.ascontiguousarray(value.numpy())
+            elif isinstance(value, bytes):
+                arrays[name] = np.frombuffer(value, dtype=np.uint8).copy()
+            else:
+                metadata[name] = json.dumps(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(path), metadata=metadata)

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .aggregate import OwnerUpdate
-from .checkpoint import float_state, head_names, label_set, public_config_json
-from .errors import GramfuseError, StatisticsError
-from .statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
+from fusion.aggregate import OwnerUpdate
+from fusion.checkpoint import float_state, head_names, label_set, public_config_json
+from fusion.errors import GramfuseError, StatisticsError
+from fusion.statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
 
 WEIGHT_PREFIX = "weight."
 PAYLOAD_VERSION = 1

@@ -5,7 +5,7 @@ import json
 import torch
 from helpers import save_owner, tiny_model, write_data
 
-from fusion.payload import owner_from_payload, owner_payload
+from federation.payload import owner_from_payload, owner_payload
 from fusion.workflows import DataSettings, compute_statistics
 
 
