@@ -37,6 +37,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_stats
+	$(BIN)/python -m benchmarks.bench_merge
 	$(BIN)/python -m benchmarks.bench_federation
 	$(BIN)/python -m benchmarks.bench_secure
 
