@@ -26,7 +26,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.payload import describe_model, owner_payload
+from federation.payload import describe_model, owner_payload, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
 
@@ -214,7 +214,7 @@ def secure_masked(msg: Message, context: Context) -> Message:
     _save_session(context, session)
     records = {MASKED: ArrayRecord({key: Array(value) for key, value in masked.items()})}
     if round_name == "sums" and _shares_head(context, with_head):  # the site decides, whatever the server asks
-        records[OWN_HEAD] = ArrayRecord(torch_state_dict=owner.split()[1])
+        records[OWN_HEAD] = ArrayRecord(torch_state_dict={n: wire_tensor(v) for n, v in owner.split()[1].items()})
     return _reply(msg, **records)
 
 

@@ -25,9 +25,11 @@ PAYLOAD_VERSION = 1
 
 def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False) -> tuple[dict, dict]:
     """``(tensors, metadata)`` of one owner; ``fisher`` adds the Fisher diagonal (which the statistics must hold)."""
-    tensors = {WEIGHT_PREFIX + name: value.detach().contiguous() for name, value in float_state(model).items()}
+    weights = float_state(model)
+    tensors = {WEIGHT_PREFIX + name: wire_tensor(value) for name, value in weights.items()}
     meta: dict[str, Any] = {
         "payload_version": PAYLOAD_VERSION,
+        "dtypes": {name: str(value.dtype).removeprefix("torch.") for name, value in weights.items()},
         "label_set": [list(item) for item in label_set(model.config)],
         "model_type": model.config.model_type,
         "config": public_config_json(model.config),
@@ -41,6 +43,19 @@ def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False
                 raise StatisticsError("the method needs the Fisher, and these statistics hold none")
             tensors.update({FISHER_PREFIX + name: value for name, value in stats.fisher.items()})
     return tensors, meta
+
+
+def wire_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A tensor as Flower's ``Array`` can carry it: bfloat16, which numpy lacks, as float32 (exactly)."""
+    value = value.detach().contiguous()
+    return value.float() if value.dtype == torch.bfloat16 else value
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise GramfuseError(f"unknown weight dtype {name!r}")
+    return dtype
 
 
 def describe_model(model: Any) -> dict[str, Any]:
@@ -63,7 +78,10 @@ def owner_from_payload(name: str, tensors: Mapping[str, torch.Tensor], meta: Map
     try:
         if meta.get("payload_version") != PAYLOAD_VERSION:
             raise GramfuseError(f"payload version {meta.get('payload_version')!r}, expected {PAYLOAD_VERSION}")
+        dtypes = meta.get("dtypes", {})
         params = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHT_PREFIX)}
+        # Back to the site's own dtype (exact: bf16 travels as float32), which the merged model is saved in.
+        params = {name: value.to(_dtype(dtypes.get(name, "float32"))) for name, value in params.items()}
         config_dict = json.loads(meta["config"])
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         stats = statistics_from("payload", meta["statistics"], tensors) if "statistics" in meta else None

@@ -26,6 +26,7 @@ import torch
 from .checkpoint import DEFAULT_SHARD_BYTES, ShardWriter
 from .errors import MergeError
 from .methods import MergeContext, MergeMethod, Sums
+from .solve import CONDITION_ESTIMATE
 from .statistics import ModuleInfo
 
 log = logging.getLogger("gramfuse.merge")
@@ -216,5 +217,6 @@ def _report(method: MergeMethod, outputs: Sequence[Output], parts: _MethodReport
         **common,
         "outputs": {out.folder: out.owners for out in outputs},
         "layers": parts.layers,
+        **({"condition_estimate": CONDITION_ESTIMATE} if parts.layers else {}),
         "warnings": parts.warnings,
     }

@@ -22,3 +22,18 @@ def test_payload_round_trip_without_the_site_path(tmp_path):
     for name, value in model.state_dict().items():
         if value.is_floating_point():
             assert torch.equal(owner.params[name], value)
+
+
+def test_a_bfloat16_site_travels_through_flower_records_and_comes_back_bfloat16(tmp_path):
+    """Flower's Array has no bfloat16 (numpy lacks it): the weights travel as float32, exactly, and the server gets
+    them back in the site's dtype, which the merged model is saved in."""
+    from flwr.app import ArrayRecord
+
+    model = tiny_model("bert").to(torch.bfloat16)
+    tensors, meta = owner_payload(model, None)
+    assert {value.dtype for value in tensors.values()} == {torch.float32}
+    received = ArrayRecord(torch_state_dict=tensors).to_torch_state_dict()
+    owner = owner_from_payload("node-1", received, json.loads(json.dumps(meta)))
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert owner.params[name].dtype == torch.bfloat16 and torch.equal(owner.params[name], value), name
