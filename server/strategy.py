@@ -39,6 +39,7 @@ from fusion.methods.regmean import needs_diagonal
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
 POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 30.0  # how often a step that waits on the sites logs how many have answered
 
 
 def owner_name(node_id: int) -> str:
@@ -253,8 +254,13 @@ class RegMeanStrategy(Strategy):
                   for message_id, message in zip(grid.push_messages(messages), messages) if message_id}
         self.asked.update(pushed)
         pending = dict(pushed)
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline, next_note = started + self.timeout, started + PROGRESS_SECONDS
         while pending and time.monotonic() < deadline:
+            if time.monotonic() >= next_note:  # sites may compute statistics for minutes: say the run is alive
+                log.info("%s: %d of %d sites answered, %.0f s", stage, len(pushed) - len(pending), len(pushed),
+                         time.monotonic() - started)
+                next_note += PROGRESS_SECONDS
             arrived = False
             for message_id in list(pending):
                 for reply in grid.pull_messages([message_id]):
