@@ -6,8 +6,8 @@ floor measured in the same run.
 - depth: two owners of a 512-wide BERT classifier with 4 and with 16 layers; the peak RSS ratio should stay near 1
   (the merge streams group by group);
 - owners: 2 and 8 owners of the 4-layer model; flat too;
-- the plaintext server's aggregation of the same owners (payload codec, Aggregator, finish; no transport), in a
-  process of its own: the same two ratios;
+- the plaintext server in a federated round of the same owners (Flower's simulation engine, part-mb 256, less than
+  the 16-layer model's sums): the same two ratios, from the server's own report;
 - floor: reading every owner's tensors once plus one Cholesky factorisation and triangular solve per Gram group, in
   this process; the merge's own time (its report's ``seconds``) is given as a ratio to it;
 - ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,11 @@ from benchmarks import peak, write_results
 from examples.assets import minilm_dir, vader, write_jsonl
 from fusion.checkpoint import load_tokenizer
 from fusion.lazy import CheckpointFiles
-from fusion.statistics import STATS_FILENAME, load_statistics
+from fusion.statistics import STATS_FILENAME, load_statistics, open_statistics
 from fusion.workflows import DataSettings, compute_statistics
 
 RESULTS = Path(__file__).parent / "results" / "merge.json"
+SERVER_PART_MB = 256  # smaller than the 16-layer model's sums (about 1.7 GB), as any part is for a large model
 SETTINGS = DataSettings(max_length=32, batch_size=16, max_examples=48)
 
 
@@ -98,38 +100,40 @@ def merge_in_process(folders: list[Path], out: Path, device: str = "cpu") -> dic
             "merge_seconds": report["seconds"], "layers": report["layers"], "summary": done.stdout.strip()}
 
 
-def server_in_process(folders: list[Path], out: Path) -> dict:
-    """The plaintext server's aggregation and finish (the payload codec, the Aggregator, the one finish) on these
-    owners, in a process of its own, without Flower's transport: its own peak RSS."""
-    shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "benchmarks.peak", "benchmarks.bench_merge", "--server-probe", str(out),
-               *map(str, folders)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"server probe failed ({done.returncode}): {done.stderr[-2000:]}")
-    return {"owners": len(folders), "server_peak_rss_mb": peak.parse(done.stderr)}
+def server_through_flower(folders: list[Path], workdir: Path, data: Path) -> dict:
+    """A plaintext federated round over these owners on Flower's simulation engine (our own SuperLink): the
+    server's peak RSS as its report gives it."""
+    from server.processes import Loopback
 
-
-def server_probe(out: Path, folders: list[str]) -> None:
-    """What the server does with each owner's reply: decode the payload, fold it into the sums; then finish."""
-    from flwr.app import ArrayRecord
-
-    from federation.payload import owner_from_payload, owner_payload
-    from fusion.aggregate import Aggregator
-    from fusion.checkpoint import load_classifier
-    from fusion.methods import MergeContext, get_method
-    from fusion.statistics import load_statistics
-
-    method = get_method("regmean")
-    aggregator = Aggregator(method, MergeContext(diagonal=False))
+    shutil.rmtree(workdir, ignore_errors=True)
+    workspace = workdir / "workspace"
     for index, folder in enumerate(folders):
-        model, _ = load_classifier(folder)
-        tensors, meta = owner_payload(model, load_statistics(Path(folder) / STATS_FILENAME))
-        del model
-        received = ArrayRecord(torch_state_dict=tensors).to_torch_state_dict()  # what Flower hands the server
-        del tensors
-        aggregator.add(owner_from_payload(f"node-{index}", received, meta))
-    aggregator.finish_into({method.label(): out}, [method], report={})
+        (workspace / f"owner{index}").mkdir(parents=True)
+        (workspace / f"owner{index}" / "model").symlink_to(folder.resolve())
+        (workspace / f"owner{index}" / "data.jsonl").symlink_to(data.resolve())
+    out = workdir / "out"
+    simulation = Loopback(workdir / "flower", simulation=True)
+    try:
+        simulation.start_superlink()
+        done = simulation.run(f"workspace='{workspace}' out-dir='{out}' min-owners={len(folders)} timeout=1200 "
+                              f"part-mb={SERVER_PART_MB}", num_supernodes=len(folders), timeout=1800)
+    finally:
+        simulation.stop()
+    if not (out / "report.json").is_file():
+        raise SystemExit(f"the federated round failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    federation = json.loads((out / "report.json").read_text())["federation"]
+    sent = max(owner["bytes_received"] for owner in federation["owners"].values())
+    return {"owners": len(folders), "server_peak_rss_mb": federation["server_peak_rss_mb"],
+            "parts": federation["timings"]["parts"], "seconds": federation["timings"]["total_seconds"],
+            "bytes_per_owner": sent, "bytes_to_weights_plus_packed_grams": round(sent / payload_floor(folders[0]), 3)}
+
+
+def payload_floor(folder: Path) -> int:
+    """An owner's weights in their own dtype plus its packed float64 Gram triangles: what it must send at least."""
+    files = CheckpointFiles(folder)
+    weights = sum(math.prod(files.shape(n)) * files.dtype(n).itemsize for n in files if files.is_float(n))
+    stats = open_statistics(folder / STATS_FILENAME)
+    return weights + sum(8 * dim * (dim + 1) // 2 for dim in stats.dims.values())
 
 
 def floor_seconds(folders: list[Path], device: str = "cpu") -> float:
@@ -184,10 +188,6 @@ def llm(workdir: Path, data: Path, tokenizer_dir: Path, devices: list[str]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--server-probe"]:  # one server aggregation, run by server_in_process in a process of its own
-        server_probe(Path(argv[1]), argv[2:])
-        return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
     parser.add_argument("--no-bert", action="store_true", help="skip the depth and owner-count runs")
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
         }
         servers = {
-            "4 layers, 2 owners": server_in_process(shallow[:2], args.workdir / "server-4"),
-            "16 layers, 2 owners": server_in_process(deep, args.workdir / "server-16"),
-            "4 layers, 8 owners": server_in_process(shallow, args.workdir / "server-8"),
+            "4 layers, 2 owners": server_through_flower(shallow[:2], args.workdir / "server-4", data),
+            "16 layers, 2 owners": server_through_flower(deep, args.workdir / "server-16", data),
+            "4 layers, 8 owners": server_through_flower(shallow, args.workdir / "server-8", data),
         }
         result = {
             "runs": runs,

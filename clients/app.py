@@ -26,7 +26,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.payload import describe_model, owner_payload, wire_tensor
+from federation.payload import Part, describe_model, owner_payload, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
 
@@ -110,9 +110,11 @@ def contribute(msg: Message, context: Context) -> Message:
         model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher)
     else:
         model, stats = load_classifier(model_dir)[0], None
-    tensors, meta = owner_payload(model, stats, fisher=needs_fisher)
-    # The tokenizer is the public pretrained one; the server needs it to write loadable folders.
-    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()}
+    part = Part.from_config(request)  # the server may ask for a few layers at a time (and first for the layout)
+    tensors, meta = owner_payload(model, stats, fisher=needs_fisher, part=part)
+    # The tokenizer is the public pretrained one; the server needs it, once, to write loadable folders.
+    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()} if (
+        part is None or not part.weights) else {}
     meta["site"] = str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                                  else model_dir.name))
     meta["site_seconds"] = round(time.perf_counter() - started, 3)

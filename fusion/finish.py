@@ -129,6 +129,66 @@ def method_roots(staging: Path, methods: Sequence[MergeMethod]) -> dict[str, Pat
     return {m.label(): staging if len(methods) == 1 else staging / m.label() for m in methods}
 
 
+class Finisher:
+    """The finish, fed in parts: :meth:`add` combines and writes groups as their sums become available (all at once
+    offline; chunk by chunk where the server asks the sites for a few layers at a time); :meth:`close` writes the
+    own heads, configs, tokenizer and reports. ``outputs`` may get their ``own_head`` until :meth:`close`."""
+
+    def __init__(self, roots: Mapping[str, Path], methods: Sequence[MergeMethod], context: MergeContext,
+                 outputs: Sequence[Output], dtypes: Mapping[str, torch.dtype], *, tokenizer: Any = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Any = None) -> None:
+        self.roots, self.methods, self.context, self.outputs = roots, list(methods), context, list(outputs)
+        self.dtypes, self.tokenizer, self.progress = dtypes, tokenizer, progress
+        self.writers = {(label, out.folder): ShardWriter(root if out.folder == MERGED else root / out.folder,
+                                                         max_shard_bytes)
+                        for label, root in roots.items() for out in self.outputs}
+        self.reports = {label: _MethodReport() for label in roots}
+
+    def add(self, groups: Sequence[Group], sums_of: SumsOf) -> None:
+        """Combine and write ``groups``; ``sums_of(method, group)`` is called once per group and set of sums."""
+        merged_head = any(out.own_head is None for out in self.outputs)
+        for group in groups:
+            if not (group.head and not merged_head):
+                self._add_group(group, sums_of)
+            if self.progress is not None:
+                self.progress.update(1)
+
+    def _add_group(self, group: Group, sums_of: SumsOf) -> None:
+        started = time.perf_counter()
+        sums_by_key: dict[tuple, Mapping[str, torch.Tensor]] = {}
+        for method in self.methods:
+            key = method.sums_key()
+            if key not in sums_by_key:
+                sums_by_key[key] = sums_of(method, group)
+            params = _combine(method, group, sums_by_key[key], self.context, self.reports[method.label()])
+            for out in self.outputs:
+                if not (group.head and out.own_head is not None):
+                    self.writers[method.label(), out.folder].add({n: v.to(self.dtypes[n]) for n, v in params.items()})
+        if group.gram is not None:
+            seconds = time.perf_counter() - started  # the group's sums (reading, contributions) and its solves
+            for parts in self.reports.values():
+                if group.gram in parts.layers:
+                    parts.layers[group.gram]["seconds"] = round(seconds, 3)
+            log.info("group %s solved: %d layers, %.2f s", group.name, len(group.modules), seconds)
+
+    def close(self, report: Mapping[str, Any], copied: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict]:
+        """Own heads, ``copied`` tensors (integer buffers), configs, tokenizer and each method's
+        ``gramfuse-merge.json`` (with ``report``: what every method's report also says); returns the reports."""
+        for (label, folder), writer in self.writers.items():
+            out = next(o for o in self.outputs if o.folder == folder)
+            if out.own_head is not None:
+                writer.add({name: out.own_head[name] for name in out.own_head})
+            writer.add(copied or {})
+            writer.close()
+            out.config.save_pretrained(str(writer.folder))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(writer.folder))
+        results = {m.label(): _report(m, self.outputs, self.reports[m.label()], report) for m in self.methods}
+        for label, root in self.roots.items():
+            write_report(root, results[label])
+        return results
+
+
 def finish(
     roots: Mapping[str, Path],
     methods: Sequence[MergeMethod],
@@ -151,45 +211,10 @@ def finish(
     what every method's report also says (owners, whether they share a label set). Each method writes into its
     folder of ``roots`` (:func:`method_roots`), with its ``gramfuse-merge.json``.
     """
-    writers = {(label, out.folder): ShardWriter(root if out.folder == MERGED else root / out.folder, max_shard_bytes)
-               for label, root in roots.items() for out in outputs}
-    merged_head = any(out.own_head is None for out in outputs)
-    reports = {label: _MethodReport() for label in roots}
-    for group in groups:
-        if group.head and not merged_head:
-            continue
-        started = time.perf_counter()
-        sums_by_key: dict[tuple, Mapping[str, torch.Tensor]] = {}
-        for method in methods:
-            key = method.sums_key()
-            if key not in sums_by_key:
-                sums_by_key[key] = sums_of(method, group)
-            params = _combine(method, group, sums_by_key[key], context, reports[method.label()])
-            for out in outputs:
-                if not (group.head and out.own_head is not None):
-                    writers[method.label(), out.folder].add({n: v.to(dtypes[n]) for n, v in params.items()})
-        del sums_by_key
-        if group.gram is not None:
-            seconds = time.perf_counter() - started  # the group's sums (reading, contributions) and its solves
-            for parts in reports.values():
-                if group.gram in parts.layers:
-                    parts.layers[group.gram]["seconds"] = round(seconds, 3)
-            log.info("group %s solved: %d layers, %.2f s", group.name, len(group.modules), seconds)
-        if progress is not None:
-            progress.update(1)
-    for (label, folder), writer in writers.items():
-        out = next(o for o in outputs if o.folder == folder)
-        if out.own_head is not None:
-            writer.add({name: out.own_head[name] for name in out.own_head})
-        writer.add(copied or {})
-        writer.close()
-        out.config.save_pretrained(str(writer.folder))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(writer.folder))
-    results = {method.label(): _report(method, outputs, reports[method.label()], report) for method in methods}
-    for label, root in roots.items():
-        write_report(root, results[label])
-    return results
+    finisher = Finisher(roots, methods, context, outputs, dtypes, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                        progress=progress)
+    finisher.add(groups, sums_of)
+    return finisher.close(report, copied)
 
 
 def write_report(folder: Path, report: Mapping[str, Any]) -> None:

@@ -10,7 +10,9 @@
   ``shared`` rejects an owner whose label set differs from the first;
 - ``secure`` (false): secure aggregation (``server/secure.py``): sites send only masked sums, the server decodes
   only their total; ``secure-threshold`` (0: a majority) sites must survive each masked round;
-- ``record-dir`` (empty: off): save every reply the server receives, as received, for audits.
+- ``record-dir`` (empty: off): save every reply the server receives, as received, for audits;
+- ``part-mb`` (2048): plaintext mode asks the sites for the model a part at a time, each part's float64 sums on the
+  server about this size at most, so that the server's memory does not grow with the model's depth.
 """
 
 from __future__ import annotations
@@ -73,5 +75,6 @@ def main(grid: Grid, context: Context) -> None:
     if bool(config.get("secure", False)):
         strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)), **options)
     else:
-        strategy = RegMeanStrategy(methods, out_dir, **options)
+        part_bytes = int(float(config.get("part-mb", 2048)) * 2**20)
+        strategy = RegMeanStrategy(methods, out_dir, part_bytes=part_bytes, **options)
     strategy.run(grid)

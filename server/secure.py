@@ -17,12 +17,14 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from transformers import AutoConfig
 
+from federation.payload import config_from, labels_from
 from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER
 
+from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.errors import GramfuseError
+from fusion.finish import method_roots
 from fusion.finish import reference_label_set as majority_label_set
 from fusion.methods import MergeContext
 from fusion.secure import (
@@ -34,7 +36,7 @@ from fusion.secure import (
     scales_from_bands,
 )
 from fusion.statistics import ModuleInfo
-from server.strategy import FederationError, OwnerRecord, RegMeanStrategy, owner_name
+from server.strategy import REPORT_FILE, FederationError, OwnerRecord, RegMeanStrategy, owner_name
 
 log = logging.getLogger("gramfuse.server")
 
@@ -86,7 +88,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         nodes = sorted(self.fitting or [])
         if not nodes:
             raise FederationError("no site fits: nothing to merge")
-        label_sets = [_labels(self.described[node]["label_set"]) for node in nodes]
+        label_sets = [labels_from(self.described[node]["label_set"]) for node in nodes]
         return [list(item) for item in majority_label_set(label_sets)]
 
     def exchange_keys(self, grid: Grid) -> None:
@@ -238,6 +240,26 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             raise FederationError(f"secure: only {len(nodes)} sites took part in {step}; at least {needed} "
                                   f"(threshold {self.threshold}, min-owners {self.min_owners}) are needed")
 
+    def merge(self) -> dict[str, Any]:
+        """The merge from whole-model sums, all gathered (secure mode: the decoded total)."""
+        merged_count = len(self.merged_owners)
+        self._check_enough(merged_count)
+        names = {owner_name(r.node_id): r for r in self.records.values()}
+        owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
+                  for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
+        tokenizer = tokenizer_from_files(self.tokenizer)
+        solve_started = time.perf_counter()
+        with atomic_folder(self.out_dir, self.overwrite) as staging:
+            reports = self.write_merges(method_roots(staging, self.methods), {"owners": owners}, tokenizer)
+            for label in reports:
+                log.info("merged %d owners with %s", merged_count, label)
+            self.timings["solve_and_write_seconds"] = round(time.perf_counter() - solve_started, 3)
+            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
+            report = {**report, "federation": self.federation_report()}
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        log.info("wrote %s", self.out_dir)
+        return report
+
     def write_merges(self, roots: dict, common: dict[str, Any], tokenizer: Any) -> dict[str, dict]:
         reference = self.reference_label_set()
         first = next(n for n in self.survivors if self.site_meta[n]["label_set"] == reference)
@@ -245,9 +267,9 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                                gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
                                                            for n in self.survivors) else "float64")
         own_heads = {owner_name(node): params for node, params in self.own_heads.items() if node in self.survivors}
-        owners = {owner_name(node): (_labels(self.site_meta[node]["label_set"]), _config(self.site_meta[node]))
+        owners = {owner_name(node): (labels_from(self.site_meta[node]["label_set"]), config_from(self.site_meta[node]))
                   for node in sorted(self.survivors)}
-        return finish_from_sums(roots, self.methods, self.sums, context, owners, own_heads, _labels(reference),
+        return finish_from_sums(roots, self.methods, self.sums, context, owners, own_heads, labels_from(reference),
                                 report=common, tokenizer=tokenizer)
 
     def federation_report(self) -> dict[str, Any]:
@@ -255,12 +277,3 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         report["secure"] = {"session": self.session, "threshold": self.threshold, "rounds": self.rounds,
                             "heads_sent_in_clear": sorted(owner_name(n) for n in self.own_heads)}
         return report
-
-
-def _labels(label_set: list) -> tuple:
-    return tuple((int(index), str(label)) for index, label in label_set)
-
-
-def _config(meta: dict):
-    config = json.loads(meta["config"])
-    return AutoConfig.for_model(config.pop("model_type"), **config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterable, Iterator
@@ -26,20 +27,62 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation.audit import record_reply
-from federation.payload import owner_from_payload
+from federation.payload import Part, config_from, dtype_from, labels_from, owner_from_payload
 from federation.wire import META, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import Aggregator
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
-from fusion.errors import GramfuseError
-from fusion.finish import method_roots
+from fusion.errors import CompatibilityError, GramfuseError
+from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
+from fusion.merge import check_layout, check_shapes
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
+from fusion.statistics import ModuleInfo
 
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
 POLL_SECONDS = 0.5
+DEFAULT_PART_BYTES = 2 * 1024**3  # server-side sums per part of the model asked for at once
 PROGRESS_SECONDS = 30.0  # how often a step that waits on the sites logs how many have answered
+
+
+def partition(groups: list[Group], layout: dict, part_bytes: int | None = None) -> list[list[Group]]:
+    """Consecutive groups in parts whose server-side float64 sums stay under ``part_bytes`` (a group larger than
+    that is a part of its own): the weights' sums, ``G W^T`` and a margin per layer, and the Gram unpacked."""
+    part_bytes = DEFAULT_PART_BYTES if part_bytes is None else part_bytes
+    dims = {key: int(info["dim"]) for key, info in layout.get("statistics", {}).get("grams", {}).items()}
+    parts: list[list[Group]] = [[]]
+    used = 0
+    for group in groups:
+        size = 8 * 3 * sum(math.prod(layout["shapes"][name]) for name in group.tensors)
+        size += 8 * dims.get(group.gram, 0) ** 2
+        if parts[-1] and used + size > part_bytes:
+            parts.append([])
+            used = 0
+        parts[-1].append(group)
+        used += size
+    return parts
+
+
+class SiteLost(GramfuseError):
+    """A site failed or was rejected after part of the merge was formed from its statistics."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(f"owner node {node_id} lost mid-merge")
+        self.node_id = node_id
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak memory: VmHWM of its memory map. ``ru_maxrss`` is kept across ``exec`` and would count
+    the process Flower forked the ServerApp from."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def owner_name(node_id: int) -> str:
@@ -83,18 +126,19 @@ class RegMeanStrategy(Strategy):
         base: dict | None = None,
         overwrite: bool = True,
         record_dir: str | Path | None = None,
+        part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
+        self.base = base
+        self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
         self.min_owners = min_owners
         self.timeout = timeout
         self.overwrite = overwrite
         self.heads = heads
         self.record_dir = Path(record_dir) if record_dir else None
-        self.aggregators: dict[tuple, Aggregator] = {}
-        for method in self.methods:
-            context = MergeContext(base=base, diagonal=needs_diagonal(self.methods))
-            self.aggregators.setdefault(method.sums_key(), Aggregator(method, context, heads))
+        self.aggregators = self.fresh_aggregators()
+        self.layouts: dict[int, dict] = {}  # node id -> its site's layout: weight names, shapes, dtypes, statistics
         self.records: dict[int, OwnerRecord] = {}
         self.asked: dict[str, int] = {}  # message id -> node id
         self.fitting: list[int] | None = None  # the sites whose architecture fits the majority
@@ -102,6 +146,14 @@ class RegMeanStrategy(Strategy):
         self.tokenizer: dict[str, bytes] = {}
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
+
+    def fresh_aggregators(self) -> dict[tuple, Aggregator]:
+        """One aggregation per distinct set of sums (RegMean at every alpha shares one)."""
+        aggregators: dict[tuple, Aggregator] = {}
+        for method in self.methods:
+            context = MergeContext(base=self.base, diagonal=needs_diagonal(self.methods))
+            aggregators.setdefault(method.sums_key(), Aggregator(method, context, self.heads))
+        return aggregators
 
     # --- Flower's strategy lifecycle -------------------------------------------------------------------------------
 
@@ -169,30 +221,154 @@ class RegMeanStrategy(Strategy):
         log.info("owner node %d (%s) merged into the sums: %d examples, %.1f MB received", node_id, record.site,
                  record.examples, record.bytes_received / 1e6)
 
-    def _decode(self, node_id: int, reply: Message, record: OwnerRecord):
+    def _meta(self, node_id: int, reply: Message, record: OwnerRecord) -> dict:
         try:
-            arrays = reply.content[PAYLOAD]
             config = reply.content[META]
             meta = json.loads(str(config["json"]))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
         except (KeyError, ValueError) as error:
             raise GramfuseError(f"owner node {node_id}: malformed reply ({error})") from error
         record.site = str(meta.get("site", ""))
-        record.site_seconds = float(meta.get("site_seconds", 0.0))
+        record.site_seconds += float(meta.get("site_seconds", 0.0))
         if not self.tokenizer:
             self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
+        return meta
+
+    def _decode(self, node_id: int, reply: Message, record: OwnerRecord):
+        meta = self._meta(node_id, reply, record)
+        try:
+            arrays = reply.content[PAYLOAD]
+        except KeyError as error:
+            raise GramfuseError(f"owner node {node_id}: malformed reply (no {PAYLOAD!r} record)") from error
         return owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
 
     # --- the whole run -----------------------------------------------------------------------------------------------
 
     def run(self, grid: Grid) -> dict[str, Any]:
-        """Wait for sites, ask each once, fold replies in as they arrive, merge. Returns the report."""
+        """Wait for sites, learn their layouts, then merge a part of the model at a time: each site is asked for the
+        weights and Grams of a few groups of layers, its reply folded in as it arrives, and those groups are solved
+        and written before the next part is asked for. Returns the report."""
         self.summary()
         self._wait_for_nodes(grid)
         self.describe(grid)
-        self.aggregate_train(1, self._exchange(grid, self.configure_train(1, ArrayRecord(), ConfigRecord(), grid),
-                                               "train"))
-        self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
-        return self.merge()
+        self.gather_layouts(grid)
+        while True:
+            nodes = sorted(self.layouts)
+            self._check_enough(len(nodes))
+            try:
+                return self.merge_in_parts(grid, nodes)
+            except SiteLost as lost:
+                # Its earlier parts are in the sums already written: the only exact merge is one without it.
+                del self.layouts[lost.node_id]
+                self.fitting = sorted(self.layouts)
+                log.warning("owner node %d was lost after part of the merge was formed; merging again without it",
+                            lost.node_id)
+
+    def gather_layouts(self, grid: Grid) -> None:
+        """Round 1: every fitting site's layout (weight names, shapes and dtypes, its statistics' metadata), no
+        tensors; sites whose layout does not fit the first one's are rejected by node id."""
+        messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part((), ()).to_config()), grid)
+        for reply in self._exchange(grid, messages, "layout"):
+            node_id = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            record = self.records.setdefault(node_id, OwnerRecord(node_id))
+            if reply.has_error():
+                record.status, record.reason = "failed", reply.error.reason
+                log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
+                continue
+            try:
+                meta = self._meta(node_id, reply, record)
+                self._check_layout(node_id, meta)
+            except GramfuseError as error:
+                record.status, record.reason = "rejected", str(error)
+                log.warning("owner node %d rejected: %s", node_id, error)
+                continue
+            self.layouts[node_id] = meta
+        self.fitting = sorted(self.layouts)
+        self.timings["layout_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def _check_layout(self, node_id: int, meta: dict) -> None:
+        try:
+            shapes = {name: tuple(shape) for name, shape in meta["shapes"].items() if name not in set(meta["head"])}
+            modules = {name: ModuleInfo(**info) for name, info in meta.get("statistics", {}).get("modules", {}).items()}
+        except (KeyError, TypeError, AttributeError) as error:
+            raise GramfuseError(f"owner node {node_id}: malformed layout ({type(error).__name__}: {error})") from error
+        if not self.layouts:
+            return
+        first_id = min(self.layouts)
+        first = self.layouts[first_id]
+        name, first_name = owner_name(node_id), owner_name(first_id)
+        if meta["model_type"] != first["model_type"]:
+            raise CompatibilityError(f"owner {name!r}: model type {meta['model_type']!r} differs from owner "
+                                     f"{first_name!r}'s {first['model_type']!r}")
+        check_shapes(name, shapes, first_name, {n: tuple(v) for n, v in first["shapes"].items()
+                                                if n not in set(first["head"])})
+        check_layout(name, modules, first_name,
+                     {n: ModuleInfo(**i) for n, i in first.get("statistics", {}).get("modules", {}).items()})
+        if self.heads == "shared" and meta["label_set"] != first["label_set"]:
+            raise CompatibilityError(f"owner {name!r}: label set differs from owner {first_name!r}'s (heads are shared)")
+
+    def merge_in_parts(self, grid: Grid, nodes: list[int]) -> dict[str, Any]:
+        names = [owner_name(node) for node in nodes]  # by node id: the tie-break of the reference label set
+        layouts = {owner_name(node): self.layouts[node] for node in nodes}
+        own_heads = {name: {} for name in names if layouts[name]["head"]}  # filled as the heads' part arrives
+        outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
+                               {n: config_from(m) for n, m in layouts.items()}, own_heads)
+        reference = layouts[outputs[0].owners[0]]
+        statistics = reference.get("statistics", {})
+        modules = {name: ModuleInfo(**info) for name, info in statistics.get("modules", {}).items()}
+        gram_dtype = "float32" if any(m.get("statistics", {}).get("gram_dtype") == "float32"
+                                      for m in layouts.values()) else "float64"
+        context = MergeContext(base=self.base, modules=modules, gram_dtype=gram_dtype,
+                               diagonal=needs_diagonal(self.methods))
+        groups = plan_groups(list(reference["shapes"]), set(reference["head"]), modules)
+        parts = partition(groups, reference, self.part_bytes)
+        dtypes = {name: dtype_from(dtype) for name, dtype in reference["dtypes"].items()}
+        records = {owner_name(r.node_id): r for r in self.records.values()}
+        common = {"owners": [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names],
+                  "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
+        with atomic_folder(self.out_dir, self.overwrite) as staging:
+            finisher = Finisher(method_roots(staging, self.methods), self.methods, context, outputs, dtypes,
+                                tokenizer=tokenizer_from_files(self.tokenizer))
+            for index, part in enumerate(parts, start=1):
+                self.gather_part(grid, nodes, index, part)
+                aggregator = next(iter(self.aggregators.values()))
+                for out in outputs:
+                    if out.own_head is not None:
+                        out.own_head.update(aggregator.own_heads.get(out.folder, {}))
+                finisher.add(part, self._part_sums(outputs))
+                log.info("part %d of %d merged: %d groups", index, len(parts), len(part))
+            self.timings["parts"] = len(parts)
+            self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
+            reports = finisher.close(common)
+            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
+            report = {**report, "federation": self.federation_report()}
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        log.info("wrote %s", self.out_dir)
+        return report
+
+    def gather_part(self, grid: Grid, nodes: list[int], index: int, part: list[Group]) -> None:
+        """Ask every site for one part's weights and Grams and fold the replies into fresh sums."""
+        self.aggregators = self.fresh_aggregators()
+        request = Part(tuple(t for group in part for t in group.tensors),
+                       tuple(sorted({group.gram for group in part if group.gram}))).to_config()
+        messages = self.configure_train(index + 1, ArrayRecord(), ConfigRecord(request), grid)
+        self.aggregate_train(index + 1, self._exchange(grid, messages, f"train-{index}"))
+        merged = set(self.merged_owners)
+        lost = [node for node in nodes if owner_name(node) not in merged]
+        if lost:
+            raise SiteLost(lost[0])
+
+    def _part_sums(self, outputs: list[Output]):
+        by_key = {key: aggregator.sums_of(outputs) for key, aggregator in self.aggregators.items()}
+        return lambda method, group: by_key[method.sums_key()](method, group)
+
+    def _check_enough(self, count: int) -> None:
+        if count < self.min_owners:
+            problems = "; ".join(f"node {r.node_id}: {r.status} ({r.reason})" for r in self.records.values()
+                                 if r.status not in ("merged", "asked"))
+            raise FederationError(f"only {count} owners could be merged, min-owners is {self.min_owners}"
+                                  + (f"; {problems}" if problems else ""))
 
     def describe(self, grid: Grid) -> None:
         descriptions = self._messages(grid.get_node_ids(), MessageType.QUERY, ConfigRecord(), 0)
@@ -275,39 +451,6 @@ class RegMeanStrategy(Strategy):
             record.status, record.reason = "timed out", f"no reply within {self.timeout:.0f} s"
             log.warning("owner node %d timed out: no reply within %.0f s", node_id, self.timeout)
 
-    def merge(self) -> dict[str, Any]:
-        merged_count = len(self.merged_owners)
-        if merged_count < self.min_owners:
-            problems = "; ".join(f"node {r.node_id}: {r.status} ({r.reason})" for r in self.records.values()
-                                 if r.status != "merged")
-            raise FederationError(f"only {merged_count} owners could be merged, min-owners is {self.min_owners}"
-                                  + (f"; {problems}" if problems else ""))
-        names = {owner_name(r.node_id): r for r in self.records.values()}
-        owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
-                  for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
-        tokenizer = tokenizer_from_files(self.tokenizer)
-        solve_started = time.perf_counter()
-        with atomic_folder(self.out_dir, self.overwrite) as staging:
-            reports = self.write_merges(method_roots(staging, self.methods), {"owners": owners}, tokenizer)
-            for label in reports:
-                log.info("merged %d owners with %s", merged_count, label)
-            self.timings["solve_and_write_seconds"] = round(time.perf_counter() - solve_started, 3)
-            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
-            report = {**report, "federation": self.federation_report()}
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        log.info("wrote %s", self.out_dir)
-        return report
-
-    def write_merges(self, roots: dict[str, Path], common: dict[str, Any], tokenizer: Any) -> dict[str, dict]:
-        """Every method's merge, from the sums, through the one finish of every mode."""
-        order = [owner["name"] for owner in common["owners"]]  # by node id: the tie-break of the reference labels
-        reports = {}
-        for key, aggregator in self.aggregators.items():
-            methods = [method for method in self.methods if method.sums_key() == key]
-            reports.update(aggregator.finish_into({m.label(): roots[m.label()] for m in methods}, methods,
-                                                  order=order, report=common, tokenizer=tokenizer))
-        return {method.label(): reports[method.label()] for method in self.methods}
-
     def _account(self, stage: str, node_id: int, reply: Message) -> None:
         record = self.records.setdefault(node_id, OwnerRecord(node_id))
         if reply.has_error():
@@ -323,5 +466,5 @@ class RegMeanStrategy(Strategy):
             "min_owners": self.min_owners,
             "bytes_received": sum(r.bytes_received for r in self.records.values()),
             "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},
-            "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "server_peak_rss_mb": round(peak_rss_mb(), 1),
         }

@@ -6,6 +6,8 @@ named by node id and left out while min-owners holds; below it the run fails and
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -118,3 +120,48 @@ def test_site_that_vanishes_mid_round_is_named_and_the_merge_goes_on(federation)
     assert f"owner node {lost[0]['node_id']}" in done.stdout + done.stderr
     merged = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
+
+
+def kill_when_asked_for_part(loopback, site, server_round=2):
+    """Kill ``site`` the moment its SuperNode receives round ``server_round``: the first part of the model, after
+    it sent its layout (round 1). The server must then merge again, without it, from the start."""
+    log = loopback.root / f"{site}.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if f"ROUND {server_round}]" in log.read_text(errors="replace"):
+            os.killpg(loopback.processes[site].pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def test_a_site_lost_after_parts_were_formed_is_merged_out_from_the_start(tmp_path):
+    """Exactly the merge of the others: nothing of the lost site stays in any part already written."""
+    base = tiny_model("bert")
+    sites = {name: (save_owner(perturbed(base, seed=50 + i), tmp_path / name / "model"),
+                    write_data(tmp_path / name / "data.jsonl", 30, seed=i)) for i, name in enumerate(GOOD)}
+    loopback = Loopback(tmp_path)
+    try:
+        loopback.start_superlink()
+        for name, (model, data) in sites.items():
+            loopback.start_supernode(name, model, data)
+        watcher = threading.Thread(target=kill_when_asked_for_part, args=(loopback, "good2"), daemon=True)
+        watcher.start()
+        out = tmp_path / "federated"
+        done = loopback.run(f"out-dir='{out}' min-owners=2 timeout=60 part-mb=1")
+    finally:
+        loopback.stop()
+    assert done.returncode == 0 and (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    report = report_of(out)
+    assert sorted(o["site"] for o in report["owners"]) == ["good0", "good1"]
+    lost = [o for o in report["federation"]["owners"].values() if o["site"] == "good2"]
+    assert len(lost) == 1 and lost[0]["status"] in ("failed", "timed out"), lost
+    for name in ("good0", "good1"):
+        assert gramfuse(["stats", str(sites[name][0]), str(sites[name][1]), "--quiet"]) == 0
+    assert gramfuse(["merge", str(sites["good0"][0]), str(sites["good1"][0]), "-o", str(tmp_path / "offline"),
+                     "--quiet"]) == 0
+    federated = load_file(str(out / "model.safetensors"))
+    offline = load_file(str(tmp_path / "offline" / "model.safetensors"))
+    assert federated.keys() == offline.keys()
+    for name, value in offline.items():
+        scale = float(value.abs().max().clamp_min(1e-30))
+        assert float((federated[name] - value).abs().max()) <= 1e-6 * scale, name

@@ -1,5 +1,5 @@
 """`flwr run` on Flower's simulation engine: one simulated node per owner folder of a workspace (tiny models),
-comparing several methods from one round."""
+comparing several methods from one round, the server asking for the model in several parts (a small part-mb)."""
 
 import json
 
@@ -27,7 +27,7 @@ def simulated(tmp_path_factory):
     try:
         simulation.start_superlink()
         done = simulation.run(f"workspace='{workspace}' out-dir='{root / 'out'}' min-owners=3 timeout=300 "
-                              f"method='{','.join(METHODS)}'", num_supernodes=3)
+                              f"method='{','.join(METHODS)}' part-mb=1", num_supernodes=3)
     finally:
         simulation.stop()
     assert simulation.processes["superlink"].poll() is not None
@@ -40,6 +40,7 @@ def test_each_method_of_one_simulated_round_equals_the_offline_cli(simulated, la
     root, workspace = simulated
     report = json.loads((root / "out" / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
+    assert report["federation"]["timings"]["parts"] >= 2  # the server held one part's sums at a time
     owners = report["federation"]["owners"].values()
     assert sorted(o["site"] for o in owners if o["status"] == "merged") == ["owner0", "owner1", "owner2"]
     models = [str(workspace / f"owner{i}" / "model") for i in range(3)]
