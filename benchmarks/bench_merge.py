@@ -105,6 +105,7 @@ def server_through_flower(folders: list[Path], workdir: Path, data: Path) -> dic
     server's peak RSS as its report gives it."""
     from server.processes import Loopback
 
+    workdir = workdir.resolve()  # Flower runs the apps in folders of their own
     shutil.rmtree(workdir, ignore_errors=True)
     workspace = workdir / "workspace"
     for index, folder in enumerate(folders):

@@ -2,9 +2,8 @@
 
     python -m benchmarks.peak fusion.cli merge A B -o OUT
 
-prints ``peak-rss-mb <N>`` as the last line on stderr. N is VmHWM of /proc/self/status: the high-water mark of
-this process's own memory map. ``ru_maxrss`` of a child is no measure here: Linux keeps it across ``exec``, so it
-includes the pages of the (large) benchmark process the child was forked from.
+prints ``peak-rss-mb <N>`` as the last line on stderr (:func:`federation.memory.peak_rss_mb`: this process's own
+high-water mark, not the benchmark's that forked it).
 """
 
 from __future__ import annotations
@@ -13,15 +12,9 @@ import atexit
 import runpy
 import sys
 
+from federation.memory import peak_rss_mb
+
 MARKER = "peak-rss-mb"
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def parse(stderr: str) -> float:

@@ -1,5 +1,5 @@
-"""Folding owners into whole-model running sums one at a time: the plaintext server's aggregation, and in-memory
-merges (the offline merge of folders streams group by group instead, :mod:`fusion.merge`).
+"""Folding owners into running sums one at a time: the plaintext server's aggregation (of one part of the model at a
+time), and in-memory merges (the offline merge of folders streams group by group instead, :mod:`fusion.merge`).
 
 An owner is checked against the first one accepted (model type, shapes, the layout of shared Grams, the label set
 where heads must be shared), its contributions are computed, and only then added; an owner that fails any check
@@ -44,7 +44,8 @@ class OwnerUpdate:
 
 
 class Aggregator:
-    """Whole-model running sums, folded one owner at a time: the plaintext server's aggregation, and merges in memory.
+    """Running sums of whatever the owners send (a whole model, or the server's current part), folded one owner at a
+    time.
 
     The body's sums are one set; each label set's heads are summed apart, so that the reference label set (the one
     most owners share, :func:`fusion.finish.reference_label_set`) is chosen once every owner is in, as in every

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation.audit import record_reply
+from federation.memory import peak_rss_mb
 from federation.payload import Part, config_from, dtype_from, labels_from, owner_from_payload
 from federation.wire import META, PAYLOAD, TOKENIZER
 
@@ -70,19 +70,6 @@ class SiteLost(GramfuseError):
     def __init__(self, node_id: int) -> None:
         super().__init__(f"owner node {node_id} lost mid-merge")
         self.node_id = node_id
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak memory: VmHWM of its memory map. ``ru_maxrss`` is kept across ``exec`` and would count
-    the process Flower forked the ServerApp from."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def owner_name(node_id: int) -> str:
