@@ -86,12 +86,9 @@ def federate(owners: list[Owner], workdir: Path, timeout: int = 3600) -> dict[st
     report = json.loads((out / "report.json").read_text())
     site_of = {o["name"]: o["site"] for o in next(iter(report["methods"].values()))["owners"]}
     folders = {}
-    for label, method_report in report["methods"].items():
-        outputs = method_report["outputs"]
-        if "." in outputs:
-            folders[label] = {owner.name: out / label for owner in owners}
-        else:
-            folders[label] = {site_of[name]: out / label / name for name in outputs}
+    for label, method_report in report["methods"].items():  # "outputs": each folder and the owners it serves
+        folders[label] = {site_of[name]: out / label / folder for folder, served in method_report["outputs"].items()
+                          for name in served}
     return folders
 
 
