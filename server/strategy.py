@@ -182,7 +182,9 @@ class RegMeanStrategy(Strategy):
 
     # --- one reply at a time -----------------------------------------------------------------------------------------
 
-    def add_reply(self, reply: Message) -> None:
+    def _intake(self, reply: Message, handle):
+        """``handle(reply, node_id, record)``, or None where the site is recorded as failed (an error reply) or
+        rejected (any input error ``handle`` raises), by node id, in the log and the report."""
         # Error replies made by the SuperLink (a node that stopped answering) come from it, not from the node.
         node_id = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         record = self.records.setdefault(node_id, OwnerRecord(node_id))
@@ -190,17 +192,23 @@ class RegMeanStrategy(Strategy):
         if reply.has_error():
             record.status, record.reason = "failed", reply.error.reason
             log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
-            return
+            return None
         try:
-            owner = self._decode(node_id, reply, record)
-            for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
-                aggregator.check(owner)
-            for aggregator in self.aggregators.values():
-                aggregator.fold(owner)
+            return handle(reply, node_id, record)
         except GramfuseError as error:
             record.status, record.reason = "rejected", str(error)
             log.warning("owner node %d rejected: %s", node_id, error)
-            return
+            return None
+
+    def add_reply(self, reply: Message) -> None:
+        self._intake(reply, self._fold)
+
+    def _fold(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
+        owner = self._decode(node_id, reply, record)
+        for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
+            aggregator.check(owner)
+        for aggregator in self.aggregators.values():
+            aggregator.fold(owner)
         record.status = "merged"
         if owner.statistics is not None:
             record.examples = owner.statistics.example_count
@@ -257,22 +265,14 @@ class RegMeanStrategy(Strategy):
         tensors; sites whose layout does not fit the first one's are rejected by node id."""
         messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part((), ()).to_config()), grid)
         for reply in self._exchange(grid, messages, "layout"):
-            node_id = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            record = self.records.setdefault(node_id, OwnerRecord(node_id))
-            if reply.has_error():
-                record.status, record.reason = "failed", reply.error.reason
-                log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
-                continue
-            try:
-                meta = self._meta(node_id, reply, record)
-                self._check_layout(node_id, meta)
-            except GramfuseError as error:
-                record.status, record.reason = "rejected", str(error)
-                log.warning("owner node %d rejected: %s", node_id, error)
-                continue
-            self.layouts[node_id] = meta
+            self._intake(reply, self._accept_layout)
         self.fitting = sorted(self.layouts)
         self.timings["layout_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def _accept_layout(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
+        meta = self._meta(node_id, reply, record)
+        self._check_layout(node_id, meta)
+        self.layouts[node_id] = meta
 
     def _check_layout(self, node_id: int, meta: dict) -> None:
         try:
