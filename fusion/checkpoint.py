@@ -114,17 +114,19 @@ def check_finite(owner: str, params: Mapping[str, torch.Tensor]) -> None:
             raise MergeError(f"owner {owner!r}: layer {name!r}: weights hold NaN or Inf")
 
 
-def check_same_shapes(owner: str, params: Mapping[str, torch.Tensor], reference_owner: str, reference: Mapping) -> None:
-    """Every parameter present in both, with equal shapes; the error names the owner and the first bad layer."""
+def check_same_shapes(owner: str, params: Mapping[str, Any], reference_owner: str, reference: Mapping) -> None:
+    """Every parameter present in both, with equal shapes (``params``: tensors, or their shapes); the error names the
+    owner and the first bad layer."""
     missing = sorted(set(reference) - set(params))
     extra = sorted(set(params) - set(reference))
     if missing or extra:
         detail = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which {reference_owner!r} lacks"
         raise CompatibilityError(f"owner {owner!r}: a different architecture from owner {reference_owner!r}: {detail}")
     for name, value in params.items():
-        if tuple(value.shape) != tuple(reference[name]):
+        shape = tuple(getattr(value, "shape", value))
+        if shape != tuple(reference[name]):
             raise CompatibilityError(
-                f"owner {owner!r}: layer {name!r} has shape {tuple(value.shape)} but owner {reference_owner!r} "
+                f"owner {owner!r}: layer {name!r} has shape {shape} but owner {reference_owner!r} "
                 f"has {tuple(reference[name])}"
             )
 

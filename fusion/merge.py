@@ -23,6 +23,7 @@ from .aggregate import Aggregator, OwnerUpdate
 from .checkpoint import (
     DEFAULT_SHARD_BYTES,
     atomic_folder,
+    check_same_shapes,
     float_state,
     head_names,
     label_set,
@@ -112,8 +113,8 @@ def open_owner(name: str, path: Path, needs_statistics: bool) -> FolderOwner:
     return FolderOwner(name, path, config, files, head_names(skeleton), stats)
 
 
-def check_owners(owners: Sequence[FolderOwner], heads: str = "auto") -> None:
-    """Every owner against the first: model type, body shapes, shared-Gram layout (and label set with shared heads)."""
+def check_owners(owners: Sequence[FolderOwner]) -> None:
+    """Every owner against the first: model type, body shapes, shared-Gram layout."""
     reference = owners[0]
     for owner in owners[1:]:
         if owner.config.model_type != reference.config.model_type:
@@ -121,19 +122,9 @@ def check_owners(owners: Sequence[FolderOwner], heads: str = "auto") -> None:
                 f"owner {owner.name!r}: model type {owner.config.model_type!r} differs from owner {reference.name!r}'s "
                 f"{reference.config.model_type!r}"
             )
-        check_shapes(owner.name, owner.body_shapes(), reference.name, reference.body_shapes())
-        if heads == "shared" and owner.label_set != reference.label_set:
-            raise CompatibilityError(f"owner {owner.name!r}: label set differs from owner {reference.name!r}'s "
-                                     "(heads are shared)")
+        check_same_shapes(owner.name, owner.body_shapes(), reference.name, reference.body_shapes())
         if owner.statistics is not None and reference.statistics is not None:
             check_layout(owner.name, owner.statistics.modules, reference.name, reference.statistics.modules)
-
-
-def check_shapes(owner: str, shapes: Mapping[str, tuple], reference_owner: str, reference: Mapping[str, tuple]) -> None:
-    from .checkpoint import check_same_shapes
-
-    check_same_shapes(owner, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()},
-                      reference_owner, reference)
 
 
 def check_layout(owner: str, modules: Mapping, reference_owner: str, reference: Mapping) -> None:

@@ -31,10 +31,10 @@ from federation.payload import Part, config_from, dtype_from, labels_from, owner
 from federation.wire import META, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import Aggregator
-from fusion.checkpoint import atomic_folder, tokenizer_from_files
+from fusion.checkpoint import atomic_folder, check_same_shapes, tokenizer_from_files
 from fusion.errors import CompatibilityError, GramfuseError
 from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
-from fusion.merge import check_layout, check_shapes
+from fusion.merge import check_layout
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo
@@ -288,7 +288,7 @@ class RegMeanStrategy(Strategy):
         if meta["model_type"] != first["model_type"]:
             raise CompatibilityError(f"owner {name!r}: model type {meta['model_type']!r} differs from owner "
                                      f"{first_name!r}'s {first['model_type']!r}")
-        check_shapes(name, shapes, first_name, {n: tuple(v) for n, v in first["shapes"].items()
+        check_same_shapes(name, shapes, first_name, {n: tuple(v) for n, v in first["shapes"].items()
                                                 if n not in set(first["head"])})
         check_layout(name, modules, first_name,
                      {n: ModuleInfo(**i) for n, i in first.get("statistics", {}).get("modules", {}).items()})
