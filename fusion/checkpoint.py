@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import CompatibilityError, GramfuseError, MergeError
+from .lazy import DTYPES
 
 _quiet = False
 
@@ -199,10 +200,7 @@ def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: 
 
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default: a shard is written as it fills, never held in memory
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class _Shard:
@@ -221,7 +219,7 @@ class _Shard:
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().contiguous().cpu()
         raw = value.reshape(-1).view(torch.uint8).numpy() if value.numel() else b""
-        self.header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+        self.header[name] = {"dtype": SAFETENSORS_NAMES[value.dtype], "shape": list(value.shape),
                              "data_offsets": [self.size, self.size + len(raw)]}
         self.data.write(raw)
         self.size += len(raw)

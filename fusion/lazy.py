@@ -47,9 +47,14 @@ class CheckpointFiles(Mapping):
                         view = handle.get_slice(name)
                         self.file_of[name] = path
                         self.shapes[name] = tuple(view.get_shape())
-                        self.dtypes[name] = DTYPES.get(view.get_dtype(), torch.float32)
+                        self.dtypes[name] = view.get_dtype()
             except Exception as error:  # safetensors raises its own error types for corrupt or truncated headers
                 raise GramfuseError(f"{path}: not a readable safetensors file (corrupt or truncated): {error}") from error
+        for name, dtype in self.dtypes.items():
+            if dtype not in DTYPES:
+                raise GramfuseError(f"{self.file_of[name]}: tensor {name!r} has dtype {dtype}, which gramfuse does not "
+                                    f"merge (it reads {', '.join(DTYPES)})")
+            self.dtypes[name] = DTYPES[dtype]
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -71,6 +76,9 @@ class CheckpointFiles(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.file_of  # from the headers: Mapping's own would read the tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.file_of)
@@ -123,13 +131,13 @@ class Restricted(Mapping):
 
     def __init__(self, source: Mapping, names: Iterable[str]) -> None:
         self.source = source
-        self.names = [name for name in names if name in source]
+        self.names = {name: None for name in names if name in source}  # ordered, and a set for membership
         self._cache: dict[str, torch.Tensor] | None = None
 
     def _loaded(self) -> dict[str, torch.Tensor]:
         if self._cache is None:
             reader = getattr(self.source, "read", None)
-            self._cache = reader(self.names) if reader else {name: self.source[name] for name in self.names}
+            self._cache = reader(list(self.names)) if reader else {name: self.source[name] for name in self.names}
         return self._cache
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -127,7 +127,7 @@ class WeightsDigest:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().cpu().contiguous()
         self._digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        self._digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        self._digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")  # no copy
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -206,6 +206,9 @@ class _FileTensors(Mapping):
             raise StatisticsError(f"{self.source}: {name!r}: corrupt or truncated statistics data: {error}") from error
         self.check(name, value)
         return value.to(torch.float64) if self.prefix == GRAM_PREFIX else value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names  # from the metadata: Mapping's own would read the tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

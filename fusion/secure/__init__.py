@@ -71,7 +71,8 @@ def finish_from_sums(roots: Mapping[str, Path], methods: list[MergeMethod], sums
     ``owners``: owner name -> (label set, config), in precedence order. Sites send float32 weights today: the
     merged model is saved in ``dtype``.
     """
-    parts = [(_part(sums, f"{index}/{BODY}"), _part(sums, f"{index}/{HEAD}")) for index in range(len(sums_groups(methods)))]
+    keys = [group.sums_key() for group in sums_groups(methods)]
+    parts = [(_part(sums, f"{index}/{BODY}"), _part(sums, f"{index}/{HEAD}")) for index in range(len(keys))]
     if not parts or not parts[0][0]:
         raise MergeError("no sums to merge")
     body, head = parts[0]
@@ -80,7 +81,6 @@ def finish_from_sums(roots: Mapping[str, Path], methods: list[MergeMethod], sums
     label_sets = {name: labels for name, (labels, _) in owners.items()}
     outputs = plan_outputs(list(owners), label_sets, {name: config for name, (_, config) in owners.items()},
                            own_heads, reference)
-    keys = [group.sums_key() for group in sums_groups(methods)]
 
     def sums_of(method: MergeMethod, group: Group) -> Sums:
         body_part, head_part = parts[keys.index(method.sums_key())]
