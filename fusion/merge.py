@@ -228,8 +228,9 @@ def merge_folders(
     shared = len({o.label_set for o in owners}) == 1
     common = {"owners": [{"name": o.name, "path": str(o.path)} for o in owners], "shared_label_set": shared}
     with atomic_folder(out_dir, overwrite) as staging:
+        sums_of = streamed_sums(owners, set(outputs[0].owners), context)
         reports = finish(
-            {method.label(): staging}, [method], groups, streamed_sums(owners, set(outputs[0].owners), context), context, outputs,
+            {method.label(): staging}, [method], groups, sums_of, context, outputs,
             {name: reference.files.dtype(name) for name in names}, report=common,
             tokenizer=tokenizer_or_none(reference.path),
             copied=reference.files.read(n for n in reference.files if not reference.files.is_float(n)),
