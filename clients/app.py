@@ -3,7 +3,8 @@
 Node config (``flower-supernode --node-config "model-path='…' data-path='…'"``):
 
 - ``model-path``, ``data-path`` (required in a deployment): the site's fine-tuned model folder and its data file;
-- ``max-length`` (128), ``batch-size`` (32), ``max-examples`` (all): as for ``gramfuse stats``;
+- ``max-length`` (128), ``batch-size`` (32), ``max-examples`` (all), ``task``, ``text-field``, ``label-field``,
+  ``pair-field``: as for ``gramfuse stats`` (every task type it supports);
 - ``name``: a label for the site in the server's report (the node id is always reported);
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
@@ -31,7 +32,7 @@ from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import owner_update
-from fusion.checkpoint import load_classifier, public_config_json, tokenizer_files
+from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
@@ -65,12 +66,16 @@ def data_settings(context: Context) -> DataSettings:
         max_length=int(node.get("max-length", 128)),
         batch_size=int(node.get("batch-size", 32)),
         max_examples=int(max_examples) if max_examples else None,
+        text_field=str(node["text-field"]) if node.get("text-field") else None,
+        label_field=str(node["label-field"]) if node.get("label-field") else None,
+        task=str(node["task"]) if node.get("task") else None,
+        pair_field=str(node.get("pair-field", "text_pair")),
     )
 
 
 def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool):
     """The model and its statistics: the site's statistics file when it fits, else freshly computed."""
-    model, _ = load_classifier(model_dir)
+    model, _ = load_model(model_dir, settings.task)
     stats_file = model_dir / STATS_FILENAME
     if stats_file.is_file():
         try:
@@ -94,7 +99,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
 def describe(msg: Message, context: Context) -> Message:
     """A few bytes that let the server find misfits before any site sends its statistics."""
     model_dir, _ = site_paths(context)
-    model, _ = load_classifier(model_dir)
+    model, _ = load_model(model_dir, data_settings(context).task)
     return Message(content=RecordDict({META: ConfigRecord({"json": json.dumps(describe_model(model))})}), reply_to=msg)
 
 
@@ -109,7 +114,7 @@ def contribute(msg: Message, context: Context) -> Message:
     if needs_statistics:
         model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher)
     else:
-        model, stats = load_classifier(model_dir)[0], None
+        model, stats = load_model(model_dir, data_settings(context).task)[0], None
     part = Part.from_config(request)  # the server may ask for a few layers at a time (and first for the layout)
     tensors, meta = owner_payload(model, stats, fisher=needs_fisher, part=part)
     # The tokenizer is the public pretrained one; the server needs it, once, to write loadable folders.

@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion.checkpoint import atomic_folder, load_tokenizer, quiet_transformers
-from fusion.data import batches, label_index, read_examples
+from fusion.data import batches, read_examples
+from fusion.encode import Encoder
+from fusion.tasks import TASKS, SEQUENCE_CLASSIFICATION
 
 SETTINGS_FILE = "gramfuse-finetune.json"
 
@@ -80,7 +82,7 @@ def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, Finetu
     first = next(iter(tasks.values()))[1]
     torch.manual_seed(first.seed)
     tokenizer = load_tokenizer(base_dir)
-    models, rows, label_of = {}, {}, {}
+    models, rows, encoders = {}, {}, {}
     body = None
     for task, (data_file, settings) in tasks.items():
         id2label = dict(enumerate(settings.labels))
@@ -95,7 +97,8 @@ def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, Finetu
         else:
             setattr(model, model.base_model_prefix, body)  # every task trains the same body
         models[task], rows[task] = model.train(), list(read_examples(data_file))
-        label_of[task] = lambda e, m=model, f=data_file: label_index(e, m.config.label2id, m.config.num_labels, f)
+        encoders[task] = Encoder(TASKS[SEQUENCE_CLASSIFICATION], tokenizer, model.config,
+                                 max_length=settings.max_length, path=data_file)
     unique = {id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(unique.values(), lr=first.learning_rate)
 
@@ -108,8 +111,7 @@ def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, Finetu
             if (task, epoch) not in streams:
                 shuffled = random.Random(first.seed + epoch).sample(rows[task], len(rows[task]))
                 settings = tasks[task][1]
-                streams[task, epoch] = batches(iter(shuffled), tokenizer, batch_size=settings.batch_size,
-                                               max_length=settings.max_length, label_of=label_of[task])
+                streams[task, epoch] = batches(iter(shuffled), encoders[task], batch_size=settings.batch_size)
             loss = models[task](**next(streams[task, epoch])).loss
             loss.backward()
             optimizer.step()

@@ -29,8 +29,8 @@ import torch
 from clients.finetune import FinetuneSettings, finetune_multitask
 from examples.assets import SENTIMENT_DOMAINS, SENTIMENT_LABELS, TASKS, minilm_dir, sentiment, write_jsonl
 from examples.owners import Owner, prepare_owner, say
-from fusion.checkpoint import load_classifier, load_tokenizer
-from fusion.data import batches, label_index, read_examples
+from fusion.checkpoint import load_model, load_tokenizer
+from fusion.workflows import DataSettings, task_batches
 from fusion.evaluate import classification_scores
 from fusion.evaluate import probabilities as class_probabilities
 from server.processes import Loopback
@@ -52,10 +52,9 @@ SIZES = {"default": Size(train=400, test=200, epochs=2), "full": Size(train=1000
 
 def probabilities(model_dir: Path, data_file: Path) -> tuple[torch.Tensor, list[int]]:
     """Class probabilities of a model folder on a labelled file, and the true labels."""
-    model, _ = load_classifier(model_dir)
-    label_of = lambda e: label_index(e, model.config.label2id, model.config.num_labels, data_file)  # noqa: E731
-    return class_probabilities(model, batches(read_examples(data_file), load_tokenizer(model_dir), batch_size=64,
-                                              max_length=MAX_LENGTH, label_of=label_of))
+    model, _ = load_model(model_dir)
+    settings = DataSettings(max_length=MAX_LENGTH, batch_size=64)
+    return class_probabilities(model, task_batches(model, load_tokenizer(model_dir), data_file, settings, True))
 
 
 def scores_of(probs: torch.Tensor, truth: list[int]) -> dict:

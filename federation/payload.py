@@ -18,6 +18,7 @@ import torch
 from fusion.aggregate import OwnerUpdate
 from fusion.checkpoint import float_state, head_names, label_set, public_config_json
 from fusion.errors import GramfuseError, StatisticsError
+from fusion.tasks import model_task
 from fusion.statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
 
 WEIGHT_PREFIX = "weight."
@@ -107,12 +108,13 @@ def wire_tensor(value: torch.Tensor) -> torch.Tensor:
 
 
 def describe_model(model: Any) -> dict[str, Any]:
-    """What must agree between owners before anything heavy is sent: model type, body shapes, label set."""
+    """What must agree between owners before anything heavy is sent: task, model type, body shapes, label set."""
     import hashlib
 
     head = head_names(model)
     shapes = sorted((name, tuple(v.shape)) for name, v in float_state(model).items() if name not in head)
     return {
+        "task": model_task(model).name,
         "model_type": model.config.model_type,
         "body": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16],
         "label_set": [list(item) for item in label_set(model.config)],

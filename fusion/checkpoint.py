@@ -1,4 +1,5 @@
-"""Hugging Face model folders: loading an owner's classifier, its head, its label set, and saving a merged model."""
+"""Hugging Face model folders: loading an owner's model for its task, its head, its label set, its tied weights, and
+writing a merged model as safetensors shards."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,32 +31,49 @@ def quiet_transformers() -> None:
         _quiet = True
 
 
-def load_classifier(path: str | Path, *, allow_missing: bool = False) -> tuple[Any, list[str]]:
-    """A sequence classifier from a folder, in its checkpoint's dtype and eval mode, with the names of weights it lacked.
+def load_model(path: str | Path, task: str | None = None, *, allow_missing: bool = False) -> tuple[Any, list[str]]:
+    """The model of a folder for its task (its config's architecture, or ``task``), in its checkpoint's dtype and eval
+    mode, with the names of the weights its checkpoint lacked.
 
-    A folder whose checkpoint lacks weights (an untrained classification head that transformers would initialise at
-    random) is an error unless ``allow_missing``: statistics or a merge of random weights would be meaningless.
+    A checkpoint that lacks weights the task's model needs (an untrained head that transformers would initialise at
+    random, or a model of another task) is an error unless ``allow_missing``: statistics or a merge of random weights
+    would be meaningless.
     """
-    from transformers import AutoModelForSequenceClassification
+    from .tasks import task_of
 
     quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise GramfuseError(f"{path}: not a model folder (no config.json)")
+    config = read_config(path)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype="auto", output_loading_info=True
-        )
+        kind = task_of(config, task)
+    except GramfuseError as error:
+        raise type(error)(f"{path}: {error}") from None
+    try:
+        model, info = kind.auto().from_pretrained(str(path), dtype="auto", output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
-        raise GramfuseError(f"{path}: cannot load the model: {error}") from error
+        raise GramfuseError(f"{path}: cannot load the model as {kind.name}: {error}") from error
     missing = sorted(info.get("missing_keys", []))
     if missing and not allow_missing:
-        raise GramfuseError(
-            f"{path}: the checkpoint lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} "
-            "(an untrained classification head?); fine-tune the model first"
-        )
+        raise GramfuseError(f"{path}: {missing_weights_message(missing, kind.name)}")
     model.eval()
     return model, missing
+
+
+def missing_weights_message(missing: Sequence[str], task: str) -> str:
+    return (f"the checkpoint lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}, which a {task} model "
+            "needs: a head that was never trained (fine-tune the model first), or a checkpoint of another task "
+            "(give --task)")
+
+
+def read_config(path: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise GramfuseError(f"{path}: cannot read config.json: {error}") from error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,9 +122,26 @@ def label_set(config: Any) -> tuple[tuple[int, str], ...]:
     return tuple(sorted((int(index), str(label)) for index, label in config.id2label.items()))
 
 
+def tied_aliases(model: Any) -> dict[str, str]:
+    """Parameters that are another parameter under a second name (an LM head tied to the input embeddings), each
+    mapped to the name the tensor is stored under: the first name PyTorch gives it, the one ``save_pretrained``
+    keeps. A tied tensor is one tensor everywhere in a merge, known by that name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def float_state(model: Any) -> dict[str, torch.Tensor]:
-    """The floating-point tensors of a model's state dict (integer buffers such as position ids are not merged)."""
-    return {name: value for name, value in model.state_dict().items() if value.is_floating_point()}
+    """The floating-point tensors of a model's state dict, each tied tensor once (integer buffers such as position
+    ids are not merged)."""
+    aliases = tied_aliases(model)
+    return {name: value for name, value in model.state_dict().items()
+            if value.is_floating_point() and name not in aliases}
 
 
 def check_finite(owner: str, params: Mapping[str, torch.Tensor]) -> None:
@@ -179,24 +214,6 @@ def tokenizer_from_files(files: Mapping[str, bytes]) -> Any:
         for name, data in files.items():
             (Path(folder) / Path(name).name).write_bytes(data)
         return load_tokenizer(folder)
-
-
-def save_classifier(config: Any, params: Mapping[str, torch.Tensor], tokenizer: Any, out_dir: Path) -> None:
-    """Write ``params`` into the architecture ``config`` describes, with the tokenizer, for ``from_pretrained``."""
-    from transformers import AutoModelForSequenceClassification
-
-    quiet_transformers()
-    model = AutoModelForSequenceClassification.from_config(config)
-    state = model.state_dict()
-    missing = sorted(n for n, v in state.items() if v.is_floating_point() and n not in params)
-    if missing:
-        raise MergeError(f"merged parameters lack {', '.join(missing[:4])}")
-    for name, value in params.items():
-        state[name] = value.to(state[name].dtype)
-    model.load_state_dict(state)
-    model.save_pretrained(str(out_dir))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
 
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default: a shard is written as it fills, never held in memory
@@ -275,13 +292,13 @@ class ShardWriter:
         return [self.folder / name for name in names]
 
 
-def model_skeleton(config: Any) -> Any:
-    """The model ``config`` describes, on the meta device: its parameter names and layers, no memory, no weights."""
-    from transformers import AutoModelForSequenceClassification
+def model_skeleton(config: Any, task: str | None = None) -> Any:
+    """The model ``config`` describes for its task, on the meta device: parameter names and layers, no weights."""
+    from .tasks import task_of
 
     quiet_transformers()
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return task_of(config, task).auto().from_config(config)
 
 
 def missing_from(skeleton: Any, present: set[str]) -> list[str]:

@@ -18,7 +18,7 @@ from .errors import GramfuseError
 from .methods import METHODS, get_method, option_names
 
 # CLI flag -> method option; a flag given to a method that has no such option is an error, not silently ignored.
-METHOD_FLAGS = ("alpha", "weighting", "scaling", "density")
+METHOD_FLAGS = ("alpha", "weighting", "tied", "scaling", "density")
 
 
 def _positive_int(text: str) -> int:
@@ -45,9 +45,21 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="examples per batch (default 32)")
     parser.add_argument("--max-examples", type=_positive_int, default=None, help="use at most N examples")
-    parser.add_argument("--text-field", default="text", help="name of the text field or column (default text)")
-    parser.add_argument("--label-field", default="label", help="name of the label field or column (default label)")
+    parser.add_argument("--text-field", help="name of the text field or column (default: text; tokens for "
+                        "token classification, a list of words)")
+    parser.add_argument("--label-field", help="name of the label field or column (default: label; tags for token "
+                        "classification, one per word; a causal LM needs none)")
+    parser.add_argument("--pair-field", default="text_pair", help="sequence classification of sentence pairs: the "
+                        "second text's field (default text_pair; used where the rows have it)")
+    _task_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _task_flag(parser: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    parser.add_argument("--task", choices=sorted(TASKS), help="the model's task (default: from config.json's "
+                        "architectures)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,12 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", default="regmean", choices=sorted(METHODS), help="merge method (default regmean)")
     merge.add_argument("--alpha", type=float, help="regmean: non-diagonal scale in [0, 1] (default 1.0)")
     merge.add_argument("--weighting", choices=("sum", "equal"), help="regmean, fisher: sum (default) or equal")
+    merge.add_argument("--tied", choices=("head", "embedding"), help="regmean: a tensor tied between the input "
+                       "embeddings and the LM head is solved as the head (default) or averaged as an embedding")
     merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
     merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
     merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties)")
     merge.add_argument("--max-shard-size", type=_byte_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
                        help="largest output shard, e.g. 500MB or 2GB (default 5GB, as save_pretrained); a larger "
                        "model is written as several shards with an index")
+    _task_flag(merge)
     merge.add_argument("--device", default="auto", help="where the Gram products and solves run: auto (a GPU when "
                        "there is one, default), cpu, cuda, cuda:N")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -97,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy and macro-F1 of a model on a data file",
-        description="Accuracy and macro-F1 of a sequence classifier on a labelled data file.",
+        help="score a model on a labelled data file, as its task is scored",
+        description="Score a model on a data file: accuracy and macro-F1 for classes, Pearson and Spearman for a "
+        "regression label (num_labels 1), entity-level F1 for token classification, perplexity for a causal LM.",
     )
     evaluate.add_argument("model_dir", metavar="MODEL_DIR")
     evaluate.add_argument("data_file", metavar="DATA_FILE")
@@ -121,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace):
     from .workflows import DataSettings
 
-    return DataSettings(args.max_length, args.batch_size, args.max_examples, args.text_field, args.label_field)
+    return DataSettings(args.max_length, args.batch_size, args.max_examples, args.text_field, args.label_field,
+                        args.task, args.pair_field)
 
 
 def run_stats(args: argparse.Namespace) -> None:
@@ -151,7 +168,8 @@ def run_merge(args: argparse.Namespace) -> None:
         raise GramfuseError(f"method {args.method!r} works relative to a base model: give --base BASE_DIR")
     with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
         report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
-                               progress=bar, max_shard_bytes=args.max_shard_size, device=args.device)
+                               progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
+                               task=args.task)
     print(merge_summary(args.output, report))
 
 
@@ -176,7 +194,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(scores))
     else:
-        print(f"accuracy {scores['accuracy']:.4f}  macro-F1 {scores['macro_f1']:.4f}  ({scores['examples']} examples)")
+        print("  ".join(f"{key.replace('_', '-')} {value:.4f}" for key, value in scores.items()
+                        if isinstance(value, float)) + f"  ({scores['examples']} examples)")
 
 
 def run_credentials(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,22 @@ from .errors import DataError
 
 
 @dataclass(frozen=True)
+class Fields:
+    """Which fields of a row hold what. ``words``: the text is a list of words and the label a list of tags, one per
+    word (token classification); ``label`` None: the text is its own target (causal LM)."""
+
+    text: str = "text"
+    label: str | None = "label"
+    pair: str | None = "text_pair"  # the second text of a sentence pair, where a row has it
+    words: bool = False
+
+
+@dataclass(frozen=True)
 class Example:
     line: int
-    text: str
-    label: Any = None  # as written in the file: an int, or a name to look up in the model's label2id
+    text: Any  # a text, or a list of words
+    label: Any = None  # as written in the file: an int, a name to look up in the model's label2id, a score, tags
+    pair: str | None = None
 
 
 def _file_format(path: Path) -> str:
@@ -54,25 +67,56 @@ def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
                 yield reader.line_num, row
 
 
-def read_examples(
-    path: str | Path, text_field: str = "text", label_field: str = "label", require_labels: bool = True
-) -> Iterator[Example]:
-    """Stream the examples of a data file; raises :class:`DataError` naming file, line and field on any problem."""
+def _text(path: Path, number: int, row: Mapping[str, Any], field: str, words: bool) -> Any:
+    value = row.get(field)
+    if value is None:
+        raise DataError(f"{path}:{number}: missing field {field!r} (fields: {', '.join(map(str, row))})")
+    if words:
+        if not isinstance(value, list) or not value or not all(isinstance(word, str) for word in value):
+            raise DataError(f"{path}:{number}: field {field!r} must be a non-empty list of words (strings)")
+    elif not isinstance(value, str):
+        raise DataError(f"{path}:{number}: field {field!r} must be text, found {type(value).__name__}")
+    return value
+
+
+def _label(path: Path, number: int, row: Mapping[str, Any], fields: Fields, text: Any, required: bool) -> Any:
+    label = row.get(fields.label)
+    if label in (None, ""):
+        if required:
+            raise DataError(f"{path}:{number}: missing field {fields.label!r}")
+        return None
+    if fields.words:
+        if not isinstance(label, list):
+            raise DataError(f"{path}:{number}: field {fields.label!r} must be a list of tags, one per word")
+        if len(label) != len(text):
+            raise DataError(f"{path}:{number}: {len(label)} tags in {fields.label!r} for {len(text)} words in "
+                            f"{fields.text!r}: tags must align with words")
+    return label
+
+
+def read_examples(path: str | Path, fields: Fields = Fields(), require_labels: bool = True) -> Iterator[Example]:
+    """Stream the examples of a data file; raises :class:`DataError` naming file, line and field on any problem.
+
+    A file of sentence pairs has the ``pair`` field on every row: a file that mixes pairs and single texts is an
+    error (the model was fine-tuned on one or the other).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    count = 0
+    count, paired = 0, None
     for number, row in _rows(path):
-        text = row.get(text_field)
-        if text is None:
-            raise DataError(f"{path}:{number}: missing field {text_field!r} (fields: {', '.join(map(str, row))})")
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{number}: field {text_field!r} must be text, found {type(text).__name__}")
-        label = row.get(label_field)
-        if label in (None, "") and require_labels:
-            raise DataError(f"{path}:{number}: missing field {label_field!r}")
+        text = _text(path, number, row, fields.text, fields.words)
+        pair = row.get(fields.pair) if fields.pair and not fields.words else None
+        if pair is not None and not isinstance(pair, str):
+            raise DataError(f"{path}:{number}: field {fields.pair!r} must be text, found {type(pair).__name__}")
+        if paired is None:
+            paired = pair is not None
+        elif paired != (pair is not None):
+            raise DataError(f"{path}:{number}: {'no' if paired else 'a'} {fields.pair!r} field, unlike the first "
+                            "example: a file holds sentence pairs throughout or single texts throughout")
+        label = _label(path, number, row, fields, text, require_labels) if fields.label else None
         count += 1
-        yield Example(number, text, label)
+        yield Example(number, text, label, pair)
     if count == 0:
         raise DataError(f"{path}: no examples (the file is empty)")
 
@@ -86,46 +130,43 @@ def count_examples(path: str | Path) -> int:
     return lines - 1 if _file_format(Path(path)) != "jsonl" else lines
 
 
-def label_index(example: Example, label2id: Mapping[str, int], num_labels: int, path: str | Path) -> int:
-    """The class index of an example's label, checked against the model's label range."""
-    label = example.label
+def class_index(label: Any, line: int, label2id: Mapping[str, int], num_labels: int, path: str | Path) -> int:
+    """The class index of a label as written (an index or a label name), checked against the model's label range."""
     if isinstance(label, str) and label in label2id:
         return int(label2id[label])
     try:
         index = int(label)
     except (TypeError, ValueError):
         raise DataError(
-            f"{path}:{example.line}: label {label!r} is neither a class index nor one of the model's labels "
-            f"{sorted(label2id)}"
+            f"{path}:{line}: label {label!r} is neither a class index nor one of the model's labels {sorted(label2id)}"
         ) from None
     if isinstance(label, float) and label != index:
-        raise DataError(f"{path}:{example.line}: label {label!r} is not a whole class index")
+        raise DataError(f"{path}:{line}: label {label!r} is not a whole class index")
     if not 0 <= index < num_labels:
-        raise DataError(f"{path}:{example.line}: label {label!r} is outside the model's range 0..{num_labels - 1}")
+        raise DataError(f"{path}:{line}: label {label!r} is outside the model's range 0..{num_labels - 1}")
     return index
 
 
-def batches(
-    examples: Iterator[Example],
-    tokenizer: Any,
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    label_of: Any = None,
-    max_examples: int | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches, padded to their longest member; with ``label_of`` (Example -> int) they carry ``labels``."""
+def label_index(example: Example, label2id: Mapping[str, int], num_labels: int, path: str | Path) -> int:
+    return class_index(example.label, example.line, label2id, num_labels, path)
+
+
+def score_value(example: Example, path: str | Path) -> float:
+    """A regression target (STS-B's similarity): a finite number."""
+    try:
+        value = float(example.label)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{example.line}: label {example.label!r} is not a number (the model is a "
+                        "regressor: num_labels is 1)") from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}:{example.line}: label {example.label!r} is not finite")
+    return value
+
+
+def batches(examples: Iterator[Example], encode: Any, *, batch_size: int = 32,
+            max_examples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """``encode(examples)`` of consecutive groups of ``batch_size`` examples (:class:`fusion.encode.Encoder`)."""
     chunk: list[Example] = []
-
-    def encode(group: list[Example]) -> dict[str, torch.Tensor]:
-        encoded = tokenizer(
-            [e.text for e in group], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        batch = dict(encoded)
-        if label_of is not None:
-            batch["labels"] = torch.tensor([label_of(e) for e in group], dtype=torch.long)
-        return batch
-
     for taken, example in enumerate(examples):
         if max_examples is not None and taken >= max_examples:
             break

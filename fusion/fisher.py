@@ -1,23 +1,30 @@
-"""The diagonal empirical Fisher of a classifier, gathered at the data site with the statistics.
+"""The diagonal empirical Fisher of a model, gathered at the data site with the statistics.
 
-``F = sum over examples of (d log p(y | x) / d theta)^2`` with the example's true label ``y``. Per-example gradients
+``F = sum over examples of (d log p(y | x) / d theta)^2`` with the example's true label ``y`` (its tags, for token
+classification; its own next tokens, for a causal LM: the log-likelihood summed over the example's labelled tokens). Per-example gradients
 are needed (the square of a batch gradient is not the Fisher), so examples go through one at a time; the sum, not
 the mean, is kept, as for the Grams.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 
+def class_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1)[0, labels[0]]
+
+
 def collect_fisher(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None,
+    log_likelihood: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = class_log_likelihood,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Squared-score sums per trainable parameter and the number of examples; batches must carry ``labels``."""
+    """Squared-score sums per trainable parameter and the number of examples; batches must carry ``labels``.
+    ``log_likelihood(logits, labels)`` of a batch of one example (:func:`fusion.tasks.example_log_likelihood`)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     fisher = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     was_training = model.training
@@ -35,7 +42,10 @@ def collect_fisher(
                     single = {k: v[:, :length] if v.dim() == 2 else v for k, v in single.items()}
                 model.zero_grad(set_to_none=True)
                 logits = model(**single).logits
-                torch.log_softmax(logits, dim=-1)[0, labels[row]].backward()
+                label = labels[row : row + 1]
+                if label.dim() == 2 and "attention_mask" in single:
+                    label = label[:, : single["attention_mask"].shape[1]]
+                log_likelihood(logits, label).backward()
                 for name, p in params.items():
                     if p.grad is not None:
                         fisher[name] += p.grad.detach().to(torch.float64).square()

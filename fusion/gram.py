@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import tied_aliases
 from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
 
 LINEAR = "linear"
@@ -110,6 +111,7 @@ class GramCollector:
         self.compute_dtype = compute_dtype
         self.modules = linear_modules(model)
         self.kind = {name: kind for name, _, kind in self.modules}
+        self.aliases = tied_aliases(model)  # a tied LM head's weight is known by the embeddings' name
         self.gram_key: dict[str, str] = {}  # module -> the module whose Gram it uses (its first reader)
         self.accumulators: dict[str, GramAccumulator] = {}
         self.pads_excluded: dict[str, bool] = {}
@@ -179,7 +181,8 @@ class GramCollector:
         """The accumulated statistics, with ``fingerprint`` (default: that of the model's current weights). Call it
         once: it packs and frees the accumulators as it goes."""
         modules = {
-            name: ModuleInfo(gram=self.gram_key[name], kind=self.kind[name], weight=f"{name}.weight")
+            name: ModuleInfo(gram=self.gram_key[name], kind=self.kind[name],
+                             weight=self.aliases.get(f"{name}.weight", f"{name}.weight"))
             for name, _, _ in self.modules
             if name in self.gram_key
         }

@@ -27,7 +27,8 @@ from .checkpoint import (
     float_state,
     head_names,
     label_set,
-    load_classifier,
+    load_model,
+    missing_weights_message,
     missing_from,
     model_skeleton,
     quiet_transformers,
@@ -72,6 +73,7 @@ class FolderOwner:
     files: CheckpointFiles
     head: set[str]
     statistics: GramStatistics | None
+    task: str = ""
 
     @property
     def label_set(self) -> tuple:
@@ -84,8 +86,11 @@ class FolderOwner:
         return {name: self.files.shape(name) for name in self.float_names() if name not in self.head}
 
 
-def open_owner(name: str, path: Path, needs_statistics: bool) -> FolderOwner:
-    """An owner folder checked from headers alone: a loadable model whose checkpoint lacks no weight."""
+def open_owner(name: str, path: Path, needs_statistics: bool, task: str | None = None) -> FolderOwner:
+    """An owner folder checked from headers alone: a loadable model of a supported task (its architecture's, or
+    ``task``) whose checkpoint lacks no weight."""
+    from .tasks import task_of
+
     from transformers import AutoConfig
 
     quiet_transformers()
@@ -94,29 +99,30 @@ def open_owner(name: str, path: Path, needs_statistics: bool) -> FolderOwner:
     try:
         config = AutoConfig.from_pretrained(str(path))
         files = CheckpointFiles(path)
-        skeleton = model_skeleton(config)
+        kind = task_of(config, task)
+        skeleton = model_skeleton(config, kind.name)
     except GramfuseError as error:
         raise type(error)(f"owner {name!r}: {error}") from error
     except (OSError, ValueError, KeyError) as error:
         raise CompatibilityError(f"owner {name!r}: {path}: cannot read the model: {error}") from error
     missing = missing_from(skeleton, set(files))
     if missing:
-        raise CompatibilityError(
-            f"owner {name!r}: {path}: the checkpoint lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''} "
-            "(an untrained classification head?); fine-tune the model first"
-        )
+        raise CompatibilityError(f"owner {name!r}: {path}: {missing_weights_message(missing, kind.name)}")
     stats = open_statistics(path / STATS_FILENAME, name) if needs_statistics else None
     if stats is not None:
         for module, info in stats.modules.items():
             if info.weight not in files:
                 raise StatisticsError(f"owner {name!r}: layer {module!r} in the statistics is not in the model")
-    return FolderOwner(name, path, config, files, head_names(skeleton), stats)
+    return FolderOwner(name, path, config, files, head_names(skeleton), stats, kind.name)
 
 
 def check_owners(owners: Sequence[FolderOwner]) -> None:
     """Every owner against the first: model type, body shapes, shared-Gram layout."""
     reference = owners[0]
     for owner in owners[1:]:
+        if owner.task != reference.task:
+            raise CompatibilityError(f"owner {owner.name!r}: a {owner.task} model, but owner {reference.name!r}'s is "
+                                     f"a {reference.task} model")
         if owner.config.model_type != reference.config.model_type:
             raise CompatibilityError(
                 f"owner {owner.name!r}: model type {owner.config.model_type!r} differs from owner {reference.name!r}'s "
@@ -153,10 +159,10 @@ def verify_weights(owner: FolderOwner) -> None:
         )
 
 
-def load_base(base_dir: str | Path | None) -> dict | None:
+def load_base(base_dir: str | Path | None, task: str | None = None) -> dict | None:
     if base_dir is None:
         return None
-    model, missing = load_classifier(base_dir, allow_missing=True)
+    model, missing = load_model(base_dir, task, allow_missing=True)
     # Weights the base checkpoint lacks were initialised at random by transformers: they are no base at all.
     return {name: value for name, value in float_state(model).items() if name not in set(missing)}
 
@@ -194,12 +200,14 @@ def merge_folders(
     progress: Any = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: str = "cpu",
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
     The merged model holds the label set most owners share (:func:`fusion.finish.plan_outputs`); every other owner
     gets a folder ``out_dir/<owner>`` with the merged body and its own head. ``progress`` is a tqdm-like object whose
     total is set to the number of groups. ``device`` (``cpu``, ``cuda``, ``auto``) runs the Gram products and solves.
+    ``task`` overrides the task the owners' ``config.architectures`` give (:mod:`fusion.tasks`).
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
@@ -207,7 +215,7 @@ def merge_folders(
         raise MergeError("no model folders given")
     needs_statistics = method.needs_statistics or method.needs_fisher
     device = str(resolve_device(device))  # before any owner is read: a device that is not there is the user's first error
-    owners = [open_owner(name, path, needs_statistics) for name, path in zip(owner_names(paths), paths)]
+    owners = [open_owner(name, path, needs_statistics, task) for name, path in zip(owner_names(paths), paths)]
     check_owners(owners)
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
@@ -220,7 +228,7 @@ def merge_folders(
     own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
     outputs = plan_outputs(order, {o.name: o.label_set for o in owners}, {o.name: o.config for o in owners}, own_heads)
     reference = by_name[outputs[0].owners[0]]
-    context = merge_context(method, owners, load_base(base_dir), device)
+    context = merge_context(method, owners, load_base(base_dir, owners[0].task), device)
     names = reference.float_names()
     groups = plan_groups(names, reference.head, context.modules)
     if progress is not None:

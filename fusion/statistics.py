@@ -74,7 +74,11 @@ def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
 class ModuleInfo:
     gram: str  # key of the Gram this module's input shares
     kind: str  # "linear" (weight is out x in) or "conv1d" (weight is in x out)
-    weight: str  # name of the weight in the model's state dict
+    weight: str  # name of the weight in the model's checkpoint (for a tied LM head, the embeddings' name)
+
+    def tied_to(self, module: str) -> bool:
+        """Whether this layer's weight is stored under another layer's name (a tied LM head)."""
+        return self.weight != f"{module}.weight"
 
 
 @dataclass

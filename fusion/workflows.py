@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_finite, float_state, load_classifier, load_tokenizer, resolve_device
-from .data import batches, count_examples, label_index, read_examples
+from .checkpoint import check_finite, float_state, load_model, load_tokenizer, resolve_device
+from .data import batches, count_examples, read_examples
+from .encode import Encoder, task_fields
 from .errors import DataError
-from .evaluate import classification_scores, predict
+from .evaluate import scores
 from .fisher import collect_fisher
 from .gram import collect_statistics
 from .lazy import CheckpointFiles
 from .statistics import STATS_FILENAME, GramStatistics, save_statistics
+from .tasks import example_log_likelihood, task_of
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,10 @@ class DataSettings:
     max_length: int = 128
     batch_size: int = 32
     max_examples: int | None = None
-    text_field: str = "text"
-    label_field: str = "label"
+    text_field: str | None = None  # None: the task's own (text; tokens for token classification)
+    label_field: str | None = None  # None: the task's own (label; tags for token classification)
+    task: str | None = None  # None: from the checkpoint's config.architectures
+    pair_field: str = "text_pair"
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size"):
@@ -39,28 +43,13 @@ class DataSettings:
             raise DataError(f"max-examples must be at least 1, not {self.max_examples}")
 
 
-def _batches(model: Any, tokenizer: Any, data_file: Path, settings: DataSettings, labelled: bool):
-    """Batches of the data file; labels are always checked against the model where present."""
-    config = model.config
-    examples = read_examples(data_file, settings.text_field, settings.label_field, require_labels=labelled)
-
-    def label_of(example):
-        return label_index(example, config.label2id, config.num_labels, data_file)
-
-    def checked(stream):
-        for example in stream:
-            if example.label not in (None, ""):
-                label_of(example)
-            yield example
-
-    return batches(
-        examples if labelled else checked(examples),  # labelled batches check every label as they encode it
-        tokenizer,
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        label_of=label_of if labelled else None,
-        max_examples=settings.max_examples,
-    )
+def task_batches(model: Any, tokenizer: Any, data_file: Path, settings: DataSettings, labelled: bool):
+    """Batches of the data file for the model's task; labels are always checked against the model where present."""
+    task = task_of(model.config, settings.task)
+    fields = task_fields(task, settings.text_field, settings.label_field, settings.pair_field)
+    examples = read_examples(data_file, fields, require_labels=labelled and fields.label is not None)
+    encoder = Encoder(task, tokenizer, model.config, max_length=settings.max_length, path=data_file, labelled=labelled)
+    return batches(examples, encoder, batch_size=settings.batch_size, max_examples=settings.max_examples)
 
 
 def _bar(data_file: Path, settings: DataSettings, description: str, enabled: bool):
@@ -90,13 +79,13 @@ def compute_statistics(
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
     if model is None:
-        model, _ = load_classifier(model_dir)
+        model, _ = load_model(model_dir, settings.task)
     check_finite(str(model_dir), float_state(model))
     model = model.to(resolve_device(device))
     # The folder's checkpoint, not the loaded model, is what a merge reads and checks the statistics against.
     fingerprint = CheckpointFiles(model_dir).fingerprint()
     tokenizer = load_tokenizer(model_dir)
-    make_batches = partial(_batches, model, tokenizer, data_file, settings)
+    make_batches = partial(task_batches, model, tokenizer, data_file, settings)
     with _bar(data_file, settings, "gram statistics", progress) as bar:
         stats = collect_statistics(
             model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
@@ -104,7 +93,9 @@ def compute_statistics(
         )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:
-            stats.fisher, stats.fisher_example_count = collect_fisher(model, make_batches(labelled=True), bar)
+            stats.fisher, stats.fisher_example_count = collect_fisher(
+                model, make_batches(labelled=True), bar,
+                partial(example_log_likelihood, task_of(model.config, settings.task), model.config))
     path = Path(out) if out is not None else model_dir / STATS_FILENAME
     save_statistics(stats, path)
     return stats, path
@@ -113,8 +104,9 @@ def compute_statistics(
 def evaluate_folder(
     model_dir: str | Path, data_file: str | Path, *, settings: DataSettings = DataSettings(), progress: bool = True
 ) -> dict[str, float]:
-    model, _ = load_classifier(model_dir)
+    """The task's scores of a model folder on a data file (:func:`fusion.evaluate.scores`)."""
+    model, _ = load_model(model_dir, settings.task)
     tokenizer = load_tokenizer(model_dir)
+    task = task_of(model.config, settings.task)
     with _bar(Path(data_file), settings, "evaluate", progress) as bar:
-        predicted, truth = predict(model, _batches(model, tokenizer, Path(data_file), settings, True), bar)
-    return classification_scores(predicted, truth, model.config.num_labels)
+        return scores(task, model, task_batches(model, tokenizer, Path(data_file), settings, True), bar)

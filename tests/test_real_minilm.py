@@ -88,11 +88,11 @@ def test_secure_merge_of_the_real_owners_equals_plaintext(federation, tmp_path):
     from helpers import plaintext_merge, secure_merge
 
     from fusion.aggregate import owner_update
-    from fusion.checkpoint import load_classifier
+    from fusion.checkpoint import load_model
     from fusion.methods import get_method
 
     _, owners, _ = federation
-    updates = [owner_update(o.name, load_classifier(o)[0], load_statistics(o / "gramfuse-stats.safetensors"))
+    updates = [owner_update(o.name, load_model(o)[0], load_statistics(o / "gramfuse-stats.safetensors"))
                for o in owners]
     method = get_method("regmean")
     _, merged, _ = secure_merge([method], updates, tmp_path / "secure")

@@ -41,15 +41,25 @@ def needs_diagonal(methods) -> bool:
 class RegMean(MergeMethod):
     alpha: float = 1.0  # 1: plain RegMean; 0: diagonal-weighted average. The paper tuned it per setting.
     weighting: str = "sum"  # "sum": pooled least squares, count-weighted averages; "equal": mean Grams as in the paper
+    # A tensor used twice (input embeddings tied to the LM head) is merged once: "head" solves it as the head's
+    # weight, from the head's Grams; "embedding" averages it as an embedding. Measured on the LLM job (README).
+    tied: str = "head"
 
     needs_statistics = True
-    combine_only = ("alpha",)  # owners send G, G W^T and diag(G) W^T whatever alpha: it is chosen afterwards
+    # Owners send G, G W^T and diag(G) W^T whatever alpha and the tie rule: both are chosen afterwards.
+    combine_only = ("alpha", "tied")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
         if self.weighting not in ("sum", "equal"):
             raise ValueError(f"weighting must be 'sum' or 'equal', not {self.weighting!r}")
+        if self.tied not in ("head", "embedding"):
+            raise ValueError(f"tied must be 'head' or 'embedding', not {self.tied!r}")
+
+    def solves(self, module: str, info) -> bool:
+        """Whether a hooked layer is solved from its Grams (a tied one only under the ``head`` rule)."""
+        return self.tied == "head" or not info.tied_to(module)
 
     def contribute(self, owner: OwnerState, context: MergeContext):
         stats = owner.statistics
@@ -82,8 +92,8 @@ class RegMean(MergeMethod):
         owners = float(sums[OWNERS])
         groups: dict[str, list[str]] = {}
         for module, info in context.modules.items():
-            if info.weight not in merged:
-                continue  # a layer not merged here (an owner's own head)
+            if info.weight not in merged or not self.solves(module, info):
+                continue  # a layer not merged here (an owner's own head), or a tied one averaged as an embedding
             if float(sums.get(COVERED + module, 0.0)) < owners:
                 outcome.warnings.append(
                     f"layer {module!r}: statistics missing for some owners; averaged instead of RegMean"

@@ -18,7 +18,7 @@ import torch
 from helpers import perturbed, plaintext_aggregator, read_outputs, save_owner, secure_merge, tiny_model, write_data
 
 from fusion.aggregate import owner_update
-from fusion.checkpoint import load_classifier
+from fusion.checkpoint import load_model
 from fusion.finish import restrict
 from fusion.lazy import CheckpointFiles
 from fusion.merge import load_base, merge_context, merge_folders, open_owner, owner_names, streamed_sums
@@ -139,7 +139,7 @@ def test_every_mode_forms_the_same_sums(site, spec, tmp_path):
     context = merge_context(method, owners, base)
     updates = []
     for name, path in zip(owner_names(paths), paths):
-        model, _ = load_classifier(path)
+        model, _ = load_model(path)
         updates.append(owner_update(name, model, load_statistics(path / "gramfuse-stats.safetensors")))
     plaintext = plaintext_aggregator(method, updates, base=base, diagonal=context.diagonal)
     streamed = streamed_sums(owners, set(), context)
