@@ -63,6 +63,17 @@ def tiny_model(kind: str, seed: int = 0, num_labels: int = 2, **overrides):
     return model.eval()
 
 
+def tiny_causal_lm(seed: int = 0, layers: int = 2, tied: bool = True):
+    """A tiny random Llama causal LM with grouped-query attention on MiniLM's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
 def perturbed(model, seed: int, scale: float = 0.05):
     """A copy of ``model`` with every parameter moved at random: a stand-in for one owner's fine-tuning."""
     import copy

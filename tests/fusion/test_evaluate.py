@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from helpers import WORDS, tokenizer
+from helpers import WORDS, tiny_causal_lm, tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,21 +57,12 @@ def test_pearson_and_spearman_match_numpy(pairs):
     assert result["spearman"] == pytest.approx(expected, abs=1e-9)
 
 
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
 def lm_batch(tmp_path, count=6, seed=0):
     rng = random.Random(seed)
     path = tmp_path / "texts.jsonl"
     path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))})
                             + "\n" for _ in range(count)))
-    model = tiny_lm()
+    model = tiny_causal_lm(layers=1)
     task = TASKS[CAUSAL_LM]
     return model, Encoder(task, tokenizer(), model.config, max_length=32, path=path)(
         list(read_examples(path, task_fields(task))))

@@ -226,6 +226,27 @@ def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners
         close(merged[method.label()]["."], plaintext_merge(method, survivors, tmp_path / method.label())["."])
 
 
+def test_secure_merge_of_causal_lms_equals_plaintext_under_both_tie_rules(tmp_path):
+    """Tied LM heads through the masked rounds: one tensor, and either rule gives the plaintext merge."""
+    from helpers import tiny_causal_lm
+
+    base = tiny_causal_lm()
+    updates = []
+    for i in range(3):
+        model = perturbed(base, seed=60 + i)
+        folder = save_owner(model, tmp_path / f"lm{i}")
+        stats, _ = compute_statistics(folder, write_data(tmp_path / f"lm{i}.jsonl", 16 + 8 * i, seed=i),
+                                      settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
+        updates.append(owner_update(f"lm{i}", model, stats))
+    assert "lm_head.weight" not in updates[0].params
+    methods = [get_method("regmean"), get_method("regmean", tied="embedding")]
+    _, merged, _ = secure_merge(methods, updates, tmp_path / "secure")
+    head, embedding = (merged[m.label()]["."]["model.embed_tokens.weight"] for m in methods)
+    assert float((head - embedding).abs().max()) > 1e-3  # the two rules differ
+    for method in methods:
+        close(merged[method.label()]["."], plaintext_merge(method, updates, tmp_path / method.label())["."])
+
+
 def test_secure_mode_refuses_methods_that_need_the_base(owners):
     from fusion.errors import MergeError
 

@@ -1,11 +1,12 @@
-"""`flwr run` on Flower's simulation engine: one simulated node per owner folder of a workspace (tiny models),
-comparing several methods from one round, the server asking for the model in several parts (a small part-mb)."""
+"""`flwr run` on Flower's simulation engine: one simulated node per owner folder of a workspace (tiny causal LMs
+with a tied head), comparing several methods from one round, the server asking for the model in several parts (a
+small part-mb)."""
 
 import json
 
 import pytest
 import torch
-from helpers import perturbed, save_owner, tiny_model, write_data
+from helpers import perturbed, save_owner, tiny_causal_lm, write_data
 from safetensors.torch import load_file
 
 from fusion.cli import main as gramfuse
@@ -19,7 +20,7 @@ METHODS = {"regmean:alpha=0.5": ["--method", "regmean", "--alpha", "0.5"], "regm
 def simulated(tmp_path_factory):
     root = tmp_path_factory.mktemp("simulation")
     workspace = root / "workspace"
-    base = tiny_model("gpt2")
+    base = tiny_causal_lm()
     for i in range(3):
         save_owner(perturbed(base, seed=40 + i), workspace / f"owner{i}" / "model")
         write_data(workspace / f"owner{i}" / "data.jsonl", 30, seed=i)
@@ -48,5 +49,8 @@ def test_each_method_of_one_simulated_round_equals_the_offline_cli(simulated, la
     assert gramfuse(["merge", *models, "-o", str(offline), "--quiet", *METHODS[label]]) == 0
     federated = load_file(str(root / "out" / label / "model.safetensors"))
     expected = load_file(str(offline / "model.safetensors"))
+    assert set(federated) == set(expected) and "lm_head.weight" not in federated  # the tied head is one tensor
     for name, value in expected.items():
         assert torch.allclose(federated[name], value, rtol=1e-6, atol=1e-6 * float(value.abs().max())), name
+    config = json.loads((root / "out" / label / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
