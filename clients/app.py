@@ -6,6 +6,8 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
 - ``max-length`` (128), ``batch-size`` (32), ``max-examples`` (all), ``task``, ``text-field``, ``label-field``,
   ``pair-field``: as for ``gramfuse stats`` (every task type it supports);
 - ``name``: a label for the site in the server's report (the node id is always reported);
+- ``base-path``: where ``model-path`` is a LoRA adapter folder, its base model folder (default: the one its
+  ``adapter_config.json`` names); the site sends the adapter's effective weights;
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 
@@ -36,7 +38,7 @@ from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
-from fusion.lazy import CheckpointFiles
+from fusion.adapters import checkpoint_files
 from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.workflows import DataSettings, compute_statistics
 
@@ -59,6 +61,12 @@ def site_paths(context: Context) -> tuple[Path, Path]:
     return owners[index] / "model", owners[index] / "data.jsonl"
 
 
+def adapter_base(context: Context) -> Path | None:
+    """The base model of a site whose model is a LoRA adapter folder, where the node config overrides it."""
+    base = context.node_config.get("base-path")
+    return Path(str(base)) if base else None
+
+
 def data_settings(context: Context) -> DataSettings:
     node = context.node_config
     max_examples = node.get("max-examples")
@@ -73,9 +81,9 @@ def data_settings(context: Context) -> DataSettings:
     )
 
 
-def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool):
+def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool, base: Path | None = None):
     """The model and its statistics: the site's statistics file when it fits, else freshly computed."""
-    model, _ = load_model(model_dir, settings.task)
+    model, _ = load_model(model_dir, settings.task, base=base)
     stats_file = model_dir / STATS_FILENAME
     if stats_file.is_file():
         try:
@@ -84,14 +92,15 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
             log.warning("%s; computing the statistics again", error)
         else:
             fits = (
-                stats.fingerprint == CheckpointFiles(model_dir).fingerprint()
+                stats.fingerprint == checkpoint_files(model_dir, base).fingerprint()
                 and stats.settings == asdict(settings)
                 and (stats.fisher is not None or not fisher)
             )
             if fits:
                 log.info("reusing %s", stats_file)
                 return model, stats
-    stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model)
+    stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model,
+                                  base=base)
     return model, stats
 
 
@@ -99,7 +108,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
 def describe(msg: Message, context: Context) -> Message:
     """A few bytes that let the server find misfits before any site sends its statistics."""
     model_dir, _ = site_paths(context)
-    model, _ = load_model(model_dir, data_settings(context).task)
+    model, _ = load_model(model_dir, data_settings(context).task, base=adapter_base(context))
     return Message(content=RecordDict({META: ConfigRecord({"json": json.dumps(describe_model(model))})}), reply_to=msg)
 
 
@@ -112,13 +121,14 @@ def contribute(msg: Message, context: Context) -> Message:
     needs_fisher = bool(request.get("needs-fisher", False))
     model_dir, data_file = site_paths(context)
     if needs_statistics:
-        model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher)
+        model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher,
+                                       adapter_base(context))
     else:
-        model, stats = load_model(model_dir, data_settings(context).task)[0], None
+        model, stats = load_model(model_dir, data_settings(context).task, base=adapter_base(context))[0], None
     part = Part.from_config(request)  # the server may ask for a few layers at a time (and first for the layout)
     tensors, meta = owner_payload(model, stats, fisher=needs_fisher, part=part)
     # The tokenizer is the public pretrained one; the server needs it, once, to write loadable folders.
-    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()} if (
+    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()} if (
         part is None or not part.weights) else {}
     meta["site"] = str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                                  else model_dir.name))
@@ -148,7 +158,7 @@ def _site_contribution(context: Context, request) -> tuple:
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
-    model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher)
+    model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher, adapter_base(context))
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
@@ -182,7 +192,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
         "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                             else model_dir.name)),
     }  # no timings: how long the statistics took would tell the server how much data the site holds
-    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir).items()}
+    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()}
     keys = {f"key/{purpose}": value for purpose, value in session.public_keys().items()}
     return _reply(msg, **{META: ConfigRecord({"json": json.dumps(meta), **keys, **files})})
 

@@ -31,18 +31,28 @@ def quiet_transformers() -> None:
         _quiet = True
 
 
-def load_model(path: str | Path, task: str | None = None, *, allow_missing: bool = False) -> tuple[Any, list[str]]:
+def load_model(path: str | Path, task: str | None = None, *, allow_missing: bool = False,
+               base: str | Path | None = None) -> tuple[Any, list[str]]:
     """The model of a folder for its task (its config's architecture, or ``task``), in its checkpoint's dtype and eval
-    mode, with the names of the weights its checkpoint lacked.
+    mode, with the names of the weights its checkpoint lacked. A LoRA adapter folder gives its base model (``base``
+    overrides the one its config names) with the adapter's effective weights.
 
     A checkpoint that lacks weights the task's model needs (an untrained head that transformers would initialise at
     random, or a model of another task) is an error unless ``allow_missing``: statistics or a merge of random weights
     would be meaningless.
     """
+    from .adapters import apply_adapter, is_adapter, open_adapter
     from .tasks import task_of
 
     quiet_transformers()
     path = Path(path)
+    if is_adapter(path):
+        adapter = open_adapter(path, base)
+        model, missing = load_model(adapter.base, task or adapter.task, allow_missing=True)
+        missing = [name for name in missing if name not in adapter.replaced]  # a head the adapter trained
+        if missing and not allow_missing:
+            raise GramfuseError(f"{path}: {missing_weights_message(missing, task_of(model.config, task).name)}")
+        return apply_adapter(model, adapter), missing
     if not (path / "config.json").is_file():
         raise GramfuseError(f"{path}: not a model folder (no config.json)")
     config = read_config(path)
@@ -186,18 +196,30 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False):
     staging.rename(out_dir)
 
 
-def tokenizer_or_none(path: str | Path) -> Any:
+def tokenizer_or_none(path: str | Path, base: str | Path | None = None) -> Any:
+    """A folder's tokenizer; an adapter folder without one has its base's."""
+    from .adapters import is_adapter, open_adapter
+
     try:
         return load_tokenizer(path)
     except (OSError, ValueError):
+        if is_adapter(path):
+            return tokenizer_or_none(open_adapter(path, base).base)
         return None  # a model folder without a tokenizer gives a merged folder without one
 
 
-def tokenizer_files(model_dir: str | Path) -> dict[str, bytes]:
+def folder_tokenizer(path: str | Path, base: str | Path | None = None) -> Any:
+    tokenizer = tokenizer_or_none(path, base)
+    if tokenizer is None:
+        raise GramfuseError(f"{path}: no tokenizer (save it with the model: tokenizer.save_pretrained)")
+    return tokenizer
+
+
+def tokenizer_files(model_dir: str | Path, base: str | Path | None = None) -> dict[str, bytes]:
     """The files a tokenizer saves, as bytes: how a tokenizer travels to a server that has no model folder."""
     import tempfile
 
-    tokenizer = tokenizer_or_none(model_dir)
+    tokenizer = tokenizer_or_none(model_dir, base)
     if tokenizer is None:
         return {}
     with tempfile.TemporaryDirectory() as folder:

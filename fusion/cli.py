@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the per-batch Gram products: float64 (exact, default) or float32 (faster); "
                        "sums are float64 either way")
     stats.add_argument("--device", default="auto", help="auto (a GPU when there is one, default), cpu, cuda, cuda:N")
+    stats.add_argument("--base", metavar="BASE_DIR", help="a LoRA adapter's base model folder (default: the one its "
+                       "adapter_config.json names)")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -100,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and the LM head is solved as the head (default) or averaged as an embedding")
     merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
     merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
-    merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties)")
+    merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties, --lora-rank); "
+                       "also the base of owners that are LoRA adapter folders (default: the one each names)")
+    merge.add_argument("--lora-rank", type=_positive_int, metavar="R", help="also write OUT_DIR/lora, a rank-R LoRA "
+                       "adapter of the merge against the base (truncated SVD), with its error per layer in the report")
     merge.add_argument("--max-shard-size", type=_byte_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
                        help="largest output shard, e.g. 500MB or 2GB (default 5GB, as save_pretrained); a larger "
                        "model is written as several shards with an index")
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model_dir", metavar="MODEL_DIR")
     evaluate.add_argument("data_file", metavar="DATA_FILE")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
+    evaluate.add_argument("--base", metavar="BASE_DIR", help="a LoRA adapter's base model folder")
     _data_flags(evaluate)
 
     credentials = commands.add_parser(
@@ -146,7 +152,7 @@ def run_stats(args: argparse.Namespace) -> None:
 
     stats, path = compute_statistics(
         args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
-        progress=not args.quiet, device=args.device,
+        progress=not args.quiet, device=args.device, base=args.base,
     )
     tokens = max(stats.token_counts.values(), default=0)
     print(f"{path}: {stats.example_count} examples, {tokens} tokens, {len(stats.modules)} layers, "
@@ -164,13 +170,20 @@ def run_merge(args: argparse.Namespace) -> None:
         if flag not in valid:
             raise GramfuseError(f"--{flag} does not apply to method {args.method!r} (its options: {valid or 'none'})")
     method = get_method(args.method, **given)
-    if method.needs_base and args.base is None:
-        raise GramfuseError(f"method {args.method!r} works relative to a base model: give --base BASE_DIR")
+    if (method.needs_base or args.lora_rank) and args.base is None and not _all_adapters(args.model_dirs):
+        raise GramfuseError(f"{'--lora-rank' if args.lora_rank else 'method ' + repr(args.method)} works relative to "
+                            "a base model: give --base BASE_DIR")
     with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
         report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
                                progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
-                               task=args.task)
+                               task=args.task, lora_rank=args.lora_rank)
     print(merge_summary(args.output, report))
+
+
+def _all_adapters(folders) -> bool:
+    from .adapters import is_adapter
+
+    return all(is_adapter(folder) for folder in folders)
 
 
 def merge_summary(out_dir: str, report: dict) -> str:
@@ -190,7 +203,8 @@ def merge_summary(out_dir: str, report: dict) -> str:
 def run_evaluate(args: argparse.Namespace) -> None:
     from .workflows import evaluate_folder
 
-    scores = evaluate_folder(args.model_dir, args.data_file, settings=_settings(args), progress=not args.quiet)
+    scores = evaluate_folder(args.model_dir, args.data_file, settings=_settings(args), progress=not args.quiet,
+                             base=args.base)
     if args.json:
         print(json.dumps(scores))
     else:

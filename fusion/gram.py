@@ -106,10 +106,11 @@ class GramCollector:
     Which layers share an input is learnt on the first batch, by tensor identity, and checked on every later batch.
     """
 
-    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float64,
+                 only: set[str] | None = None) -> None:
         self.model = model
         self.compute_dtype = compute_dtype
-        self.modules = linear_modules(model)
+        self.modules = [m for m in linear_modules(model) if only is None or m[0] in only]
         self.kind = {name: kind for name, _, kind in self.modules}
         self.aliases = tied_aliases(model)  # a tied LM head's weight is known by the embeddings' name
         self.gram_key: dict[str, str] = {}  # module -> the module whose Gram it uses (its first reader)
@@ -219,6 +220,7 @@ def collect_statistics(
     settings: Mapping[str, Any] | None = None,
     progress: Any = None,
     fingerprint: str | None = None,
+    only: set[str] | None = None,
 ) -> GramStatistics:
     """Gram statistics of ``model`` over ``batches``.
 
@@ -226,13 +228,14 @@ def collect_statistics(
     ``labels`` is ignored) or a single input tensor. ``compute_dtype`` is that of the per-batch products: float64
     (exact, the default) or float32 (about twice as fast, ~1e-7 relative error). ``progress`` is an optional tqdm-like object updated per example.
     ``fingerprint`` names the weights when the caller knows it (a folder's), saving a hash of the whole model.
+    ``only``: hook these layers alone (an adapter's: the others are the base's, the same for every owner).
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
     device = next(model.parameters()).device  # batches go where the model is: the GPU, when it was put there
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), GramCollector(model, compute_dtype) as collector:
+        with torch.no_grad(), GramCollector(model, compute_dtype, only) as collector:
             for batch in batches:
                 args, kwargs, mask, size = _split_batch(batch, device)
                 collector.set_mask(mask, size)

@@ -37,12 +37,55 @@ from .checkpoint import (
 )
 from .errors import CompatibilityError, GramfuseError, MergeError, StatisticsError
 from .finish import Group, finish, plan_groups, plan_outputs, write_report
+from .adapters import AdapterFiles, checkpoint_files, is_adapter, model_folder
 from .lazy import CheckpointFiles, Restricted
 from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
 from .methods.regmean import needs_diagonal
 from .statistics import STATS_FILENAME, GramStatistics, open_statistics
 
 log = logging.getLogger("gramfuse")
+
+
+def common_base(owners: Sequence[FolderOwner], needed: bool) -> Path | None:
+    """The base model of adapter owners, which must share it (or None where no owner is an adapter)."""
+    bases = {owner.files.adapter.base.resolve() for owner in owners if isinstance(owner.files, AdapterFiles)}
+    if len(bases) > 1:
+        raise CompatibilityError(f"the adapter owners name different base models ({', '.join(map(str, sorted(bases)))});"
+                                 " give --base BASE_DIR if they are the same model")
+    if not bases and needed:
+        raise MergeError("the merge works relative to a base model: give --base BASE_DIR")
+    return next(iter(bases), None)
+
+
+def write_lora(folder: Path, base_dir: Path, modules: Mapping, rank: int) -> dict[str, Any]:
+    """``folder/lora``: a peft LoRA adapter of rank ``rank`` of the merged model in ``folder`` against the base, for
+    every layer some owner's statistics hooked (a tied head excepted); returns its report (error per layer)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, lora_of_merge
+
+    merged, base = CheckpointFiles(folder), CheckpointFiles(base_dir)
+    layers = {module: info.kind for module, info in modules.items() if not info.tied_to(module)}
+    tensors, errors = {}, {}
+    for module, kind in layers.items():  # one layer at a time: two weights and their SVD in memory
+        name = module + ".weight"
+        if name not in base:
+            raise MergeError(f"--lora-rank: the base {base_dir} has no {name!r} (a bare body: give the owners' base)")
+        parts, error = lora_of_merge(base.read([name]), merged.read([name]), {module: kind}, rank)
+        tensors.update(parts)
+        errors.update(error)
+    out = folder / "lora"
+    out.mkdir()
+    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(layers),
+              "base_model_name_or_path": str(base_dir), "fan_in_fan_out": any(k == "conv1d" for k in layers.values()),
+              "lora_dropout": 0.0, "bias": "none", "task_type": None, "inference_mode": True}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    worst = max(errors.values(), default=0.0)
+    log.info("lora adapter of rank %d: %d layers, worst relative error %.3g", rank, len(errors), worst)
+    return {"rank": rank, "folder": "lora", "layers": errors, "worst_relative_error": worst}
 
 
 def merge_states(
@@ -70,7 +113,7 @@ class FolderOwner:
     name: str
     path: Path
     config: Any
-    files: CheckpointFiles
+    files: CheckpointFiles | AdapterFiles
     head: set[str]
     statistics: GramStatistics | None
     task: str = ""
@@ -86,20 +129,23 @@ class FolderOwner:
         return {name: self.files.shape(name) for name in self.float_names() if name not in self.head}
 
 
-def open_owner(name: str, path: Path, needs_statistics: bool, task: str | None = None) -> FolderOwner:
+def open_owner(name: str, path: Path, needs_statistics: bool, task: str | None = None,
+               base: Path | None = None) -> FolderOwner:
     """An owner folder checked from headers alone: a loadable model of a supported task (its architecture's, or
-    ``task``) whose checkpoint lacks no weight."""
-    from .tasks import task_of
-
+    ``task``) whose checkpoint lacks no weight, or a LoRA adapter folder (its effective weights over its base, or
+    ``base``)."""
     from transformers import AutoConfig
 
+    from .tasks import task_of
+
     quiet_transformers()
-    if not (path / "config.json").is_file():
-        raise CompatibilityError(f"owner {name!r}: {path} is not a model folder (no config.json)")
+    if not (path / "config.json").is_file() and not is_adapter(path):
+        raise CompatibilityError(f"owner {name!r}: {path} is not a model folder (no config.json) nor a LoRA adapter "
+                                 "folder (no adapter_config.json)")
     try:
-        config = AutoConfig.from_pretrained(str(path))
-        files = CheckpointFiles(path)
-        kind = task_of(config, task)
+        files = checkpoint_files(path, base)
+        config = AutoConfig.from_pretrained(str(model_folder(path, base)))
+        kind = task_of(config, task or getattr(getattr(files, "adapter", None), "task", None))
         skeleton = model_skeleton(config, kind.name)
     except GramfuseError as error:
         raise type(error)(f"owner {name!r}: {error}") from error
@@ -169,10 +215,12 @@ def load_base(base_dir: str | Path | None, task: str | None = None) -> dict | No
 
 def merge_context(method: MergeMethod, owners: Sequence[FolderOwner], base: Mapping | None,
                   device: str = "cpu") -> MergeContext:
+    """The owners' shared context; the hooked layers are every owner's (adapters hook only the layers they adapt)."""
     stats = [owner.statistics for owner in owners if owner.statistics is not None]
     gram_dtype = "float32" if any(s.gram_dtype == "float32" for s in stats) else "float64"
-    return MergeContext(base=base, modules=dict(stats[0].modules) if stats else {}, gram_dtype=gram_dtype,
-                        diagonal=needs_diagonal([method]), device=str(resolve_device(device)))
+    modules = {module: info for s in reversed(stats) for module, info in s.modules.items()}
+    return MergeContext(base=base, modules=modules, gram_dtype=gram_dtype, diagonal=needs_diagonal([method]),
+                        device=str(resolve_device(device)))
 
 
 def streamed_sums(owners: Sequence[FolderOwner], head_owners: set[str], context: MergeContext):
@@ -201,13 +249,16 @@ def merge_folders(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: str = "cpu",
     task: str | None = None,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
     The merged model holds the label set most owners share (:func:`fusion.finish.plan_outputs`); every other owner
     gets a folder ``out_dir/<owner>`` with the merged body and its own head. ``progress`` is a tqdm-like object whose
     total is set to the number of groups. ``device`` (``cpu``, ``cuda``, ``auto``) runs the Gram products and solves.
-    ``task`` overrides the task the owners' ``config.architectures`` give (:mod:`fusion.tasks`).
+    ``task`` overrides the task the owners' ``config.architectures`` give (:mod:`fusion.tasks`). Owners may be LoRA
+    adapter folders (:mod:`fusion.adapters`; ``base_dir`` overrides their base). ``lora_rank`` also writes
+    ``out_dir/lora``, a LoRA adapter of that rank of the merge against the base.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
@@ -215,7 +266,9 @@ def merge_folders(
         raise MergeError("no model folders given")
     needs_statistics = method.needs_statistics or method.needs_fisher
     device = str(resolve_device(device))  # before any owner is read: a device that is not there is the user's first error
-    owners = [open_owner(name, path, needs_statistics, task) for name, path in zip(owner_names(paths), paths)]
+    base_path = Path(base_dir) if base_dir is not None else None
+    owners = [open_owner(name, path, needs_statistics, task, base_path)
+              for name, path in zip(owner_names(paths), paths)]
     check_owners(owners)
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
@@ -228,7 +281,8 @@ def merge_folders(
     own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
     outputs = plan_outputs(order, {o.name: o.label_set for o in owners}, {o.name: o.config for o in owners}, own_heads)
     reference = by_name[outputs[0].owners[0]]
-    context = merge_context(method, owners, load_base(base_dir, owners[0].task), device)
+    base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
+    context = merge_context(method, owners, load_base(base_dir, owners[0].task) if method.needs_base else None, device)
     names = reference.float_names()
     groups = plan_groups(names, reference.head, context.modules)
     if progress is not None:
@@ -240,11 +294,13 @@ def merge_folders(
         reports = finish(
             {method.label(): staging}, [method], groups, sums_of, context, outputs,
             {name: reference.files.dtype(name) for name in names}, report=common,
-            tokenizer=tokenizer_or_none(reference.path),
+            tokenizer=tokenizer_or_none(reference.path, base_path),
             copied=reference.files.read(n for n in reference.files if not reference.files.is_float(n)),
             max_shard_bytes=max_shard_bytes, progress=progress,
         )
         report = reports[method.label()]
+        if lora_rank:
+            report["lora"] = write_lora(staging, base_dir, context.modules, lora_rank)
         report["seconds"] = round(time.perf_counter() - started, 3)
         write_report(staging, report)
     return report

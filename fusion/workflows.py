@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_finite, float_state, load_model, load_tokenizer, resolve_device
+from .adapters import AdapterFiles, checkpoint_files
+from .checkpoint import check_finite, float_state, folder_tokenizer, load_model, resolve_device
 from .data import batches, count_examples, read_examples
 from .encode import Encoder, task_fields
 from .errors import DataError
 from .evaluate import scores
 from .fisher import collect_fisher
 from .gram import collect_statistics
-from .lazy import CheckpointFiles
 from .statistics import STATS_FILENAME, GramStatistics, save_statistics
 from .tasks import example_log_likelihood, task_of
 
@@ -70,26 +70,30 @@ def compute_statistics(
     progress: bool = True,
     model: Any = None,
     device: str = "cpu",
+    base: str | Path | None = None,
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
 
     ``model`` is the folder's model when the caller has already loaded it. ``device``: ``cpu``, ``cuda`` (or
     ``cuda:N``), or ``auto`` (a GPU when there is one) runs the forward pass and the Gram products; sums come back
-    to the CPU.
+    to the CPU. A LoRA adapter folder (``base`` overrides the base model its config names) has statistics of the
+    layers it adapts only: every other layer is the base's, the same for every owner.
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
     if model is None:
-        model, _ = load_model(model_dir, settings.task)
+        model, _ = load_model(model_dir, settings.task, base=base)
     check_finite(str(model_dir), float_state(model))
     model = model.to(resolve_device(device))
     # The folder's checkpoint, not the loaded model, is what a merge reads and checks the statistics against.
-    fingerprint = CheckpointFiles(model_dir).fingerprint()
-    tokenizer = load_tokenizer(model_dir)
+    files = checkpoint_files(model_dir, base)
+    fingerprint = files.fingerprint()
+    tokenizer = folder_tokenizer(model_dir, base)
     make_batches = partial(task_batches, model, tokenizer, data_file, settings)
     with _bar(data_file, settings, "gram statistics", progress) as bar:
         stats = collect_statistics(
             model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
             progress=bar, fingerprint=fingerprint,
+            only=files.adapter.modules if isinstance(files, AdapterFiles) else None,
         )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:
@@ -102,11 +106,12 @@ def compute_statistics(
 
 
 def evaluate_folder(
-    model_dir: str | Path, data_file: str | Path, *, settings: DataSettings = DataSettings(), progress: bool = True
+    model_dir: str | Path, data_file: str | Path, *, settings: DataSettings = DataSettings(), progress: bool = True,
+    base: str | Path | None = None,
 ) -> dict[str, float]:
     """The task's scores of a model folder on a data file (:func:`fusion.evaluate.scores`)."""
-    model, _ = load_model(model_dir, settings.task)
-    tokenizer = load_tokenizer(model_dir)
+    model, _ = load_model(model_dir, settings.task, base=base)
+    tokenizer = folder_tokenizer(model_dir, base)
     task = task_of(model.config, settings.task)
     with _bar(Path(data_file), settings, "evaluate", progress) as bar:
         return scores(task, model, task_batches(model, tokenizer, Path(data_file), settings, True), bar)
