@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo demo-full demo-tasks test bench clean
+.PHONY: setup demo demo-full demo-tasks demo-llm demo-stsb test bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ demo-full: setup
 
 demo-tasks: setup
 	$(BIN)/python -m examples.compare --setting tasks
+
+demo-llm: setup
+	$(BIN)/python -m examples.compare --setting llm
+
+demo-stsb: setup
+	$(BIN)/python -m examples.compare --setting stsb
 
 test: setup
 	$(BIN)/python -m pytest

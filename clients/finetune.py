@@ -136,11 +136,16 @@ class LanguageModelSettings:
     batch_size: int = 8
     max_length: int = 64
     seed: int = 0
+    lora_rank: int = 0  # above 0: train a peft LoRA adapter of this rank on the attention and MLP projections
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def finetune_causal_lm(base_dir: str | Path, data_file: str | Path, out_dir: str | Path,
                        settings: LanguageModelSettings = LanguageModelSettings(), progress: bool = True) -> Path:
-    """Fine-tune every weight of the causal LM ``base_dir`` on the passages of ``data_file`` (``{"text"}`` rows),
+    """Fine-tune every weight of the causal LM ``base_dir`` (or, with ``settings.lora_rank``, a LoRA adapter of
+    it, saved as a peft adapter folder naming ``base_dir``) on the passages of ``data_file`` (``{"text"}`` rows),
     cycling through them in a seeded order; writes and returns ``out_dir`` (left as it is when already done)."""
     from fusion.checkpoint import load_model
     from fusion.tasks import CAUSAL_LM
@@ -152,10 +157,16 @@ def finetune_causal_lm(base_dir: str | Path, data_file: str | Path, out_dir: str
     torch.manual_seed(settings.seed)
     model, _ = load_model(base_dir, CAUSAL_LM)
     model = model.float().train()
+    if settings.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
     tokenizer = load_tokenizer(base_dir)
     rows = list(read_examples(data_file, task_fields(TASKS[CAUSAL_LM])))
     encoder = Encoder(TASKS[CAUSAL_LM], tokenizer, model.config, max_length=settings.max_length, path=data_file)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
     order: list = []
     with tqdm(total=settings.steps, desc=f"fine-tune {out_dir.name}", unit="step", disable=not progress) as bar:
         for step in range(settings.steps):

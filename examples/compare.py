@@ -5,12 +5,16 @@ editorials, Rotten Tomatoes critics), one label set. One domain is left out of t
 domain; the default run leaves out ``nyt``, ``--full`` rotates through all five with larger splits.
 **tasks**: four owners with different tasks and label sets (sentiment, TREC-6, SMS spam, BBC topics), each keeping
 its own head on the merged body.
+**llm**: three owners of the causal LM SmolLM2-135M-Instruct, each fine-tuned on one real text domain; held-out
+perplexity (:mod:`examples.llm`).
+**stsb**: three owners of MiniLM fine-tuned as similarity regressors on one STS-B genre each; Pearson correlation
+(:mod:`examples.stsb`).
 
 Every merge comes from one federated round (each site computes its statistics and Fisher locally; the server merges
 with every method from the same sums). Next to the merges: each owner's own model, an output ensemble (domains),
 and a multi-task model trained on the pooled data (the upper bound merging tries to reach without the data).
 
-    python -m examples.compare [--setting domains|tasks] [--full] [--workdir runs/compare]
+    python -m examples.compare [--setting domains|tasks|llm|stsb] [--full] [--workdir runs/compare]
 
 Writes WORKDIR/results.json, WORKDIR/results.md and WORKDIR/results.png, and prints the table.
 """
@@ -61,7 +65,9 @@ def scores_of(probs: torch.Tensor, truth: list[int]) -> dict:
     return classification_scores(probs.argmax(-1).tolist(), truth, probs.shape[1])
 
 
-def federate(owners: list[Owner], workdir: Path, timeout: int = 3600) -> dict[str, dict[str, Path]]:
+def federate(owners: list[Owner], workdir: Path, timeout: int = 3600, methods: list[str] = METHODS,
+             base: Path | None = None, what: str = "statistics and Fisher",
+             extra: str = "") -> dict[str, dict[str, Path]]:
     """One simulated federated round over the owners; returns, per method, each owner's merged model folder."""
     workspace = workdir / "workspace"
     shutil.rmtree(workspace, ignore_errors=True)
@@ -71,12 +77,12 @@ def federate(owners: list[Owner], workdir: Path, timeout: int = 3600) -> dict[st
         (workspace / owner.name / "data.jsonl").symlink_to(owner.train.resolve())
     out = workdir / "federated"
     simulation = Loopback(workdir / "flower", simulation=True)
-    say(f"federated round: {len(owners)} simulated sites compute statistics and Fisher; the server merges with "
-        f"{len(METHODS)} methods")
+    say(f"federated round: {len(owners)} simulated sites compute {what}; the server merges with "
+        f"{len(methods)} methods")
     try:
         simulation.start_superlink()
-        done = simulation.run(f"workspace='{workspace}' out-dir='{out}' method='{','.join(METHODS)}' "
-                              f"base-path='{minilm_dir()}' min-owners={len(owners)} timeout={timeout}",
+        done = simulation.run(f"workspace='{workspace}' out-dir='{out}' method='{','.join(methods)}' "
+                              f"base-path='{base or minilm_dir()}' min-owners={len(owners)} timeout={timeout} {extra}",
                               num_supernodes=len(owners), timeout=timeout + 300, capture=False)
     finally:
         simulation.stop()
@@ -221,7 +227,7 @@ def chart(summary: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=("domains", "tasks"), default="domains")
+    parser.add_argument("--setting", choices=("domains", "tasks", "llm", "stsb"), default="domains")
     parser.add_argument("--full", action="store_true", help="larger splits; domains: rotate the held-out domain")
     parser.add_argument("--held-out", default="nyt", choices=SENTIMENT_DOMAINS, help="domains, default size")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES["full" if args.full else "default"]
     workdir = (args.workdir / f"{args.setting}-{'full' if args.full else 'default'}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.setting in ("llm", "stsb"):
+        return compare_setting(args.setting, workdir, args.full, started)
     if args.setting == "tasks":
         runs = [run_tasks(workdir, size)]
     else:
@@ -243,6 +251,56 @@ def main(argv: list[str] | None = None) -> int:
     (workdir / "results.md").write_text(text + "\n")
     chart(summary, workdir / "results.png", f"gramfuse on MiniLM-L6, {args.setting} ({'full' if args.full else 'default'})")
     print(f"\nAccuracy ({args.setting}; {size.train} training and {size.test} test examples per owner):\n")
+    print(text)
+    print(f"\n{workdir / 'results.json'}, results.md, results.png  ({results['seconds']:.0f} s)")
+    return 0
+
+
+def domain_chart(result: dict, value, ylabel: str, path: Path, title: str) -> None:
+    """Bars per model, one per domain: ``value(scores of a model on a domain)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains, scores = result["domains"], result["scores"]
+    names = list(scores)
+    figure, axes = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(domains)
+    for index, domain in enumerate(domains):
+        axes.bar([p + (index - (len(domains) - 1) / 2) * width for p in range(len(names))],
+                 [value(scores[n][domain]) for n in names], width=width, label=domain)
+    axes.set_xticks(list(range(len(names))), names, rotation=35, ha="right", fontsize=8)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def compare_setting(setting: str, workdir: Path, full: bool, started: float) -> int:
+    """The LLM and sentence-pair settings: each module's ``run`` and ``table``, then one chart and the files."""
+    from examples import llm, stsb
+
+    module, size = (llm, llm.SIZES["full" if full else "default"]) if setting == "llm" else (
+        stsb, SIZES["full" if full else "default"])
+    result = module.run(workdir, size)
+    results = {"setting": setting, "size": size.__dict__, "methods": module.METHODS, **result,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    text = module.table(result)
+    (workdir / "results.md").write_text(text + "\n")
+    label = "full" if full else "default"
+    if setting == "llm":
+        domain_chart(result, float, "held-out perplexity (lower is better)", workdir / "results.png",
+                     f"gramfuse on SmolLM2-135M, three text domains ({label})")
+        print(f"\nHeld-out perplexity (llm; {size.train} training and {size.test} test passages per owner, "
+              f"{size.steps} fine-tuning steps):\n")
+    else:
+        domain_chart(result, lambda s: s["pearson"], "Pearson correlation", workdir / "results.png",
+                     f"gramfuse on MiniLM-L6, STS-B genres ({label})")
+        print(f"\nPearson correlation (stsb; {size.train} training and {size.test} test pairs per genre):\n")
     print(text)
     print(f"\n{workdir / 'results.json'}, results.md, results.png  ({results['seconds']:.0f} s)")
     return 0

@@ -1,9 +1,9 @@
 """The diagonal empirical Fisher of a model, gathered at the data site with the statistics.
 
 ``F = sum over examples of (d log p(y | x) / d theta)^2`` with the example's true label ``y`` (its tags, for token
-classification; its own next tokens, for a causal LM: the log-likelihood summed over the example's labelled tokens). Per-example gradients
-are needed (the square of a batch gradient is not the Fisher), so examples go through one at a time; the sum, not
-the mean, is kept, as for the Grams.
+classification; its own next tokens, for a causal LM: the log-likelihood summed over the example's labelled tokens).
+Per-example gradients are needed (the square of a batch gradient is not the Fisher), so examples go through one at a
+time; the sum, not the mean, is kept, as for the Grams.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fusion.methods import get_method, method_from_spec, option_names
-from fusion.merge import load_base
 from server.secure import SecureRegMeanStrategy
 from server.strategy import RegMeanStrategy
 
@@ -62,13 +61,11 @@ def main(grid: Grid, context: Context) -> None:
     show_progress()
     config = context.run_config
     methods = methods_from(config)
-    needs_base = any(method.needs_base for method in methods)
-    base = load_base(str(config["base-path"])) if needs_base and config.get("base-path") else None
     options = dict(
         min_owners=int(config.get("min-owners", 2)),
         timeout=float(config.get("timeout", 600)),
         heads=str(config.get("heads", "auto")),
-        base=base,
+        base_path=str(config.get("base-path", "")) or None,
         record_dir=str(config.get("record-dir", "")) or None,
     )
     out_dir = str(config.get("out-dir", "runs/federated"))

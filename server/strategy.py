@@ -34,7 +34,7 @@ from fusion.aggregate import Aggregator
 from fusion.checkpoint import atomic_folder, check_same_shapes, tokenizer_from_files
 from fusion.errors import CompatibilityError, GramfuseError
 from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
-from fusion.merge import check_layout
+from fusion.merge import check_layout, load_base
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo
@@ -111,12 +111,16 @@ class RegMeanStrategy(Strategy):
         timeout: float = 600.0,
         heads: str = "auto",
         base: dict | None = None,
+        base_path: str | Path | None = None,
         overwrite: bool = True,
         record_dir: str | Path | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
         self.base = base
+        # The pretrained model is loaded as the sites' task once they have said what it is: a base folder is often
+        # a bare body (BertModel) that only the owners' task class maps onto their parameter names.
+        self.base_path = base_path if base is None and any(m.needs_base for m in self.methods) else None
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
         self.min_owners = min_owners
@@ -360,6 +364,9 @@ class RegMeanStrategy(Strategy):
     def describe(self, grid: Grid) -> None:
         descriptions = self._messages(grid.get_node_ids(), MessageType.QUERY, ConfigRecord(), 0)
         self.choose_fitting(list(self._exchange(grid, descriptions, "describe")))
+        if self.base_path and self.fitting:
+            self.base = load_base(self.base_path, self.described[self.fitting[0]].get("task"))
+            self.aggregators = self.fresh_aggregators()
         self.timings["describe_seconds"] = round(time.perf_counter() - self.started, 3)
 
     def choose_fitting(self, replies: list[Message]) -> None:

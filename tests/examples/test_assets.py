@@ -45,3 +45,22 @@ def test_splits_are_seeded_and_disjoint():
     assert train == again and train != other
     assert not {r["text"] for r in train} & {r["text"] for r in test}
     assert len(train) == 300 and len(test) == 100
+
+
+def test_text_domains_for_the_llm_setting():
+    from examples.assets import TEXT_DOMAINS, text_domain
+
+    for domain, minimum in zip(TEXT_DOMAINS, (1000, 20000, 5000)):
+        rows = text_domain(domain)
+        assert len(rows) >= minimum, domain
+        assert all(len(row["text"].split()) >= 24 for row in rows)
+        assert not any(marker in row["text"] for row in rows[:500] for marker in ("{{", "[[", "<ref"))
+
+
+def test_sts_benchmark_genres_hold_pairs_with_scores():
+    from examples.assets import STS_GENRES, sts_benchmark
+
+    sizes = {genre: len(sts_benchmark(genre)) for genre in STS_GENRES}
+    assert sizes == {"captions": 2000 + 625, "news": 3299 + 500, "forum": 450 + 254}  # train + test per genre
+    rows = sts_benchmark("forum")
+    assert all(0.0 <= row["label"] <= 5.0 and row["text"] and row["text_pair"] for row in rows)

@@ -289,3 +289,32 @@ def test_sentence_pairs_and_a_regression_label(tmp_path):
     with pytest.raises(DataError, match=":2:.*pairs throughout"):
         list(read_examples(path, task_fields(task)))
     assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (2, 1)
+
+
+def test_sentence_pair_regressors_through_the_cli_with_fisher(tmp_path, capsys):
+    """STS-B's shape: pairs, a score label, num_labels 1; statistics (with the Gaussian Fisher), merge, evaluate."""
+    from helpers import save_owner, tiny_model
+    from transformers import AutoModelForSequenceClassification
+
+    from fusion.statistics import load_statistics
+
+    rng = random.Random(5)
+    base = tiny_model("bert", num_labels=1)
+    dirs, data = [], []
+    for i in range(2):
+        dirs.append(save_owner(perturbed(base, seed=30 + i), tmp_path / f"owner{i}"))
+        rows = [{"text": t, "text_pair": p, "label": round(rng.uniform(0, 5), 1)}
+                for t, p in zip(texts(rng, 24), texts(rng, 24))]
+        data.append(tmp_path / f"pairs{i}.jsonl")
+        data[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        assert gramfuse("stats", dirs[-1], data[-1], "--fisher") == 0
+        stats = load_statistics(dirs[-1] / "gramfuse-stats.safetensors")
+        assert stats.fisher and all(float(v.sum()) > 0 for v in stats.fisher.values() if v.numel() > 1)
+    for method in ("regmean", "fisher"):
+        assert gramfuse("merge", *dirs, "-o", tmp_path / method, "--method", method) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "regmean"))
+    assert merged.config.num_labels == 1
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "regmean"), str(data[0]), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"pearson", "spearman", "mse"} and result["examples"] == 24
