@@ -40,9 +40,9 @@ def split_files(domain: str, rows: list[dict], workdir: Path, *, train: int, tes
 
 
 def prepare_owner(name: str, domain: str, rows: list[dict], labels: tuple[str, ...], workdir: Path, *, train: int,
-                  test: int, epochs: int, copy: int = 0, seed: int = 0) -> Owner:
+                  test: int, epochs: int, copy: int = 0, seed: int = 0, learning_rate: float = 1e-4) -> Owner:
     train_file, test_file = split_files(domain, rows, workdir, train=train, test=test, copy=copy, seed=seed)
-    settings = FinetuneSettings(labels=labels, epochs=epochs, seed=seed + copy)
+    settings = FinetuneSettings(labels=labels, epochs=epochs, learning_rate=learning_rate, seed=seed + copy)
     say(f"owner {name}: {train} training examples of {domain}; fine-tuning (cached after the first run)")
     model = finetune(minilm_dir(), train_file, workdir / "owners" / name, settings)
     return Owner(name, domain, labels, model, train_file, test_file)

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import GramfuseError
-from .lazy import CheckpointFiles
+from .lazy import CheckpointFiles, fingerprint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -156,16 +156,7 @@ class AdapterFiles(Mapping):
         return out
 
     def fingerprint(self, each=None) -> str:
-        """As :meth:`CheckpointFiles.fingerprint`, of the effective tensors."""
-        from .statistics import WeightsDigest
-
-        digest = WeightsDigest()
-        for name in sorted(n for n in self.names if self.is_float(n)):
-            tensor = self[name]
-            if each is not None:
-                each(name, tensor)
-            digest.add(name, tensor)
-        return digest.hexdigest()
+        return fingerprint(self, each)  # of the effective tensors, as a merge reads them
 
 
 def checkpoint_files(path: str | Path, base: str | Path | None = None) -> CheckpointFiles | AdapterFiles:

@@ -170,20 +170,11 @@ def run_merge(args: argparse.Namespace) -> None:
         if flag not in valid:
             raise GramfuseError(f"--{flag} does not apply to method {args.method!r} (its options: {valid or 'none'})")
     method = get_method(args.method, **given)
-    if (method.needs_base or args.lora_rank) and args.base is None and not _all_adapters(args.model_dirs):
-        raise GramfuseError(f"{'--lora-rank' if args.lora_rank else 'method ' + repr(args.method)} works relative to "
-                            "a base model: give --base BASE_DIR")
     with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
         report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
                                progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
                                task=args.task, lora_rank=args.lora_rank)
     print(merge_summary(args.output, report))
-
-
-def _all_adapters(folders) -> bool:
-    from .adapters import is_adapter
-
-    return all(is_adapter(folder) for folder in folders)
 
 
 def merge_summary(out_dir: str, report: dict) -> str:

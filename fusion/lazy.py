@@ -113,17 +113,22 @@ class CheckpointFiles(Mapping):
         return out
 
     def fingerprint(self, each=None) -> str:
-        """:func:`fusion.statistics.weights_fingerprint` of the floating-point tensors, read one at a time (each
-        also handed to ``each(name, tensor)``, to check it on the way)."""
-        from .statistics import WeightsDigest
+        return fingerprint(self, each)
 
-        digest = WeightsDigest()
-        for name in sorted(n for n in self.file_of if self.is_float(n)):
-            tensor = self[name]
-            if each is not None:
-                each(name, tensor)
-            digest.add(name, tensor)
-        return digest.hexdigest()
+
+def fingerprint(files: Mapping, each=None) -> str:
+    """:func:`fusion.statistics.weights_fingerprint` of the floating-point tensors of lazily read ``files``
+    (:class:`CheckpointFiles`, an adapter's effective tensors), read one at a time, each also handed to
+    ``each(name, tensor)`` to check it on the way."""
+    from .statistics import WeightsDigest
+
+    digest = WeightsDigest()
+    for name in sorted(n for n in files if files.is_float(n)):
+        tensor = files[name]
+        if each is not None:
+            each(name, tensor)
+        digest.add(name, tensor)
+    return digest.hexdigest()
 
 
 class Restricted(Mapping):

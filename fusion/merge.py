@@ -53,7 +53,7 @@ def common_base(owners: Sequence[FolderOwner], needed: bool) -> Path | None:
         raise CompatibilityError(f"the adapter owners name different base models ({', '.join(map(str, sorted(bases)))});"
                                  " give --base BASE_DIR if they are the same model")
     if not bases and needed:
-        raise MergeError("the merge works relative to a base model: give --base BASE_DIR")
+        raise MergeError("the merge (task vectors, or --lora-rank) works relative to a base model: give --base BASE_DIR")
     return next(iter(bases), None)
 
 
@@ -265,14 +265,16 @@ def merge_folders(
     if not paths:
         raise MergeError("no model folders given")
     needs_statistics = method.needs_statistics or method.needs_fisher
-    device = str(resolve_device(device))  # before any owner is read: a device that is not there is the user's first error
+    device = str(resolve_device(device))  # before any owner is read: a missing device is the user's first error
     base_path = Path(base_dir) if base_dir is not None else None
     owners = [open_owner(name, path, needs_statistics, task, base_path)
               for name, path in zip(owner_names(paths), paths)]
     check_owners(owners)
+    base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
-            raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics (`gramfuse stats --fisher`)")
+            raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics "
+                             "(`gramfuse stats --fisher`)")
         verify_weights(owner)
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
@@ -281,7 +283,6 @@ def merge_folders(
     own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
     outputs = plan_outputs(order, {o.name: o.label_set for o in owners}, {o.name: o.config for o in owners}, own_heads)
     reference = by_name[outputs[0].owners[0]]
-    base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
     context = merge_context(method, owners, load_base(base_dir, owners[0].task) if method.needs_base else None, device)
     names = reference.float_names()
     groups = plan_groups(names, reference.head, context.modules)

@@ -264,3 +264,10 @@ def test_a_device_that_is_not_there_is_a_clear_error(tmp_path, capsys, device, m
     expect_error(capsys, ["stats", dirs[0], data[0], "--device", device], message)
     assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
     expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out", "--device", device], message)
+
+
+def test_task_vectors_without_a_base_ask_for_one_before_reading_weights(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert")
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", "task-arithmetic") == 1
+    assert "give --base BASE_DIR" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

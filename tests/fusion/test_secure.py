@@ -190,18 +190,21 @@ def test_wrong_share_is_detected_by_the_commitment_and_survived_with_a_spare():
 # --- the merge ------------------------------------------------------------------------------------------------------
 
 
+def owner_updates(base, root, count, seed, name="owner", examples=24):
+    """``count`` perturbed copies of ``base`` saved under ``root``, each with statistics over its own data."""
+    updates = []
+    for i in range(count):
+        model = perturbed(base, seed=seed + i)
+        folder = save_owner(model, root / f"{name}{i}")
+        stats, _ = compute_statistics(folder, write_data(root / f"{name}{i}.jsonl", examples + 8 * i, seed=i),
+                                      settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
+        updates.append(owner_update(f"{name}{i}", model, stats))
+    return updates
+
+
 @pytest.fixture(scope="module")
 def owners(tmp_path_factory):
-    root = tmp_path_factory.mktemp("secure-owners")
-    base = tiny_model("bert")
-    updates = []
-    for i in range(5):
-        model = perturbed(base, seed=40 + i)
-        folder = save_owner(model, root / f"owner{i}")
-        stats, _ = compute_statistics(folder, write_data(root / f"data{i}.jsonl", 24 + 8 * i, seed=i),
-                                      settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
-        updates.append(owner_update(f"owner{i}", model, stats))
-    return updates
+    return owner_updates(tiny_model("bert"), tmp_path_factory.mktemp("secure-owners"), 5, seed=40)
 
 
 def close(got, expected, tolerance=1e-9):
@@ -230,14 +233,7 @@ def test_secure_merge_of_causal_lms_equals_plaintext_under_both_tie_rules(tmp_pa
     """Tied LM heads through the masked rounds: one tensor, and either rule gives the plaintext merge."""
     from helpers import tiny_causal_lm
 
-    base = tiny_causal_lm()
-    updates = []
-    for i in range(3):
-        model = perturbed(base, seed=60 + i)
-        folder = save_owner(model, tmp_path / f"lm{i}")
-        stats, _ = compute_statistics(folder, write_data(tmp_path / f"lm{i}.jsonl", 16 + 8 * i, seed=i),
-                                      settings=DataSettings(max_length=16, batch_size=8), progress=False, model=model)
-        updates.append(owner_update(f"lm{i}", model, stats))
+    updates = owner_updates(tiny_causal_lm(), tmp_path, 3, seed=60, name="lm", examples=16)
     assert "lm_head.weight" not in updates[0].params
     methods = [get_method("regmean"), get_method("regmean", tied="embedding")]
     _, merged, _ = secure_merge(methods, updates, tmp_path / "secure")
