@@ -28,6 +28,7 @@ class Fields:
     label: str | None = "label"
     pair: str | None = "text_pair"  # the second text of a sentence pair, where a row has it
     words: bool = False
+    target: bool = False  # the label is a text (seq2seq)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def _label(path: Path, number: int, row: Mapping[str, Any], fields: Fields, text
         if required:
             raise DataError(f"{path}:{number}: missing field {fields.label!r}")
         return None
+    if fields.target and not isinstance(label, str):
+        raise DataError(f"{path}:{number}: field {fields.label!r} must be the target text, found {type(label).__name__}")
     if fields.words:
         if not isinstance(label, list):
             raise DataError(f"{path}:{number}: field {fields.label!r} must be a list of tags, one per word")

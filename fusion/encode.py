@@ -15,7 +15,7 @@ import torch
 
 from .data import Example, Fields, class_index, score_value
 from .errors import DataError
-from .tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, Task, is_regression
+from .tasks import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, Task, is_regression
 
 IGNORED = -100  # transformers' loss ignores this label: pads, and sub-tokens after a word's first
 
@@ -28,6 +28,7 @@ def task_fields(task: Task, text_field: str | None = None, label_field: str | No
         label=(label_field or task.label_field) if task.label_field else None,
         pair=pair_field if task.name == SEQUENCE_CLASSIFICATION else None,
         words=task.name == TOKEN_CLASSIFICATION,
+        target=task.name == SEQ2SEQ,
     )
 
 
@@ -46,7 +47,7 @@ class Encoder:
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         encode = {SEQUENCE_CLASSIFICATION: self._sequences, TOKEN_CLASSIFICATION: self._words,
-                  CAUSAL_LM: self._texts}[self.task.name]
+                  CAUSAL_LM: self._texts, SEQ2SEQ: self._sources_and_targets}[self.task.name]
         batch = encode(examples)
         if not self.labelled:
             batch.pop("labels", None)
@@ -93,4 +94,28 @@ class Encoder:
     def _texts(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         batch = dict(self._tokenize([e.text for e in examples]))
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORED)
+        return batch
+
+    def _sources_and_targets(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Encoder inputs, and decoder inputs built as T5 and BART build them from the labels (the start token, then
+        the target shifted right), with the decoder's own attention mask."""
+        batch = dict(self._tokenize([e.text for e in examples]))
+        if any(e.label is None for e in examples):
+            raise DataError(f"{self.path}:{examples[0].line}: a seq2seq model needs every example's target text "
+                            "(its decoder reads it)")
+        target = self.tokenizer(text_target=[e.label for e in examples], padding=True, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        labels, mask = target["input_ids"], target["attention_mask"]
+        if labels.shape[1] == batch["input_ids"].shape[1]:
+            # One more (masked) pad: the two sides then differ in length, which is how each layer input is matched
+            # to its side's mask when the Grams are counted (fusion.gram).
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), self.tokenizer.pad_token_id)], 1)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], 1)
+        start = getattr(self.config, "decoder_start_token_id", None)
+        if start is None:
+            raise DataError(f"the model's config has no decoder_start_token_id: it cannot be fed {self.path}")
+        decoder_inputs = torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], 1)
+        batch["decoder_input_ids"] = decoder_inputs
+        batch["decoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :-1]], 1)
+        batch["labels"] = labels.masked_fill(mask == 0, IGNORED)
         return batch

@@ -1,5 +1,5 @@
 """The scores of each task on a labelled data file: accuracy and macro-F1 (classes), Pearson and Spearman (a
-regression label), entity-level F1 (token classification), perplexity (causal LM)."""
+regression label), entity-level F1 (token classification), perplexity (causal LM), ROUGE (seq2seq)."""
 
 from __future__ import annotations
 
@@ -121,11 +121,50 @@ def entity_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[s
             "tag_accuracy": right / words if words else float("nan"), "examples": len(truth)}
 
 
-def scores(task: Any, model: Any, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None) -> dict:
-    """The scores of ``task`` (a :class:`fusion.tasks.Task`) for ``model`` over labelled batches."""
-    from .tasks import CAUSAL_LM, TOKEN_CLASSIFICATION, is_regression
+def seq2seq_scores(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], tokenizer: Any,
+                   progress: Any = None) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures (Google's ``rouge-score``, stemmed) of greedy generations against the targets, and the
+    targets' perplexity under the model."""
+    from rouge_score import rouge_scorer
+
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    totals, total, tokens, examples = dict.fromkeys(kinds, 0.0), 0.0, 0, 0
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"]
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            kept = labels != -100
+            total += float(torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum"))
+            tokens += int(kept.sum())
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=labels.shape[1], do_sample=False)
+            references = labels.masked_fill(~kept, tokenizer.pad_token_id)
+            for guess, truth in zip(tokenizer.batch_decode(generated, skip_special_tokens=True),
+                                    tokenizer.batch_decode(references, skip_special_tokens=True)):
+                for kind, value in scorer.score(truth, guess).items():
+                    totals[kind] += value.fmeasure
+            examples += len(labels)
+            if progress is not None:
+                progress.update(len(labels))
+    if examples == 0:
+        raise ValueError("no examples to score")
+    return {**{kind: value / examples for kind, value in totals.items()},
+            "perplexity": math.exp(total / tokens), "examples": examples}
+
+
+def scores(task: Any, model: Any, batches: Iterable[Mapping[str, torch.Tensor]], progress: Any = None,
+           tokenizer: Any = None) -> dict:
+    """The scores of ``task`` (a :class:`fusion.tasks.Task`) for ``model`` over labelled batches (seq2seq also
+    needs the ``tokenizer``, to read what the model generates)."""
+    from .tasks import CAUSAL_LM, SEQ2SEQ, TOKEN_CLASSIFICATION, is_regression
 
     config = model.config
+    if task.name == SEQ2SEQ:
+        return seq2seq_scores(model, batches, tokenizer, progress)
     if task.name == CAUSAL_LM:
         total, tokens, examples = 0.0, 0, 0
         for logits, labels in _forward(model, batches, progress):

@@ -37,14 +37,15 @@ def collect_fisher(
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             for row in range(labels.shape[0]):
                 single = {k: v[row : row + 1] for k, v in inputs.items()}
+                label = labels[row : row + 1]
                 if "attention_mask" in single:  # drop this example's padding: it would change nothing but cost
-                    length = int(single["attention_mask"].sum())
-                    single = {k: v[:, :length] if v.dim() == 2 else v for k, v in single.items()}
+                    full, length = single["attention_mask"].shape[1], int(single["attention_mask"].sum())
+                    # only the tensors of the input's length: a seq2seq decoder's are of another
+                    single = {k: v[:, :length] if v.dim() == 2 and v.shape[1] == full else v for k, v in single.items()}
+                    if label.dim() == 2 and label.shape[1] == full:
+                        label = label[:, :length]
                 model.zero_grad(set_to_none=True)
                 logits = model(**single).logits
-                label = labels[row : row + 1]
-                if label.dim() == 2 and "attention_mask" in single:
-                    label = label[:, : single["attention_mask"].shape[1]]
                 log_likelihood(logits, label).backward()
                 for name, p in params.items():
                     if p.grad is not None:

@@ -8,7 +8,7 @@ one Gram, computed once. Only the upper triangle is computed (block by block) an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,22 +87,24 @@ class GramAccumulator:
         return packed
 
 
-def _real_rows(inputs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+def _real_rows(inputs: torch.Tensor, masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """The rows of a layer input that belong to real tokens, and whether pads are surely excluded.
 
-    Token-shaped inputs whose leading dimensions match the mask are masked; per-example inputs (a classifier's
-    pooled vector) hold no pads; any other shape (a decoder of another length) is taken whole and flagged.
+    Token-shaped inputs whose leading dimensions match a mask are masked by it (a seq2seq model has two: the
+    encoder's and the decoder's, of different lengths, so a layer's input matches its own side's); per-example
+    inputs (a classifier's pooled vector) hold no pads; any other shape is taken whole and flagged.
     """
     features = inputs.shape[-1]
-    if mask is not None and inputs.dim() >= 2 and tuple(inputs.shape[:-1]) == tuple(mask.shape):
-        return inputs[mask], True
+    for mask in masks:
+        if inputs.dim() >= 2 and tuple(inputs.shape[:-1]) == tuple(mask.shape):
+            return inputs[mask], True
     return inputs.reshape(-1, features), inputs.dim() == 2
 
 
 class GramCollector:
     """Hooks a model's linear layers and accumulates their input Grams, sharing Grams between layers fed one tensor.
 
-    Use as a context manager; call :meth:`set_mask` with each batch's attention mask before the forward pass.
+    Use as a context manager; call :meth:`set_mask` with each batch's attention mask(s) before the forward pass.
     Which layers share an input is learnt on the first batch, by tensor identity, and checked on every later batch.
     """
 
@@ -117,7 +119,7 @@ class GramCollector:
         self.accumulators: dict[str, GramAccumulator] = {}
         self.pads_excluded: dict[str, bool] = {}
         self.example_count = 0
-        self._mask: torch.Tensor | None = None
+        self._masks: list[torch.Tensor] = []
         self._batch_inputs: dict[str, torch.Tensor] = {}  # gram key -> this batch's input, kept for identity checks
         self._handles: list[Any] = []
         self._learnt = False
@@ -133,12 +135,14 @@ class GramCollector:
         self._handles.clear()
         self._batch_inputs.clear()
 
-    def set_mask(self, mask: torch.Tensor | None, example_count: int) -> None:
-        """Start a batch: its attention mask (batch x tokens, 1 = real) and how many examples it holds."""
+    def set_mask(self, mask: torch.Tensor | Sequence[torch.Tensor] | None, example_count: int) -> None:
+        """Start a batch: its attention mask (batch x tokens, 1 = real; a seq2seq batch has the encoder's and the
+        decoder's) and how many examples it holds."""
         if self._batch_inputs:
             self._learnt = True
         self._batch_inputs.clear()
-        self._mask = None if mask is None else mask.bool()
+        masks = [] if mask is None else [mask] if isinstance(mask, torch.Tensor) else list(mask)
+        self._masks = [m.bool() for m in masks]
         self.example_count += example_count
 
     def _hook(self, name: str):
@@ -163,7 +167,7 @@ class GramCollector:
                 )
             return
         self._batch_inputs[key] = inputs
-        rows, pads_excluded = _real_rows(inputs.detach(), self._mask)
+        rows, pads_excluded = _real_rows(inputs.detach(), self._masks)
         accumulator = self.accumulators.get(key)
         if accumulator is None:
             accumulator = self.accumulators[key] = GramAccumulator(rows.shape[-1], self._dtype_for(rows), device=rows.device)
@@ -201,10 +205,10 @@ class GramCollector:
         )
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor | None, int]:
+def _split_batch(batch: Any, device: torch.device) -> tuple[tuple, dict, list[torch.Tensor] | None, int]:
     if isinstance(batch, Mapping):
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        mask = inputs.get("attention_mask")
+        mask = [inputs[key] for key in ("attention_mask", "decoder_attention_mask") if key in inputs]
         first = next(iter(inputs.values()))
         return (), inputs, mask, int(first.shape[0])
     if isinstance(batch, torch.Tensor):

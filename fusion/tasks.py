@@ -35,6 +35,7 @@ class Task:
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 CAUSAL_LM = "causal-lm"
+SEQ2SEQ = "seq2seq"
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -45,6 +46,8 @@ TASKS: dict[str, Task] = {
              "tokens", "tags", "words (tokens) with one tag per word; the tag goes on each word's first sub-token"),
         Task(CAUSAL_LM, "AutoModelForCausalLM", ("ForCausalLM", "LMHeadModel"), "text", None,
              "text only; every real token counts"),
+        Task(SEQ2SEQ, "AutoModelForSeq2SeqLM", ("ForConditionalGeneration",), "source", "target",
+             "a source text and its target text; encoder and decoder Grams over each side's real tokens"),
     )
 }
 

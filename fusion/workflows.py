@@ -114,4 +114,4 @@ def evaluate_folder(
     tokenizer = folder_tokenizer(model_dir, base)
     task = task_of(model.config, settings.task)
     with _bar(Path(data_file), settings, "evaluate", progress) as bar:
-        return scores(task, model, task_batches(model, tokenizer, Path(data_file), settings, True), bar)
+        return scores(task, model, task_batches(model, tokenizer, Path(data_file), settings, True), bar, tokenizer)

@@ -113,14 +113,15 @@ def write_data(path: Path, count: int, seed: int, num_labels: int = 2, fmt: str 
 def layer_inputs(model, batches) -> dict[str, torch.Tensor]:
     """Every hooked layer's input rows over real tokens, stacked, float64: the naive way, no sharing, no packing."""
     rows: dict[str, list[torch.Tensor]] = {}
-    mask_box: list[torch.Tensor | None] = [None]
+    mask_box: list[list[torch.Tensor]] = [[]]
 
     def hook(name):
         def capture(module, args):
             x = args[0].detach()
-            mask = mask_box[0]
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask]
+            for mask in mask_box[0]:  # the encoder's, and a seq2seq decoder's (of another length)
+                if tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask]
+                    break
             rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).to(torch.float64))
 
         return capture
@@ -129,7 +130,7 @@ def layer_inputs(model, batches) -> dict[str, torch.Tensor]:
     try:
         with torch.no_grad():
             for batch in batches:
-                mask_box[0] = batch["attention_mask"].bool()
+                mask_box[0] = [batch[key].bool() for key in ("attention_mask", "decoder_attention_mask") if key in batch]
                 model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         for handle in handles:

@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from helpers import WORDS, layer_inputs, perturbed, pooled_least_squares, pooled_objective, tokenizer, weight_t
+from helpers import (WORDS, layer_inputs, perturbed, pooled_least_squares, pooled_objective, tiny_config, tokenizer,
+                     weight_t)
 
 from fusion.checkpoint import float_state
 from fusion.cli import main
@@ -18,7 +19,7 @@ from fusion.errors import DataError, GramfuseError
 from fusion.gram import collect_statistics, linear_modules
 from fusion.merge import merge_states
 from fusion.methods import OwnerState, get_method
-from fusion.tasks import CAUSAL_LM, TASKS, TOKEN_CLASSIFICATION, task_of
+from fusion.tasks import CAUSAL_LM, SEQ2SEQ, TASKS, TOKEN_CLASSIFICATION, task_of
 
 VOCAB = 30522  # MiniLM's tokenizer, which every tiny model here shares
 TAGS = ["O", "B-X", "I-X", "B-Y", "I-Y"]
@@ -39,6 +40,7 @@ def tiny(family: str, seed: int = 0):
         "gpt2-lm": lambda: (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
                                                              n_positions=64, pad_token_id=0)),
         "llama-token": lambda: (t.LlamaForTokenClassification, t.LlamaConfig(**small, **tags)),
+        "t5-seq2seq": lambda: (t.T5ForConditionalGeneration, tiny_config("t5")),
         "bert-token": lambda: (t.BertForTokenClassification,
                                t.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
                                             num_attention_heads=2, intermediate_size=24, max_position_embeddings=64,
@@ -65,13 +67,19 @@ def batch_for(model, rng: random.Random, tmp_path, name: str):
     """One batch of the model's own task, encoded as the statistics pass encodes it."""
     task = task_of(type("C", (), {"architectures": [type(model).__name__]})())
     path = tmp_path / f"{name}.jsonl"
-    rows = word_rows(rng, 20) if task.name == TOKEN_CLASSIFICATION else [{"text": t} for t in texts(rng, 20)]
+    if task.name == TOKEN_CLASSIFICATION:
+        rows = word_rows(rng, 20)
+    elif task.name == SEQ2SEQ:
+        rows = [{"source": a, "target": b} for a, b in zip(texts(rng, 20), texts(rng, 20))]
+    else:
+        rows = [{"text": t} for t in texts(rng, 20)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     encoder = Encoder(task, tokenizer(), model.config, max_length=32, path=path)
     return encoder(list(read_examples(path, task_fields(task), require_labels=True)))
 
 
-FAMILIES = ["llama-lm", "llama-lm-untied", "qwen2-lm", "mistral-lm", "gpt2-lm", "llama-token", "bert-token"]
+FAMILIES = ["llama-lm", "llama-lm-untied", "qwen2-lm", "mistral-lm", "gpt2-lm", "llama-token", "bert-token",
+            "t5-seq2seq"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,9 +96,10 @@ def test_every_family_merges_every_layer_to_the_pooled_least_squares_optimum(tmp
         owners.append((owner, OwnerState(f"o{i}", float_state(owner), stats)))
         inputs.append(layer_inputs(owner, [batch]))
         batches.append(batch)
-        assert stats.token_counts[stats.modules["lm_head" if "lm" in family else
-                                                 ("score" if "llama" in family else "classifier")].gram] == \
-            int(batch["attention_mask"].sum())  # every real token counts, no pad does
+        head = "lm_head" if "lm" in family or "seq2seq" in family else "score" if "llama" in family else "classifier"
+        side = "decoder_attention_mask" if "seq2seq" in family else "attention_mask"
+        assert stats.token_counts[stats.modules[head].gram] == int(batch[side].sum())  # real tokens, no pad
+        assert all(stats.pads_excluded.values())
     merged = merge_states([state for _, state in owners], get_method("regmean")).params
     modules = owners[0][1].statistics.modules
     for name, _, kind in linear_modules(base):
@@ -210,7 +219,7 @@ def test_the_task_comes_from_the_architecture(architecture, task):
     assert task_of(type("C", (), {"architectures": [architecture]})()).name == task
 
 
-@pytest.mark.parametrize("architecture", ["BertForMaskedLM", "T5ForConditionalGeneration", "BertModel"])
+@pytest.mark.parametrize("architecture", ["BertForMaskedLM", "BertForPreTraining", "BertModel"])
 def test_an_unsupported_architecture_names_itself_and_lists_the_supported(architecture):
     with pytest.raises(GramfuseError) as error:
         task_of(type("C", (), {"architectures": [architecture]})())
@@ -318,3 +327,44 @@ def test_sentence_pair_regressors_through_the_cli_with_fisher(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "regmean"), str(data[0]), "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"pearson", "spearman", "mse"} and result["examples"] == 24
+
+
+def test_t5_seq2seq_through_the_cli_with_fisher_and_rouge(tmp_path, capsys):
+    """Sources and targets: both masks counted, the tied shared embedding kept, ROUGE and perplexity scored."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from fusion.statistics import load_statistics
+
+    rng = random.Random(9)
+    base = tiny("t5-seq2seq")
+    dirs, data = [], []
+    for i in range(2):
+        dirs.append(save(perturbed(base, seed=50 + i), tmp_path / f"owner{i}"))
+        rows = [{"source": a, "target": b} for a, b in zip(texts(rng, 16), texts(rng, 16))]
+        data.append(tmp_path / f"pairs{i}.jsonl")
+        data[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        assert gramfuse("stats", dirs[-1], data[-1], "--fisher") == 0
+        stats = load_statistics(dirs[-1] / "gramfuse-stats.safetensors")
+        encoder = stats.token_counts[stats.modules["encoder.block.0.layer.0.SelfAttention.q"].gram]
+        decoder = stats.token_counts[stats.modules["decoder.block.0.layer.0.SelfAttention.q"].gram]
+        cross = {stats.modules[f"decoder.block.{b}.layer.1.EncDecAttention.{m}"].gram for b in range(2) for m in "kv"}
+        assert len(cross) == 1  # every decoder block's cross-attention keys and values read the encoder's output
+        assert stats.token_counts[stats.modules["decoder.block.0.layer.1.EncDecAttention.k"].gram] == encoder
+        assert encoder != decoder and all(stats.pads_excluded.values())
+        assert stats.fisher and float(stats.fisher["decoder.block.0.layer.0.SelfAttention.q.weight"].sum()) > 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "merged") == 0
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "merged"))
+    assert type(merged).__name__ == "T5ForConditionalGeneration"
+    assert merged.lm_head.weight.data_ptr() == merged.shared.weight.data_ptr()
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "merged"), str(data[0]), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"rouge1", "rouge2", "rougeL", "perplexity"} and result["examples"] == 16
+    assert 0.0 <= result["rouge1"] <= 1.0
+
+
+def test_seq2seq_targets_must_be_text(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"source": "a text", "target": ["not", "text"]}) + "\n")
+    with pytest.raises(DataError, match="'target' must be the target text"):
+        list(read_examples(path, task_fields(TASKS[SEQ2SEQ])))
