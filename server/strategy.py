@@ -385,8 +385,8 @@ class RegMeanStrategy(Strategy):
                 continue
             described = json.loads(str(reply.content[META]["json"]))
             self.described[node_id] = described
-            key = f"{described.get('task', 'unknown-task')} model type {described['model_type']!r}, " \
-                  f"body {described['body']}"
+            key = f"model type {described['model_type']!r}, body {described['body']}, " \
+                  f"task {described.get('task', 'unknown')}"
             if self.heads == "shared":
                 key += f", labels {[label for _, label in described['label_set']]}"
             groups.setdefault(key, []).append(node_id)
