@@ -59,7 +59,7 @@ def _task_flag(parser: argparse.ArgumentParser) -> None:
     from .tasks import TASKS
 
     parser.add_argument("--task", choices=sorted(TASKS), help="the model's task (default: from config.json's "
-                        "architectures)")
+                        "architectures). " + "; ".join(f"{name}: {task.summary}" for name, task in TASKS.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
