@@ -150,10 +150,6 @@ def class_index(label: Any, line: int, label2id: Mapping[str, int], num_labels: 
     return index
 
 
-def label_index(example: Example, label2id: Mapping[str, int], num_labels: int, path: str | Path) -> int:
-    return class_index(example.label, example.line, label2id, num_labels, path)
-
-
 def score_value(example: Example, path: str | Path) -> float:
     """A regression target (STS-B's similarity): a finite number."""
     try:
