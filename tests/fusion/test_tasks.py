@@ -19,7 +19,7 @@ from fusion.errors import DataError, GramfuseError
 from fusion.gram import collect_statistics, linear_modules
 from fusion.merge import merge_states
 from fusion.methods import OwnerState, get_method
-from fusion.tasks import CAUSAL_LM, SEQ2SEQ, TASKS, TOKEN_CLASSIFICATION, task_of
+from fusion.tasks import CAUSAL_LM, SEQ2SEQ, TASKS, TOKEN_CLASSIFICATION, model_task, task_of
 
 VOCAB = 30522  # MiniLM's tokenizer, which every tiny model here shares
 TAGS = ["O", "B-X", "I-X", "B-Y", "I-Y"]
@@ -65,7 +65,7 @@ def word_rows(rng: random.Random, count: int) -> list[dict]:
 
 def batch_for(model, rng: random.Random, tmp_path, name: str):
     """One batch of the model's own task, encoded as the statistics pass encodes it."""
-    task = task_of(type("C", (), {"architectures": [type(model).__name__]})())
+    task = model_task(model)
     path = tmp_path / f"{name}.jsonl"
     if task.name == TOKEN_CLASSIFICATION:
         rows = word_rows(rng, 20)
