@@ -7,7 +7,8 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
   ``pair-field``: as for ``gramfuse stats`` (every task type it supports);
 - ``name``: a label for the site in the server's report (the node id is always reported);
 - ``base-path``: where ``model-path`` is a LoRA adapter folder, its base model folder (default: the one its
-  ``adapter_config.json`` names); the site sends the adapter's effective weights;
+  ``adapter_config.json`` names); the site sends the adapter's effective weights, only those of the layers it
+  adapted where the server holds the same base (it says which, with its base's fingerprint, in its layout);
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.payload import Part, describe_model, owner_payload, wire_tensor
+from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
 
@@ -127,9 +128,12 @@ def contribute(msg: Message, context: Context) -> Message:
         model, stats = load_model(model_dir, data_settings(context).task, base=adapter_base(context))[0], None
     part = Part.from_config(request)  # the server may ask for a few layers at a time (and first for the layout)
     tensors, meta = owner_payload(model, stats, fisher=needs_fisher, part=part)
-    # The tokenizer is the public pretrained one; the server needs it, once, to write loadable folders.
-    files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()} if (
-        part is None or not part.weights) else {}
+    files = {}
+    if part is None or part.layout:
+        # The tokenizer is the public pretrained one; the server needs it, once, to write loadable folders.
+        files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()}
+        # An adapter site says which weights are its base's: a server holding that base will not ask for them.
+        meta["adapter"] = untouched_by_adapter(model, checkpoint_files(model_dir, adapter_base(context)))
     meta["site"] = str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                                  else model_dir.name))
     meta["site_seconds"] = round(time.perf_counter() - started, 3)
@@ -154,7 +158,7 @@ def _save_session(context: Context, session: OwnerSession) -> None:
 
 
 def _site_contribution(context: Context, request) -> tuple:
-    """This site's owner and its contribution to the sums of the requested methods."""
+    """This site's model, its owner and its contribution to the sums of the requested methods."""
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
@@ -162,7 +166,7 @@ def _site_contribution(context: Context, request) -> tuple:
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
-    return owner, secure_contributions(methods, owner, with_head), with_head
+    return model, owner, secure_contributions(methods, owner, with_head), with_head
 
 
 def _shares_head(context: Context, with_head: bool) -> bool:
@@ -179,7 +183,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
     """Fresh keys for this run, and what the server must know to route and merge: the layout of the sums (names
     and shapes, no values), the layer map, the config and label set, the public tokenizer."""
     request = msg.content["config"]
-    owner, parts, with_head = _site_contribution(context, request)
+    model, owner, parts, with_head = _site_contribution(context, request)
     session = OwnerSession.begin(str(request["session"]), context.node_id)
     _save_session(context, session)
     model_dir, _ = site_paths(context)
@@ -191,6 +195,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
         "label_set": [list(item) for item in owner.label_set],
         "site": str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                             else model_dir.name)),
+        "adapter": untouched_by_adapter(model, checkpoint_files(model_dir, adapter_base(context))),
     }  # no timings: how long the statistics took would tell the server how much data the site holds
     files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()}
     keys = {f"key/{purpose}": value for purpose, value in session.public_keys().items()}
@@ -218,7 +223,7 @@ def secure_masked(msg: Message, context: Context) -> Message:
     incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
     if incoming:
         session.receive_shares(incoming)
-    owner, parts, with_head = _site_contribution(context, request)
+    _, owner, parts, with_head = _site_contribution(context, request)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
     participants = [int(node) for node in json.loads(str(request["participants"]))]
     round_name = str(request["round"])

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from fusion.adapters import AdapterFiles
 from fusion.aggregate import OwnerUpdate
-from fusion.checkpoint import float_state, head_names, label_set, public_config_json
+from fusion.checkpoint import float_state, head_names, label_set, public_config_json, tied_aliases
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.tasks import model_task
 from fusion.statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
@@ -30,7 +31,7 @@ def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False
     """``(tensors, metadata)`` of one owner; ``fisher`` adds the Fisher diagonal (which the statistics must hold).
 
     ``part`` restricts the tensors to some weights and Grams (the server asks for a model a few layers at a time):
-    ``Part((), ())`` sends the layout alone (every weight's shape and dtype, the statistics' metadata), no tensors.
+    ``Part.LAYOUT`` sends the layout alone (every weight's shape and dtype, the statistics' metadata), no tensors.
     """
     weights = float_state(model)
     meta: dict[str, Any] = {
@@ -58,19 +59,25 @@ def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False
 
 @dataclass(frozen=True)
 class Part:
-    """The weights and Grams the server asks a site for in one message."""
+    """The weights and Grams the server asks a site for in one message; ``Part.LAYOUT`` asks for the layout alone."""
 
     weights: tuple[str, ...]
     grams: tuple[str, ...]
+    layout: bool = False  # the run's first request: no tensors, and the tokenizer (a later part may be empty too)
 
     def to_config(self) -> dict[str, str]:
-        return {"part-weights": json.dumps(list(self.weights)), "part-grams": json.dumps(list(self.grams))}
+        return {"part-weights": json.dumps(list(self.weights)), "part-grams": json.dumps(list(self.grams)),
+                "part-layout": self.layout}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Part | None:
         if "part-weights" not in config:
             return None
-        return cls(tuple(json.loads(str(config["part-weights"]))), tuple(json.loads(str(config["part-grams"]))))
+        return cls(tuple(json.loads(str(config["part-weights"]))), tuple(json.loads(str(config["part-grams"]))),
+                   bool(config.get("part-layout", False)))
+
+
+Part.LAYOUT = Part((), (), layout=True)
 
 
 def restricted_metadata(meta: Mapping[str, Any], grams: Iterable[str]) -> dict[str, Any]:
@@ -105,6 +112,18 @@ def wire_tensor(value: torch.Tensor) -> torch.Tensor:
     """A tensor as Flower's ``Array`` can carry it: bfloat16, which numpy lacks, as float32 (exactly)."""
     value = value.detach().contiguous()
     return value.float() if value.dtype == torch.bfloat16 else value
+
+
+def untouched_by_adapter(model: Any, files: Any) -> dict[str, Any] | None:
+    """For a site whose model is a LoRA adapter (``files``: :func:`fusion.adapters.checkpoint_files`): its base's
+    fingerprint and the weights it leaves as its base's. A server that holds the same base fills those in itself and
+    asks the site for the adapted layers alone. None for a full model."""
+    if not isinstance(files, AdapterFiles):
+        return None
+    changed = files.changed
+    changed |= {stored for alias, stored in tied_aliases(model).items() if alias in changed}  # a tied head's tensor
+    untouched = [name for name in float_state(model) if name not in changed and name in files.base]
+    return {"base_fingerprint": files.base.fingerprint(), "untouched": untouched}
 
 
 def describe_model(model: Any) -> dict[str, Any]:

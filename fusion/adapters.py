@@ -106,6 +106,11 @@ class AdapterFiles(Mapping):
                                     f"{adapter.base} does not hold (another base model?)")
         self.names = list(dict.fromkeys([*self.base, *adapter.replaced]))
 
+    @property
+    def changed(self) -> set[str]:
+        """The tensors the adapter changes; every other one is its base's, bit for bit."""
+        return set(self.adapter.pairs) | set(self.adapter.replaced)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
 

@@ -26,7 +26,8 @@ from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.errors import GramfuseError
 from fusion.finish import method_roots
 from fusion.finish import reference_label_set as majority_label_set
-from fusion.methods import MergeContext
+from fusion.merge import check_layout
+from fusion.methods import MEAN, WEIGHT, MergeContext
 from fusion.secure import (
     BODY,
     bands_layout,
@@ -59,6 +60,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.survivors: list[int] = []
         self.own_heads: dict[int, dict] = {}
         self.sums: dict = {}
+        self.means_from_base: dict[str, str] = {}  # layout key of a weighted mean -> the base weight that forms it
         self.rounds: dict[str, dict[str, list[int]]] = {}
 
     @property
@@ -75,6 +77,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         scales = scales_from_bands(band_sums, len(participants))
         totals, self.survivors = self.masked_round(grid, "sums", participants, {"scales": json.dumps(scales)})
         self.sums = decoded_sums(self.layout, totals, scales)
+        self.fill_from_base()
         self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
         for node in self.survivors:
             self.records[node].status = "merged"
@@ -113,6 +116,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             if not self.tokenizer:
                 self.tokenizer = {k[len(TOKENIZER):]: bytes(v) for k, v in config.items() if k.startswith(TOKENIZER)}
         self._agree_layout(reference)
+        self.take_from_base()
         self.threshold = self.threshold_setting or default_threshold(len(self.roster))
         if not 2 <= self.threshold <= len(self.roster):
             raise FederationError(f"secure threshold {self.threshold} does not fit the {len(self.roster)} sites "
@@ -125,19 +129,86 @@ class SecureRegMeanStrategy(RegMeanStrategy):
 
     def _agree_layout(self, reference: list) -> None:
         """The layout of the sums is that of the merged label set's first site; every site must have it (the body's
-        part, for a site with a label set of its own). A site that does not is turned away before any shares."""
+        part, for a site with a label set of its own). A site that does not is turned away before any shares.
+
+        LoRA adapter sites hook only the layers they adapted, so their statistics' sums may differ in which layers
+        they cover (never in shape, nor in which Gram a layer reads). Only the sums every site has are masked: a sum
+        some sites lack would decode to the others' alone, and one site's at worst. A layer whose statistics are left
+        out is averaged, as the offline merge averages a layer some owners have no statistics for."""
         in_reference = sorted(n for n, meta in self.site_meta.items() if meta["label_set"] == reference)
         if not in_reference:
             raise FederationError("no site of the merged label set sent its keys: nothing to merge")
-        self.layout = sorted(self.site_meta[in_reference[0]]["layout"])
-        body = {k: v for k, v in self.layout if f"/{BODY}" in k}
+        first = self.site_meta[in_reference[0]]
+        full = dict(first["layout"])
+        body = {k: v for k, v in full.items() if f"/{BODY}" in k}
         for node, meta in list(self.site_meta.items()):
-            expected, layout = (dict(self.layout) if node in in_reference else body), dict(meta["layout"])
-            misfit = next((k for k in sorted(set(expected) | set(layout)) if expected.get(k) != layout.get(k)), None)
-            if misfit is not None:
-                self._lose(node, "rejected", f"sum {misfit!r} has shape {layout.get(misfit)}, the merged label "
-                           f"set's has {expected.get(misfit)} (another architecture or layer map)")
+            expected, layout = (full if node in in_reference else body), dict(meta["layout"])
+            problem = self._layout_misfit(expected, layout, bool(meta.get("adapter") and first.get("adapter")))
+            if problem is None:
+                try:
+                    check_layout(owner_name(node), {n: ModuleInfo(**i) for n, i in meta["modules"].items()},
+                                 owner_name(in_reference[0]),
+                                 {n: ModuleInfo(**i) for n, i in first["modules"].items()})
+                except GramfuseError as error:
+                    problem = str(error)
+                except (KeyError, TypeError, AttributeError) as error:
+                    problem = f"malformed layer map ({type(error).__name__}: {error})"
+            if problem is not None:
+                self._lose(node, "rejected", problem)
                 self.roster.pop(node), self.site_meta.pop(node)
+        layouts = {node: dict(meta["layout"]) for node, meta in self.site_meta.items()}
+        self.layout = sorted((key, shape) for key, shape in full.items()
+                             if all(key in layout for node, layout in layouts.items()
+                                    if node in in_reference or f"/{BODY}" in key))
+        left_out = len(full) - len(self.layout)
+        if left_out:
+            log.info("secure: %d sums of layers only some adapter sites adapted are left out (those layers are "
+                     "averaged)", left_out)
+
+    @staticmethod
+    def _layout_misfit(expected: dict, layout: dict, adapters: bool) -> str | None:
+        """Why a site's layout does not fit the reference's, or None: a shape differs, or (unless both are adapter
+        sites, which hook different layers) a sum is missing on either side."""
+        for key in sorted(set(expected) | set(layout)):
+            mine, theirs = layout.get(key), expected.get(key)
+            if mine != theirs and (mine is not None and theirs is not None or not adapters):
+                return (f"sum {key!r} has shape {mine}, the merged label set's has {theirs} (another architecture "
+                        "or layer map)")
+        return None
+
+    def take_from_base(self) -> None:
+        """Leave out of the masked sums the weighted means of the weights that every site leaves as its base's (LoRA
+        adapter sites, with the server holding that base as ``base-path``): no site sends them, and after decoding
+        the server forms each as (the decoded sum of the sites' weights) x W0, which is what they sum to."""
+        means: dict[str, list[str]] = {}
+        shapes: dict[str, tuple] = {}
+        for key, shape in self.layout:
+            index, _, rest = key.partition(f"/{BODY}")
+            if rest.startswith(MEAN):  # a weighted mean (fusion.methods.weighted), beside its group's weight total
+                means.setdefault(rest[len(MEAN):], []).append(key)
+                shapes[rest[len(MEAN):]] = shape
+        common: set[str] | None = None
+        for node, meta in list(self.site_meta.items()):
+            try:
+                untouched = self.untouched(node, meta.get("adapter"), shapes)
+            except GramfuseError as error:
+                self._lose(node, "rejected", str(error))
+                self.roster.pop(node), self.site_meta.pop(node)
+                continue
+            common = untouched if common is None else common & untouched
+        self.means_from_base = {key: name for name in common or () for key in means[name]}
+        self.layout = [(key, shape) for key, shape in self.layout if key not in self.means_from_base]
+        if common:
+            for node in self.site_meta:
+                self.records[node].weights_from_base = len(common)
+            log.info("secure: %d weights every site leaves as the base's are taken from %s, not sent", len(common),
+                     self.base_folder)
+
+    def fill_from_base(self) -> None:
+        files = self.base_files()[0] if self.means_from_base else None
+        for key, name in self.means_from_base.items():
+            total = self.sums[key.split("/", 1)[0] + f"/{BODY}{WEIGHT}"]
+            self.sums[key] = total * files.read([name])[name].double()
 
     def exchange_shares(self, grid: Grid) -> list[int]:
         roster = json.dumps({str(n): {p: k.hex() for p, k in keys.items()} for n, keys in self.roster.items()})

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -34,6 +35,7 @@ from fusion.aggregate import Aggregator
 from fusion.checkpoint import atomic_folder, check_same_shapes, tokenizer_from_files
 from fusion.errors import CompatibilityError, GramfuseError
 from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
+from fusion.lazy import CheckpointFiles
 from fusion.merge import check_layout, load_base
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
@@ -92,6 +94,7 @@ class OwnerRecord:
     bytes_received: int = 0
     site_seconds: float = 0.0
     arrived_after_seconds: float = 0.0
+    weights_from_base: int = 0  # a LoRA adapter site's untouched weights, taken from the server's base, not sent
 
 
 class RegMeanStrategy(Strategy):
@@ -121,6 +124,11 @@ class RegMeanStrategy(Strategy):
         # The pretrained model is loaded as the sites' task once they have said what it is: a base folder is often
         # a bare body (BertModel) that only the owners' task class maps onto their parameter names.
         self.base_path = base_path if base is None and any(m.needs_base for m in self.methods) else None
+        # The base also stands in for the weights a LoRA adapter site leaves untouched, so they are never sent.
+        self.base_folder = Path(base_path) if base_path else None
+        self._base_files: tuple[CheckpointFiles, str] | None = None  # the base's tensors and fingerprint, once read
+        self.from_base: dict[int, set[str]] = {}  # node id -> weights of its site the server takes from the base
+        self.part_base: dict[str, torch.Tensor] = {}  # the base's tensors of the part being gathered
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
         self.min_owners = min_owners
@@ -240,7 +248,44 @@ class RegMeanStrategy(Strategy):
             arrays = reply.content[PAYLOAD]
         except KeyError as error:
             raise GramfuseError(f"owner node {node_id}: malformed reply (no {PAYLOAD!r} record)") from error
-        return owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
+        owner = owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
+        filled = {name: value.to(dtype_from(meta["dtypes"][name])) for name, value in self.part_base.items()
+                  if name in self.from_base.get(node_id, ())}
+        owner.params.update(filled)
+        record.weights_from_base += len(filled)
+        return owner
+
+    # --- LoRA adapter sites: their untouched weights come from the server's own base -------------------------------
+
+    def base_files(self) -> tuple[CheckpointFiles, str]:
+        """The base folder's tensors (read lazily) and its fingerprint, read once."""
+        if self._base_files is None:
+            files = CheckpointFiles(self.base_folder)
+            self._base_files = files, files.fingerprint()
+        return self._base_files
+
+    def untouched(self, node_id: int, adapter: Any, shapes: dict[str, tuple]) -> set[str]:
+        """The weights of a LoRA adapter site (``adapter``: what :func:`federation.payload.untouched_by_adapter`
+        sent) that the server takes from its own ``base-path`` instead of asking for them: those the site leaves as
+        its base's, where the server's base is that very base (same fingerprint) and the shapes agree. None where the
+        Fisher is asked for (it is sent next to each weight)."""
+        if not adapter:
+            return set()
+        if self.base_folder is None or any(m.needs_fisher for m in self.methods):
+            log.info("owner node %d is a LoRA adapter: it sends every weight (give the server base-path, its base, "
+                     "and it sends only the layers it adapted)", node_id)
+            return set()
+        try:
+            fingerprint, untouched = str(adapter["base_fingerprint"]), [str(name) for name in adapter["untouched"]]
+        except (KeyError, TypeError) as error:
+            raise GramfuseError(f"owner node {node_id}: malformed adapter layout ({type(error).__name__}: {error})"
+                                ) from error
+        files, own_fingerprint = self.base_files()
+        if fingerprint != own_fingerprint:
+            log.warning("owner node %d is a LoRA adapter of another base than %s: it sends every weight", node_id,
+                        self.base_folder)
+            return set()
+        return {name for name in untouched if name in files and tuple(files.shape(name)) == tuple(shapes.get(name, ()))}
 
     # --- the whole run -----------------------------------------------------------------------------------------------
 
@@ -267,7 +312,7 @@ class RegMeanStrategy(Strategy):
     def gather_layouts(self, grid: Grid) -> None:
         """Round 1: every fitting site's layout (weight names, shapes and dtypes, its statistics' metadata), no
         tensors; sites whose layout does not fit the first one's are rejected by node id."""
-        messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part((), ()).to_config()), grid)
+        messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part.LAYOUT.to_config()), grid)
         for reply in self._exchange(grid, messages, "layout"):
             self._intake(reply, self._accept_layout)
         self.fitting = sorted(self.layouts)
@@ -276,6 +321,8 @@ class RegMeanStrategy(Strategy):
     def _accept_layout(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
         meta = self._meta(node_id, reply, record)
         self._check_layout(node_id, meta)
+        self.from_base[node_id] = self.untouched(node_id, meta.get("adapter"),
+                                                 {name: tuple(shape) for name, shape in meta["shapes"].items()})
         self.layouts[node_id] = meta
 
     def _check_layout(self, node_id: int, meta: dict) -> None:
@@ -341,10 +388,15 @@ class RegMeanStrategy(Strategy):
     def gather_part(self, grid: Grid, nodes: list[int], index: int, part: list[Group]) -> None:
         """Ask every site for one part's weights and Grams and fold the replies into fresh sums."""
         self.aggregators = self.fresh_aggregators()
-        request = Part(tuple(t for group in part for t in group.tensors),
-                       tuple(sorted({group.gram for group in part if group.gram}))).to_config()
-        messages = self.configure_train(index + 1, ArrayRecord(), ConfigRecord(request), grid)
+        tensors = tuple(t for group in part for t in group.tensors)
+        grams = tuple(sorted({group.gram for group in part if group.gram}))
+        from_base = set(tensors) & set().union(*(self.from_base.get(node, set()) for node in nodes))
+        self.part_base = self.base_files()[0].read(sorted(from_base)) if from_base else {}
+        messages = [message for node in nodes for message in self._messages(
+            [node], MessageType.TRAIN, self.request(**Part(tuple(t for t in tensors if t not in self.from_base.get(
+                node, ())), grams).to_config()), index + 1)]  # an adapter site is not asked for its base's weights
         self.aggregate_train(index + 1, self._exchange(grid, messages, f"train-{index}"))
+        self.part_base = {}
         merged = set(self.merged_owners)
         lost = [node for node in nodes if owner_name(node) not in merged]
         if lost:

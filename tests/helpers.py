@@ -86,6 +86,26 @@ def perturbed(model, seed: int, scale: float = 0.05):
     return owner
 
 
+def make_adapter(base_model, base_dir, out, targets, seed, rank=4, rslora=False):
+    """A peft LoRA adapter on ``base_dir`` whose B matrices are random (peft starts them at zero)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM", use_rslora=rslora)
+    model = get_peft_model(copy.deepcopy(base_model), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.save_pretrained(str(out))
+    settings = json.loads((out / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(settings))
+    return out, model.merge_and_unload()
+
+
 def save_owner(model, path: Path) -> Path:
     model.save_pretrained(str(path))
     tokenizer().save_pretrained(str(path))

@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from helpers import WORDS, layer_inputs, pooled_least_squares, pooled_objective, tiny_causal_lm, tokenizer, weight_t
+from helpers import (WORDS, layer_inputs, make_adapter, pooled_least_squares, pooled_objective, tiny_causal_lm,
+                     tokenizer, weight_t)
 
 from fusion.adapters import AdapterFiles, open_adapter
 from fusion.cli import main
@@ -19,29 +20,8 @@ from fusion.statistics import load_statistics
 # fails these tests rather than skipping them.
 
 
-
 def gramfuse(*args):
     return main([*map(str, args), "--quiet"])
-
-
-def make_adapter(base_model, base_dir, out, targets, seed, rank=4, rslora=False):
-    """A peft LoRA adapter on ``base_dir`` whose B matrices are random (peft starts them at zero)."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM", use_rslora=rslora)
-    model = get_peft_model(copy.deepcopy(base_model), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    model.save_pretrained(str(out))
-    settings = json.loads((out / "adapter_config.json").read_text())
-    settings["base_model_name_or_path"] = str(base_dir)
-    (out / "adapter_config.json").write_text(json.dumps(settings))
-    return out, model.merge_and_unload()
 
 
 @pytest.fixture()
