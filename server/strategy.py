@@ -353,8 +353,10 @@ class RegMeanStrategy(Strategy):
         outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
                                {n: config_from(m) for n, m in layouts.items()}, own_heads)
         reference = layouts[outputs[0].owners[0]]
-        statistics = reference.get("statistics", {})
-        modules = {name: ModuleInfo(**info) for name, info in statistics.get("modules", {}).items()}
+        # Every site's hooked layers (adapter sites hook only those they adapted), as the offline merge takes them:
+        # a layer some sites have no statistics for is averaged, with a warning naming it.
+        modules = {name: ModuleInfo(**info) for layout in [*layouts.values(), reference]
+                   for name, info in layout.get("statistics", {}).get("modules", {}).items()}
         gram_dtype = "float32" if any(m.get("statistics", {}).get("gram_dtype") == "float32"
                                       for m in layouts.values()) else "float64"
         context = MergeContext(base=self.base, modules=modules, gram_dtype=gram_dtype,

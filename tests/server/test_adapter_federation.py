@@ -71,6 +71,8 @@ def test_adapter_sites_send_only_adapted_layers_and_merge_as_offline(adapters, o
         assert owner["weights_from_base"] > 0
         # The untouched embedding alone is most of the model: had it been sent, a site would exceed this.
         assert owner["bytes_received"] - tokenizer_bytes < full_bytes / 4, (owner, full_bytes, tokenizer_bytes)
+    warnings = report["methods"]["regmean"]["warnings"]
+    assert any("model.layers.0.mlp.down_proj" in warning for warning in warnings), warnings  # adapted by one site
     base = load_file(str(base_dir / "model.safetensors"))
     for method, expected in offline.items():
         federated = load_file(str(root / mode / "out" / method / "model.safetensors"))
