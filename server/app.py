@@ -1,9 +1,10 @@
 """The aggregation ServerApp. Run config (pyproject.toml ``[tool.flwr.app.config]``, or ``flwr run -c``):
 
 - ``method`` (regmean), or comma-separated specs such as ``regmean:alpha=0.5,average,ties`` to compare several
-  methods from one round (one output folder each); ``alpha`` (1.0), ``weighting`` (sum), ``scaling``/``density`` (task-arithmetic, ties; a
-  negative value keeps the method's default), ``base-path`` (the pretrained model, for those two; and where sites are LoRA adapters of it, the source of
-  the weights they left untouched, which then are not sent);
+  methods from one round (one output folder each); ``alpha`` (1.0), ``weighting`` (sum), ``scaling``/``density``
+  (task-arithmetic, ties; a negative value keeps the method's default), ``base-path`` (the pretrained model, for
+  those two; and where sites are LoRA adapters of it, the source of the weights they left untouched, which then are
+  not sent);
 - ``out-dir``: where the merged model(s), ``gramfuse-merge.json`` and ``report.json`` go;
 - ``min-owners`` (2): fewer merged owners is a failed run that writes nothing;
 - ``timeout`` (600 s): for sites to connect and for their replies;

@@ -335,7 +335,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         reference = self.reference_label_set()
         first = next(n for n in self.survivors if self.site_meta[n]["label_set"] == reference)
         hooked = [self.site_meta[node]["modules"] for node in [*self.survivors, first]]  # the first's wins
-        context = MergeContext(modules={name: ModuleInfo(**info) for modules in hooked for name, info in modules.items()},
+        modules = {name: ModuleInfo(**info) for layer_map in hooked for name, info in layer_map.items()}
+        context = MergeContext(modules=modules,
                                gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
                                                            for n in self.survivors) else "float64")
         own_heads = {owner_name(node): params for node, params in self.own_heads.items() if node in self.survivors}

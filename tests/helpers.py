@@ -63,6 +63,60 @@ def tiny_model(kind: str, seed: int = 0, num_labels: int = 2, **overrides):
     return model.eval()
 
 
+VOCAB = 30522  # MiniLM's tokenizer, which every tiny model here shares
+TAGS = ["O", "B-X", "I-X", "B-Y", "I-Y"]
+
+
+def tiny_family(family: str, seed: int = 0):
+    """A tiny random model of ``family`` in float64."""
+    import transformers as t
+
+    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    tags = dict(num_labels=len(TAGS), id2label=dict(enumerate(TAGS)), label2id={t: i for i, t in enumerate(TAGS)})
+    configs = {
+        "llama-lm": lambda: (t.LlamaForCausalLM, t.LlamaConfig(**small, tie_word_embeddings=True)),
+        "llama-lm-untied": lambda: (t.LlamaForCausalLM, t.LlamaConfig(**small, tie_word_embeddings=False)),
+        "qwen2-lm": lambda: (t.Qwen2ForCausalLM, t.Qwen2Config(**small, tie_word_embeddings=True)),
+        "mistral-lm": lambda: (t.MistralForCausalLM, t.MistralConfig(**small, tie_word_embeddings=False)),
+        "gpt2-lm": lambda: (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
+                                                             n_positions=64, pad_token_id=0)),
+        "llama-token": lambda: (t.LlamaForTokenClassification, t.LlamaConfig(**small, **tags)),
+        "t5-seq2seq": lambda: (t.T5ForConditionalGeneration, tiny_config("t5")),
+        "bert-token": lambda: (t.BertForTokenClassification,
+                               t.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=24, max_position_embeddings=64,
+                                            **tags)),
+    }
+    cls, config = configs[family]()
+    torch.manual_seed(seed)
+    return cls(config).double().eval()
+
+
+def texts(rng: random.Random, count: int) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(count)]
+
+
+def word_rows(rng: random.Random, count: int) -> list[dict]:
+    rows = []
+    for _ in range(count):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
+        rows.append({"tokens": words, "tags": [rng.choice(TAGS) for _ in words]})
+    return rows
+
+
+def write_task_data(path: Path, task: str, rng: random.Random, count: int) -> Path:
+    """``count`` random examples of ``task``'s fields (:mod:`fusion.tasks`) in a JSONL file."""
+    if task == "token-classification":
+        rows = word_rows(rng, count)
+    elif task == "seq2seq":
+        rows = [{"source": a, "target": b} for a, b in zip(texts(rng, count), texts(rng, count))]
+    else:
+        rows = [{"text": t} for t in texts(rng, count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def tiny_causal_lm(seed: int = 0, layers: int = 2, tied: bool = True):
     """A tiny random Llama causal LM with grouped-query attention on MiniLM's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -280,3 +334,29 @@ def plaintext_merge(method, updates, out_dir):
     """The plaintext server's merge of ``updates``, written in float64 to ``out_dir``: outputs by folder."""
     plaintext_aggregator(method, updates).finish_into({method.label(): Path(out_dir)}, [method], report={})
     return read_outputs(out_dir)
+
+
+def simulate(root: Path, workspace: Path, run_config: str, owners: int) -> dict:
+    """A `flwr run` on Flower's simulation engine, one simulated node per owner folder of ``workspace``; the output
+    goes to ``root/out`` and its ``report.json`` is returned."""
+    from server.processes import Loopback
+
+    simulation = Loopback(root, simulation=True)
+    try:
+        simulation.start_superlink()
+        done = simulation.run(f"workspace='{workspace}' out-dir='{root / 'out'}' min-owners={owners} timeout=300 "
+                              f"{run_config}", num_supernodes=owners)
+    finally:
+        simulation.stop()
+    assert simulation.processes["superlink"].poll() is not None
+    report = root / "out" / "report.json"
+    assert report.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(report.read_text())
+
+
+def assert_same_tensors(actual: dict, expected: dict, context: str = "") -> None:
+    """Equal names, and values equal to float32 rounding (relative to each tensor's largest value)."""
+    assert set(actual) == set(expected), context
+    for name, value in expected.items():
+        scale = float(value.abs().max())
+        assert torch.allclose(actual[name], value, rtol=1e-6, atol=1e-6 * scale), (context, name)

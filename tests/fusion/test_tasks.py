@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-from helpers import (WORDS, layer_inputs, perturbed, pooled_least_squares, pooled_objective, tiny_config, tokenizer,
-                     weight_t)
+from helpers import (TAGS, VOCAB, layer_inputs, perturbed, pooled_least_squares, pooled_objective, texts,
+                     tiny_family, tokenizer, weight_t, word_rows, write_task_data)
 
 from fusion.checkpoint import float_state
 from fusion.cli import main
@@ -21,59 +21,10 @@ from fusion.merge import merge_states
 from fusion.methods import OwnerState, get_method
 from fusion.tasks import CAUSAL_LM, SEQ2SEQ, TASKS, TOKEN_CLASSIFICATION, model_task, task_of
 
-VOCAB = 30522  # MiniLM's tokenizer, which every tiny model here shares
-TAGS = ["O", "B-X", "I-X", "B-Y", "I-Y"]
-
-
-def tiny(family: str, seed: int = 0):
-    """A tiny random model of ``family`` in float64."""
-    import transformers as t
-
-    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    tags = dict(num_labels=len(TAGS), id2label=dict(enumerate(TAGS)), label2id={t: i for i, t in enumerate(TAGS)})
-    configs = {
-        "llama-lm": lambda: (t.LlamaForCausalLM, t.LlamaConfig(**small, tie_word_embeddings=True)),
-        "llama-lm-untied": lambda: (t.LlamaForCausalLM, t.LlamaConfig(**small, tie_word_embeddings=False)),
-        "qwen2-lm": lambda: (t.Qwen2ForCausalLM, t.Qwen2Config(**small, tie_word_embeddings=True)),
-        "mistral-lm": lambda: (t.MistralForCausalLM, t.MistralConfig(**small, tie_word_embeddings=False)),
-        "gpt2-lm": lambda: (t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
-                                                             n_positions=64, pad_token_id=0)),
-        "llama-token": lambda: (t.LlamaForTokenClassification, t.LlamaConfig(**small, **tags)),
-        "t5-seq2seq": lambda: (t.T5ForConditionalGeneration, tiny_config("t5")),
-        "bert-token": lambda: (t.BertForTokenClassification,
-                               t.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                                            num_attention_heads=2, intermediate_size=24, max_position_embeddings=64,
-                                            **tags)),
-    }
-    cls, config = configs[family]()
-    torch.manual_seed(seed)
-    return cls(config).double().eval()
-
-
-def texts(rng: random.Random, count: int) -> list[str]:
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(count)]
-
-
-def word_rows(rng: random.Random, count: int) -> list[dict]:
-    rows = []
-    for _ in range(count):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
-        rows.append({"tokens": words, "tags": [rng.choice(TAGS) for _ in words]})
-    return rows
-
-
 def batch_for(model, rng: random.Random, tmp_path, name: str):
     """One batch of the model's own task, encoded as the statistics pass encodes it."""
     task = model_task(model)
-    path = tmp_path / f"{name}.jsonl"
-    if task.name == TOKEN_CLASSIFICATION:
-        rows = word_rows(rng, 20)
-    elif task.name == SEQ2SEQ:
-        rows = [{"source": a, "target": b} for a, b in zip(texts(rng, 20), texts(rng, 20))]
-    else:
-        rows = [{"text": t} for t in texts(rng, 20)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_task_data(tmp_path / f"{name}.jsonl", task.name, rng, 20)
     encoder = Encoder(task, tokenizer(), model.config, max_length=32, path=path)
     return encoder(list(read_examples(path, task_fields(task), require_labels=True)))
 
@@ -87,7 +38,7 @@ def test_every_family_merges_every_layer_to_the_pooled_least_squares_optimum(tmp
     """GQA attention, q/k/v biases, Conv1D, tied and untied LM heads, token heads: each layer's merge attains the
     pooled objective of an independent solver on the owners' own layer inputs over real tokens."""
     rng = random.Random(family)
-    base = tiny(family)
+    base = tiny_family(family)
     owners, inputs, batches = [], [], []
     for i in range(3):
         owner = perturbed(base, seed=i)
@@ -111,11 +62,11 @@ def test_every_family_merges_every_layer_to_the_pooled_least_squares_optimum(tmp
 
 
 def test_a_tied_head_is_one_tensor_stored_under_the_embeddings_name():
-    model = tiny("llama-lm")
+    model = tiny_family("llama-lm")
     stats = collect_statistics(model, [dict(tokenizer()(["a good film"], return_tensors="pt"))])
     assert stats.modules["lm_head"].weight == "model.embed_tokens.weight"
     assert "lm_head.weight" not in float_state(model)
-    untied = tiny("llama-lm-untied")
+    untied = tiny_family("llama-lm-untied")
     assert "lm_head.weight" in float_state(untied)
 
 
@@ -127,7 +78,7 @@ def save(model, path):
 
 def lm_federation(tmp_path, family="llama-lm", owners=2):
     rng = random.Random(1)
-    base = tiny(family)
+    base = tiny_family(family)
     dirs, data = [], []
     for i in range(owners):
         dirs.append(save(perturbed(base, seed=20 + i), tmp_path / f"owner{i}"))
@@ -188,7 +139,7 @@ def test_a_llama_token_classifier_is_merged_and_saved_as_one(tmp_path):
     from fusion.statistics import load_statistics
 
     rng = random.Random(3)
-    base = tiny("llama-token")
+    base = tiny_family("llama-token")
     dirs = []
     for i in range(2):
         model_dir = save(perturbed(base, seed=i), tmp_path / f"owner{i}")
@@ -254,7 +205,7 @@ def test_a_causal_lm_is_no_longer_called_an_untrained_classifier(tmp_path, capsy
 def test_each_task_names_its_bad_data(tmp_path, task, rows, fragments):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    model = tiny("llama-token" if task == TOKEN_CLASSIFICATION else "llama-lm")
+    model = tiny_family("llama-token" if task == TOKEN_CLASSIFICATION else "llama-lm")
     encoder = Encoder(TASKS[task], tokenizer(), model.config, max_length=16, path=path)
     with pytest.raises(DataError) as error:
         encoder(list(read_examples(path, task_fields(TASKS[task]))))
@@ -264,7 +215,7 @@ def test_each_task_names_its_bad_data(tmp_path, task, rows, fragments):
 def test_token_tags_go_on_each_words_first_sub_token_only(tmp_path):
     path = tmp_path / "words.jsonl"
     path.write_text(json.dumps({"tokens": ["unbelievably", "good"], "tags": ["B-X", "O"]}) + "\n")
-    model = tiny("bert-token")
+    model = tiny_family("bert-token")
     task = TASKS[TOKEN_CLASSIFICATION]
     batch = Encoder(task, tokenizer(), model.config, max_length=16, path=path)(
         list(read_examples(path, task_fields(task))))
@@ -336,7 +287,7 @@ def test_t5_seq2seq_through_the_cli_with_fisher_and_rouge(tmp_path, capsys):
     from fusion.statistics import load_statistics
 
     rng = random.Random(9)
-    base = tiny("t5-seq2seq")
+    base = tiny_family("t5-seq2seq")
     dirs, data = [], []
     for i in range(2):
         dirs.append(save(perturbed(base, seed=50 + i), tmp_path / f"owner{i}"))

@@ -2,15 +2,12 @@
 (``base-path``) and takes from it every weight a site left untouched, so the sites send only the layers they adapted,
 and the merge equals `gramfuse merge` of the adapter folders."""
 
-import json
-
 import pytest
 import torch
-from helpers import make_adapter, tiny_causal_lm, tokenizer, write_data
+from helpers import assert_same_tensors, make_adapter, simulate, tiny_causal_lm, tokenizer, write_data
 from safetensors.torch import load_file
 
 from fusion.cli import main as gramfuse
-from server.processes import Loopback
 
 TARGETS = [["q_proj", "v_proj"], ["q_proj", "v_proj"], ["q_proj", "v_proj", "down_proj"]]  # the last adapts more
 METHODS = "regmean,average"
@@ -34,19 +31,6 @@ def adapters(tmp_path_factory):
     return root, base_dir, workspace, (full_bytes, tokenizer_bytes)
 
 
-def simulate(root, workspace, base_dir, name, extra=""):
-    simulation = Loopback(root / name, simulation=True)
-    try:
-        simulation.start_superlink()
-        done = simulation.run(f"workspace='{workspace}' out-dir='{root / name / 'out'}' min-owners=3 timeout=300 "
-                              f"method='{METHODS}' base-path='{base_dir}' {extra}", num_supernodes=3)
-    finally:
-        simulation.stop()
-    report = root / name / "out" / "report.json"
-    assert report.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(report.read_text())
-
-
 @pytest.fixture(scope="module")
 def offline(adapters):
     root, _, workspace, _ = adapters
@@ -64,7 +48,7 @@ def offline(adapters):
 def test_adapter_sites_send_only_adapted_layers_and_merge_as_offline(adapters, offline, mode):
     root, base_dir, workspace, (full_bytes, tokenizer_bytes) = adapters
     extra = "secure=true" if mode == "secure" else "part-mb=1"  # plaintext: the model asked for in several parts
-    report = simulate(root, workspace, base_dir, mode, extra)
+    report = simulate(root / mode, workspace, f"method='{METHODS}' base-path='{base_dir}' {extra}", len(TARGETS))
     owners = list(report["federation"]["owners"].values())
     assert [o["status"] for o in owners] == ["merged"] * 3
     for owner in owners:
@@ -76,10 +60,7 @@ def test_adapter_sites_send_only_adapted_layers_and_merge_as_offline(adapters, o
     base = load_file(str(base_dir / "model.safetensors"))
     for method, expected in offline.items():
         federated = load_file(str(root / mode / "out" / method / "model.safetensors"))
-        assert set(federated) == set(expected)
-        for name, value in expected.items():
-            scale = float(value.abs().max())
-            assert torch.allclose(federated[name], value, rtol=1e-6, atol=1e-6 * scale), (method, name)
+        assert_same_tensors(federated, expected, method)
         # Layers no site adapted are the base's exactly; an adapted one is not.
         assert torch.equal(federated["model.layers.0.self_attn.k_proj.weight"],
                            base["model.layers.0.self_attn.k_proj.weight"])

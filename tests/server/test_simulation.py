@@ -5,12 +5,10 @@ small part-mb)."""
 import json
 
 import pytest
-import torch
-from helpers import perturbed, save_owner, tiny_causal_lm, write_data
+from helpers import assert_same_tensors, perturbed, save_owner, simulate, tiny_causal_lm, write_data
 from safetensors.torch import load_file
 
 from fusion.cli import main as gramfuse
-from server.processes import Loopback
 
 METHODS = {"regmean:alpha=0.5": ["--method", "regmean", "--alpha", "0.5"], "regmean": ["--method", "regmean"],
            "average": ["--method", "average"]}
@@ -24,15 +22,7 @@ def simulated(tmp_path_factory):
     for i in range(3):
         save_owner(perturbed(base, seed=40 + i), workspace / f"owner{i}" / "model")
         write_data(workspace / f"owner{i}" / "data.jsonl", 30, seed=i)
-    simulation = Loopback(root, simulation=True)
-    try:
-        simulation.start_superlink()
-        done = simulation.run(f"workspace='{workspace}' out-dir='{root / 'out'}' min-owners=3 timeout=300 "
-                              f"method='{','.join(METHODS)}' part-mb=1", num_supernodes=3)
-    finally:
-        simulation.stop()
-    assert simulation.processes["superlink"].poll() is not None
-    assert (root / "out" / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    simulate(root, workspace, f"method='{','.join(METHODS)}' part-mb=1", owners=3)
     return root, workspace
 
 
@@ -49,8 +39,7 @@ def test_each_method_of_one_simulated_round_equals_the_offline_cli(simulated, la
     assert gramfuse(["merge", *models, "-o", str(offline), "--quiet", *METHODS[label]]) == 0
     federated = load_file(str(root / "out" / label / "model.safetensors"))
     expected = load_file(str(offline / "model.safetensors"))
-    assert set(federated) == set(expected) and "lm_head.weight" not in federated  # the tied head is one tensor
-    for name, value in expected.items():
-        assert torch.allclose(federated[name], value, rtol=1e-6, atol=1e-6 * float(value.abs().max())), name
+    assert_same_tensors(federated, expected, label)
+    assert "lm_head.weight" not in federated  # the tied head is one tensor
     config = json.loads((root / "out" / label / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
