@@ -25,7 +25,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -284,7 +284,7 @@ def compare_setting(setting: str, workdir: Path, full: bool, started: float) -> 
     from examples import llm, stsb
 
     module, size = (llm, llm.SIZES["full" if full else "default"]) if setting == "llm" else (
-        stsb, SIZES["full" if full else "default"])
+        stsb, replace(SIZES["full" if full else "default"], epochs=stsb.EPOCHS))  # regressors train longer
     result = module.run(workdir, size)
     results = {"setting": setting, "size": size.__dict__, "methods": module.METHODS, **result,
                "seconds": round(time.perf_counter() - started, 1)}
@@ -300,7 +300,8 @@ def compare_setting(setting: str, workdir: Path, full: bool, started: float) -> 
     else:
         domain_chart(result, lambda s: s["pearson"], "Pearson correlation", workdir / "results.png",
                      f"gramfuse on MiniLM-L6, STS-B genres ({label})")
-        print(f"\nPearson correlation (stsb; {size.train} training and {size.test} test pairs per genre):\n")
+        print(f"\nPearson correlation (stsb; {size.train} training and {size.test} test pairs per genre, "
+              f"{size.epochs} epochs):\n")
     print(text)
     print(f"\n{workdir / 'results.json'}, results.md, results.png  ({results['seconds']:.0f} s)")
     return 0

@@ -43,11 +43,11 @@ def run(workdir: Path, size) -> dict:
     from examples.compare import federate
 
     owners = [prepare_owner(genre, genre, sts_benchmark(genre), SCORE, workdir, train=size.train, test=size.test,
-                            epochs=EPOCHS, learning_rate=LEARNING_RATE) for genre in STS_GENRES]
+                            epochs=size.epochs, learning_rate=LEARNING_RATE) for genre in STS_GENRES]
     pooled = write_jsonl([json.loads(line) for o in owners for line in o.train.read_text().splitlines()],
                          workdir / "data" / "pooled-train.jsonl")
     say("pooled reference: one regressor trained on every genre's pairs (cached after the first run)")
-    settings = FinetuneSettings(labels=SCORE, epochs=EPOCHS, learning_rate=LEARNING_RATE)
+    settings = FinetuneSettings(labels=SCORE, epochs=size.epochs, learning_rate=LEARNING_RATE)
     multitask = finetune_multitask(minilm_dir(), {"pooled": (pooled, settings)}, workdir / "owners")["pooled"]
     candidates = {f"own model ({o.name})": o.model for o in owners}
     candidates["fine-tuned on pooled data"] = multitask
