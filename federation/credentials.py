@@ -25,6 +25,16 @@ from cryptography.x509.oid import NameOID
 from fusion.errors import GramfuseError
 
 VALID_DAYS = 365
+TLS_FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Keys are not replaced unless asked: a CA made again invalidates every certificate it signed, and a site key
+    made again must be registered again."""
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise GramfuseError(f"{', '.join(existing)}: already exist(s); give --overwrite to replace (the old "
+                            "certificates or registrations stop working)")
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -53,10 +63,11 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def make_tls(out_dir: Path, hosts: list[str]) -> list[Path]:
+def make_tls(out_dir: Path, hosts: list[str], overwrite: bool = False) -> list[Path]:
     """A CA and a SuperLink certificate for ``hosts`` (names or IP addresses)."""
     if not hosts:
         raise GramfuseError("the SuperLink certificate needs at least one host name or address (--host)")
+    _refuse_existing([out_dir / name for name in TLS_FILES], overwrite)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
@@ -85,13 +96,17 @@ def make_tls(out_dir: Path, hosts: list[str]) -> list[Path]:
     return [out_dir / name for name in files]
 
 
-def make_site_key(out_dir: Path, site: str) -> tuple[Path, Path]:
+def make_site_key(out_dir: Path, site: str, overwrite: bool = False) -> tuple[Path, Path]:
     """An OpenSSH ECDSA P-384 key pair for SuperNode authentication: ``(private, public)``."""
     if not site or "/" in site or site.startswith("."):
         raise GramfuseError(f"site name {site!r} cannot name a key file")
+    if site in TLS_FILES or site.endswith(".pub"):
+        raise GramfuseError(f"site name {site!r} collides with the CA's, the SuperLink's or another site's key "
+                            f"files ({', '.join(TLS_FILES)}, <site>.pub); choose another name")
+    private, public = out_dir / site, out_dir / f"{site}.pub"
+    _refuse_existing([private, public], overwrite)
     key = ec.generate_private_key(ec.SECP384R1())
     out_dir.mkdir(parents=True, exist_ok=True)
-    private, public = out_dir / site, out_dir / f"{site}.pub"
     _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                       serialization.NoEncryption()), private=True)
     _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

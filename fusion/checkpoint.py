@@ -7,7 +7,7 @@ import json
 
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -178,9 +178,13 @@ def check_same_shapes(owner: str, params: Mapping[str, Any], reference_owner: st
 
 
 @contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False):
-    """A temporary sibling folder renamed to ``out_dir`` only on success, so no half-written output is ever left."""
+def atomic_folder(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()):
+    """A temporary sibling folder renamed to ``out_dir`` only on success, so no half-written output is ever left.
+    ``inputs``: the folders the run reads, which the output may not be, contain or lie inside (:func:`check_apart`)."""
     out_dir = Path(out_dir)
+    check_apart(out_dir, inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GramfuseError(f"{out_dir}: is a file, not a folder (the output is a model folder)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise GramfuseError(f"{out_dir}: exists and is not empty (give --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,24 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False):
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
+
+
+def check_apart(out_dir: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the ``inputs`` (symbolic links resolved):
+    writing it, or replacing it with ``--overwrite``, would destroy or pollute what the run reads."""
+    out = Path(out_dir).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source:
+            relation = "is"
+        elif out in source.parents:
+            relation = "contains"
+        elif source in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise GramfuseError(f"{out_dir}: the output folder {relation} the input {given}; choose a folder apart from "
+                            "the inputs (--overwrite would delete them)")
 
 
 def tokenizer_or_none(path: str | Path, base: str | Path | None = None) -> Any:

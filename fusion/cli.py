@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("--host", action="append", default=[], help="a name or address the SuperLink is "
                              "reached at (its certificate covers each)")
     credentials.add_argument("--site", action="append", default=[], help="a site to make a key pair for")
+    credentials.add_argument("--overwrite", action="store_true", help="replace keys and certificates that exist "
+                             "(certificates signed by an old CA, and registered old site keys, stop working)")
     return parser
 
 
@@ -212,9 +214,9 @@ def run_credentials(args: argparse.Namespace) -> None:
     if not args.host and not args.site:
         raise GramfuseError("nothing to make: give --host (TLS certificates) and/or --site (site keys)")
     out = Path(args.out_dir)
-    written = make_tls(out, args.host) if args.host else []
+    written = make_tls(out, args.host, args.overwrite) if args.host else []
     for site in args.site:
-        written += make_site_key(out, site)
+        written += make_site_key(out, site, args.overwrite)
     print("\n".join(str(path) for path in written))
 
 

@@ -23,6 +23,7 @@ from .aggregate import Aggregator, OwnerUpdate
 from .checkpoint import (
     DEFAULT_SHARD_BYTES,
     atomic_folder,
+    check_apart,
     check_same_shapes,
     float_state,
     head_names,
@@ -267,6 +268,8 @@ def merge_folders(
     needs_statistics = method.needs_statistics or method.needs_fisher
     device = str(resolve_device(device))  # before any owner is read: a missing device is the user's first error
     base_path = Path(base_dir) if base_dir is not None else None
+    inputs = [*paths, *([base_path] if base_path else [])]
+    check_apart(out_dir, inputs)  # before any owner is read: `-o` naming an input is the user's first error
     owners = [open_owner(name, path, needs_statistics, task, base_path)
               for name, path in zip(owner_names(paths), paths)]
     check_owners(owners)
@@ -290,7 +293,7 @@ def merge_folders(
         progress.reset(total=len(groups))
     shared = len({o.label_set for o in owners}) == 1
     common = {"owners": [{"name": o.name, "path": str(o.path)} for o in owners], "shared_label_set": shared}
-    with atomic_folder(out_dir, overwrite) as staging:
+    with atomic_folder(out_dir, overwrite, inputs) as staging:
         sums_of = streamed_sums(owners, set(outputs[0].owners), context)
         reports = finish(
             {method.label(): staging}, [method], groups, sums_of, context, outputs,

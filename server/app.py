@@ -69,6 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         heads=str(config.get("heads", "auto")),
         base_path=str(config.get("base-path", "")) or None,
         record_dir=str(config.get("record-dir", "")) or None,
+        inputs=[str(config["workspace"])] if config.get("workspace") else [],
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
     if bool(config.get("secure", False)):

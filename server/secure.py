@@ -68,7 +68,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         return [owner_name(node) for node in self.survivors]
 
     def run(self, grid: Grid) -> dict[str, Any]:
-        self.summary()
+        self.begin()
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.exchange_keys(grid)
@@ -320,7 +320,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                   for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
         tokenizer = tokenizer_from_files(self.tokenizer)
         solve_started = time.perf_counter()
-        with atomic_folder(self.out_dir, self.overwrite) as staging:
+        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
             reports = self.write_merges(method_roots(staging, self.methods), {"owners": owners}, tokenizer)
             for label in reports:
                 log.info("merged %d owners with %s", merged_count, label)

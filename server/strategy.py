@@ -32,7 +32,7 @@ from federation.payload import Part, config_from, dtype_from, labels_from, owner
 from federation.wire import META, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import Aggregator
-from fusion.checkpoint import atomic_folder, check_same_shapes, tokenizer_from_files
+from fusion.checkpoint import atomic_folder, check_apart, check_same_shapes, tokenizer_from_files
 from fusion.errors import CompatibilityError, GramfuseError
 from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
 from fusion.lazy import CheckpointFiles
@@ -118,6 +118,7 @@ class RegMeanStrategy(Strategy):
         overwrite: bool = True,
         record_dir: str | Path | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
+        inputs: Iterable[str | Path] = (),
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
         self.base = base
@@ -131,6 +132,8 @@ class RegMeanStrategy(Strategy):
         self.part_base: dict[str, torch.Tensor] = {}  # the base's tensors of the part being gathered
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
+        # What the server reads (a simulation's workspace, the base): the output may not be, hold or lie in any.
+        self.inputs = [*inputs, *([base_path] if base_path else [])]
         self.min_owners = min_owners
         self.timeout = timeout
         self.overwrite = overwrite
@@ -183,6 +186,11 @@ class RegMeanStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+    def begin(self) -> None:
+        """Refuse an output folder among the inputs before any site is asked for anything; log the settings."""
+        check_apart(self.out_dir, self.inputs)
+        self.summary()
 
     def summary(self) -> None:
         log.info("gramfuse %s, at least %d owners, timeout %.0f s, output %s",
@@ -293,7 +301,7 @@ class RegMeanStrategy(Strategy):
         """Wait for sites, learn their layouts, then merge a part of the model at a time: each site is asked for the
         weights and Grams of a few groups of layers, its reply folded in as it arrives, and those groups are solved
         and written before the next part is asked for. Returns the report."""
-        self.summary()
+        self.begin()
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.gather_layouts(grid)
@@ -367,7 +375,7 @@ class RegMeanStrategy(Strategy):
         records = {owner_name(r.node_id): r for r in self.records.values()}
         common = {"owners": [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names],
                   "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
-        with atomic_folder(self.out_dir, self.overwrite) as staging:
+        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
             finisher = Finisher(method_roots(staging, self.methods), self.methods, context, outputs, dtypes,
                                 tokenizer=tokenizer_from_files(self.tokenizer))
             for index, part in enumerate(parts, start=1):

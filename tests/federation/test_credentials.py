@@ -41,3 +41,19 @@ def test_credentials_errors(tmp_path, capsys):
     assert "gramfuse: error: nothing to make" in capsys.readouterr().err
     assert main(["credentials", str(tmp_path), "--site", "../elsewhere"]) == 1
     assert "cannot name a key file" in capsys.readouterr().err
+
+
+def test_keys_are_never_replaced_without_overwrite_and_site_names_cannot_take_the_cas(tmp_path, capsys):
+    assert main(["credentials", str(tmp_path), "--host", "localhost", "--site", "site-a"]) == 0
+    kept = {name: (tmp_path / name).read_bytes() for name in ("ca.key", "ca.crt", "site-a", "site-a.pub")}
+    assert main(["credentials", str(tmp_path), "--host", "localhost"]) == 1
+    assert "ca.key" in capsys.readouterr().err
+    assert main(["credentials", str(tmp_path), "--site", "site-a"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    for name in ("ca.key", "server.key", "ca.crt", "x.pub"):  # a site named ca.key would replace the CA's key
+        assert main(["credentials", str(tmp_path), "--site", name, "--overwrite"]) == 1
+        assert "collides" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    assert main(["credentials", str(tmp_path), "--site", "site-a", "--overwrite"]) == 0
+    assert (tmp_path / "site-a").read_bytes() != kept["site-a"]
+    assert (tmp_path / "ca.key").read_bytes() == kept["ca.key"]

@@ -228,6 +228,28 @@ def test_existing_output_is_not_overwritten_without_asking(tmp_path, capsys):
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("where, relation", [("owner", "is"), ("link", "is"), ("root", "contains"),
+                                             ("inside", "lies inside")])
+def test_an_output_among_the_inputs_is_refused_even_with_overwrite(tmp_path, capsys, where, relation):
+    dirs, data = make_federation(tmp_path / "root", "bert")
+    (tmp_path / "link").symlink_to(dirs[0], target_is_directory=True)
+    out = {"owner": dirs[0], "link": tmp_path / "link", "root": tmp_path / "root",
+           "inside": dirs[1] / "merged"}[where]
+    before = sorted(p.name for p in dirs[0].iterdir())
+    expect_error(capsys, ["merge", *dirs, "-o", out, "--method", "average", "--overwrite"],
+                 f"the output folder {relation} the input", "apart from the inputs")
+    assert sorted(p.name for p in dirs[0].iterdir()) == before and data[0].is_file()
+    assert not (dirs[1] / "merged").exists()
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert")
+    (tmp_path / "out").write_text("not a folder")
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out", "--method", "average", "--overwrite"],
+                 "is a file, not a folder")
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
 def test_merge_writes_shards_and_an_index_that_transformers_loads(tmp_path):
     dirs, data = make_federation(tmp_path, "bert")
     for model_dir, data_file in zip(dirs, data):
