@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tied", choices=("head", "embedding"), help="regmean: a tensor tied between the input "
                        "embeddings and the LM head is solved as the head (default) or averaged as an embedding")
     merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
-    merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
+    merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept, "
+                       "max(1, int(density * n)) entries exactly (default 0.2)")
     merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties, --lora-rank); "
                        "also the base of owners that are LoRA adapter folders (default: the one each names)")
     merge.add_argument("--lora-rank", type=_positive_int, metavar="R", help="also write OUT_DIR/lora, a rank-R LoRA "

@@ -40,7 +40,9 @@ def needs_diagonal(methods) -> bool:
 @dataclass
 class RegMean(MergeMethod):
     alpha: float = 1.0  # 1: plain RegMean; 0: diagonal-weighted average. The paper tuned it per setting.
-    weighting: str = "sum"  # "sum": pooled least squares, count-weighted averages; "equal": mean Grams as in the paper
+    # "sum": pooled least squares, count-weighted averages (the paper's equation); "equal": each owner's Gram over its
+    # real tokens, as the authors' code averages (theirs over pads too), every owner weighing the same.
+    weighting: str = "sum"
     # A tensor used twice (input embeddings tied to the LM head) is merged once: "head" solves it as the head's
     # weight, from the head's Grams; "embedding" averages it as an embedding. Measured on the LLM job (README).
     tied: str = "head"

@@ -7,7 +7,6 @@ contributions are the positive and negative parts and their counts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +19,18 @@ POSITIVE_COUNT, NEGATIVE_COUNT = "positive-count/", "negative-count/"
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries of largest magnitude, zero the rest."""
-    keep = math.ceil(density * delta.numel())
-    if keep >= delta.numel():
+    """Keep exactly ``k = max(1, int(density * n))`` entries of largest magnitude and zero the rest, mergekit's rule
+    (k rounded down, at least one). Among entries tied at the k-th magnitude, those ``torch.topk`` picks are kept:
+    a threshold (keep every entry >= the k-th) would keep more than k wherever magnitudes tie."""
+    count = delta.numel()
+    keep = max(1, int(density * count))
+    if keep >= count:
         return delta
-    if keep == 0:
-        return torch.zeros_like(delta)
-    magnitude = delta.abs().flatten()
-    threshold = torch.topk(magnitude, keep, sorted=False).values.min()
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+    flat = delta.flatten()
+    kept = torch.topk(flat.abs(), keep, sorted=False).indices
+    trimmed = torch.zeros_like(flat)
+    trimmed[kept] = flat[kept]
+    return trimmed.view_as(delta)
 
 
 @register("ties")

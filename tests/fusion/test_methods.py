@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import perturbed, tiny_model, tokenizer
 
 from fusion.errors import MergeError
@@ -110,7 +112,23 @@ def test_ties_hand_computed():
 def test_ties_trim_keeps_the_largest_magnitudes():
     delta = torch.tensor([0.1, -5.0, 2.0, -0.3, 4.0], dtype=torch.float64)
     assert trim(delta, 0.4).tolist() == [0.0, -5.0, 0.0, 0.0, 4.0]
+    assert trim(delta, 0.3).tolist() == [0.0, -5.0, 0.0, 0.0, 0.0]  # int(1.5) = 1, not rounded up to 2
+    assert trim(delta, 0.1).tolist() == [0.0, -5.0, 0.0, 0.0, 0.0]  # at least one
     assert torch.equal(trim(delta, 1.0), delta)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([-2.0, -1.0, 0.5, 1.0, 2.0, 3.0]), min_size=1, max_size=40),
+       st.floats(min_value=0.01, max_value=1.0))
+def test_ties_trim_keeps_exactly_k_entries_even_where_magnitudes_tie(values, density):
+    delta = torch.tensor(values, dtype=torch.float64)  # few distinct magnitudes: many ties at the k-th
+    keep = max(1, int(density * len(values)))  # mergekit's count
+    trimmed = trim(delta, density)
+    kept = trimmed != 0
+    assert int(kept.sum()) == keep
+    assert torch.equal(trimmed[kept], delta[kept])
+    if keep < len(values):
+        assert float(delta[kept].abs().min()) >= float(delta[~kept].abs().max())
 
 
 def test_ties_on_tiny_models_moves_only_from_the_base_by_trimmed_entries(owners):
