@@ -48,24 +48,38 @@ def _file_format(path: Path) -> str:
     raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl or .csv (with text,label columns)")
 
 
+def _decoded(path: Path, number: int, line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line: "
+                        f"{line[error.start:error.start + 1]!r}); save the file as UTF-8") from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The file's lines, decoded one at a time so that a bad byte is reported with its line."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, _decoded(path, number, line)
+
+
 def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
     kind = _file_format(path)
-    with path.open(encoding="utf-8", newline="") as handle:
-        if kind == "jsonl":
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object per line, found {type(row).__name__}")
-                yield number, row
-        else:
-            reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
-            for row in reader:
-                yield reader.line_num, row
+    if kind == "jsonl":
+        for number, line in _text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line, found {type(row).__name__}")
+            yield number, row
+    else:
+        reader = csv.DictReader((line for _, line in _text_lines(path)), delimiter="\t" if kind == "tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
 
 
 def _text(path: Path, number: int, row: Mapping[str, Any], field: str, words: bool) -> Any:
@@ -128,7 +142,7 @@ def count_examples(path: str | Path) -> int:
     """Non-blank lines: the total for a progress bar without parsing the file."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
-    with Path(path).open(encoding="utf-8", newline="") as handle:
+    with Path(path).open("rb") as handle:
         lines = sum(1 for line in handle if line.strip())
     return lines - 1 if _file_format(Path(path)) != "jsonl" else lines
 
@@ -139,7 +153,7 @@ def class_index(label: Any, line: int, label2id: Mapping[str, int], num_labels: 
         return int(label2id[label])
     try:
         index = int(label)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         raise DataError(
             f"{path}:{line}: label {label!r} is neither a class index nor one of the model's labels {sorted(label2id)}"
         ) from None

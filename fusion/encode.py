@@ -7,6 +7,7 @@ example's last token (a sequence classifier's pooled one) where transformers loo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,38 @@ from .errors import DataError
 from .tasks import CAUSAL_LM, SEQ2SEQ, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, Task, is_regression
 
 IGNORED = -100  # transformers' loss ignores this label: pads, and sub-tokens after a word's first
+# Texts are cut to this many characters per token of max_length before tokenising: a tokenizer's memory grows with
+# the whole text (a 30 MB line took 4.6 GB), and a token averages a few characters, so the cut never reaches the
+# tokens that truncation keeps (short of text whose tokens average over 32 characters).
+CHARS_PER_TOKEN = 32
+# Models whose position ids start after the padding index (RoBERTa's family): max_position_embeddings overstates
+# their usable length by pad_token_id + 1.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text"}
+
+log = logging.getLogger("gramfuse")
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input the model's position embeddings can take, or None where it has none (T5's relative ones)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+    return limit
+
+
+def capped_length(max_length: int, config: Any, task: Task) -> int:
+    """``max_length``, capped at the model's positions (a seq2seq decoder may be padded one longer: one less)."""
+    limit = position_limit(config)
+    if limit is None:
+        return max_length
+    limit -= 1 if task.name == SEQ2SEQ else 0
+    if max_length > limit:
+        log.warning("--max-length %d exceeds the %d positions the model has: inputs are cut at %d tokens",
+                    max_length, limit, limit)
+        return limit
+    return max_length
 
 
 def task_fields(task: Task, text_field: str | None = None, label_field: str | None = None,
@@ -43,7 +76,13 @@ class Encoder:
                             f"{type(tokenizer).__name__} is not one")
         tokenizer.padding_side = "right"
         self.task, self.tokenizer, self.config = task, tokenizer, config
-        self.max_length, self.path, self.labelled = max_length, path, labelled
+        self.max_length, self.path, self.labelled = capped_length(max_length, config, task), path, labelled
+
+    def _clip(self, text: Any) -> Any:
+        """A text cut before tokenising (:data:`CHARS_PER_TOKEN`); a list of words, to ``max_length`` words."""
+        if isinstance(text, str):
+            return text[: self.max_length * CHARS_PER_TOKEN]
+        return text[: self.max_length] if isinstance(text, list) else text
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         encode = {SEQUENCE_CLASSIFICATION: self._sequences, TOKEN_CLASSIFICATION: self._words,
@@ -54,8 +93,8 @@ class Encoder:
         return batch
 
     def _tokenize(self, texts: list, pairs: list | None = None, **options: Any):
-        return self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt", **options)
+        return self.tokenizer([self._clip(text) for text in texts], [self._clip(p) for p in pairs] if pairs else None,
+                              padding=True, truncation=True, max_length=self.max_length, return_tensors="pt", **options)
 
     def _class(self, label: Any, line: int) -> int:
         return class_index(label, line, self.config.label2id, self.config.num_labels, self.path)
@@ -103,7 +142,7 @@ class Encoder:
         if any(e.label is None for e in examples):
             raise DataError(f"{self.path}:{examples[0].line}: a seq2seq model needs every example's target text "
                             "(its decoder reads it)")
-        target = self.tokenizer(text_target=[e.label for e in examples], padding=True, truncation=True,
+        target = self.tokenizer(text_target=[self._clip(e.label) for e in examples], padding=True, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
         labels, mask = target["input_ids"], target["attention_mask"]
         if labels.shape[1] == batch["input_ids"].shape[1]:

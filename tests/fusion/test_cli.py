@@ -163,6 +163,13 @@ def test_missing_statistics_file(tmp_path, capsys):
     expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner1", "no statistics file")
 
 
+def test_invalid_utf8_in_a_csv_names_its_line(tmp_path, capsys):
+    dirs, _ = make_federation(tmp_path, "bert", owners=1)
+    data_file = tmp_path / "bad.csv"
+    data_file.write_bytes(b"text,label\nfine,0\nbad \xff byte,1\n")
+    expect_error(capsys, ["stats", dirs[0], data_file], "bad.csv:3", "not valid UTF-8")
+
+
 def test_corrupt_statistics_file(tmp_path, capsys):
     dirs, data = make_federation(tmp_path, "bert")
     for model_dir, data_file in zip(dirs, data):
@@ -194,12 +201,15 @@ def test_nan_in_weights(tmp_path, capsys):
         ('{"text": "fine", "label": 0}\n{"text": "x", "label": 7}\n', [":2:", "label 7 is outside the model's range 0..1"]),
         ('{"text": "fine", "label": "sideways"}\n', [":1:", "label 'sideways'"]),
         ('["a list"]\n', [":1:", "expected a JSON object"]),
+        ('{"text": "fine", "label": Infinity}\n', [":1:", "label inf"]),
+        ('{"text": "fine", "label": NaN}\n', [":1:", "label nan"]),
+        (b'{"text": "fine", "label": 0}\n{"text": "caf\xe9", "label": 1}\n', [":2:", "not valid UTF-8", "byte 14"]),
     ],
 )
 def test_bad_data_files(tmp_path, capsys, content, fragments):
     dirs, _ = make_federation(tmp_path, "bert", owners=1)
     data_file = tmp_path / "bad.jsonl"
-    data_file.write_text(content)
+    data_file.write_bytes(content if isinstance(content, bytes) else content.encode())
     expect_error(capsys, ["stats", dirs[0], data_file], "bad.jsonl", *fragments)
     assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
 
