@@ -20,7 +20,7 @@ from .checkpoint import check_finite, check_same_shapes
 from .errors import CompatibilityError, MergeError
 from .finish import Group, Output, finish, plan_groups, plan_outputs, restrict
 from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
-from .statistics import GramStatistics
+from .statistics import GramStatistics, check_layers
 
 HEADS = ("auto", "shared")
 
@@ -116,6 +116,8 @@ class Aggregator:
             raise MergeError(f"owner {owner.name!r}: method {method.name!r} needs statistics, and it has none")
         if method.needs_fisher and not stats.fisher:
             raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics (`gramfuse stats --fisher`)")
+        if stats is not None:
+            check_layers(f"owner {owner.name!r}", stats, {name: tuple(v.shape) for name, v in owner.params.items()})
         reference = self._reference
         if reference is None:
             return

@@ -42,7 +42,8 @@ from .adapters import AdapterFiles, checkpoint_files, is_adapter, model_folder
 from .lazy import CheckpointFiles, Restricted
 from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
 from .methods.regmean import needs_diagonal
-from .statistics import STATS_FILENAME, GramStatistics, open_statistics
+from .gram import linear_modules
+from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
 
 log = logging.getLogger("gramfuse")
 
@@ -160,6 +161,9 @@ def open_owner(name: str, path: Path, needs_statistics: bool, task: str | None =
         for module, info in stats.modules.items():
             if info.weight not in files:
                 raise StatisticsError(f"owner {name!r}: layer {module!r} in the statistics is not in the model")
+        check_layers(f"owner {name!r}: {path / STATS_FILENAME}", stats,
+                     {n: files.shape(n) for n in {info.weight for info in stats.modules.values()}},
+                     {module: kind for module, _, kind in linear_modules(skeleton)})
     return FolderOwner(name, path, config, files, head_names(skeleton), stats, kind.name)
 
 

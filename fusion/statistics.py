@@ -236,8 +236,14 @@ def open_statistics(path: str | Path, owner: str | None = None) -> GramStatistic
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
     except Exception as error:
         raise StatisticsError(f"{path}: not a readable statistics file (corrupt or truncated): {error}") from error
+    odd = next((name for name, dtype in dtypes.items() if name.startswith(GRAM_PREFIX) and dtype not in ("F32", "F64")),
+               None)
+    if odd is not None:
+        raise StatisticsError(f"{source}: layer {odd[len(GRAM_PREFIX):]!r}: Gram stored as {dtypes[odd]}; only "
+                              "float32 and float64 Grams are merged (float16 loses the sums' precision)")
     placeholders = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
     stats = statistics_from(source, meta, placeholders, check_values=False)
 
@@ -275,13 +281,16 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
         for name, info in modules.items():
             if info.gram not in grams:
                 raise StatisticsError(f"{source}: layer {name!r} refers to Gram {info.gram!r}, which is missing")
+        examples = _count(source, "the example count", meta["example_count"], minimum=1)
         return GramStatistics(
             grams=grams,
             dims={key: int(info["dim"]) for key, info in meta["grams"].items()},
-            token_counts={key: int(info["tokens"]) for key, info in meta["grams"].items()},
+            # Every example has a real token, and every Gram counts each example's real tokens (or its pooled one).
+            token_counts={key: _count(source, f"layer {key!r}: the token count", info["tokens"], minimum=examples)
+                          for key, info in meta["grams"].items()},
             pads_excluded={key: bool(info.get("pads_excluded", True)) for key, info in meta["grams"].items()},
             modules=modules,
-            example_count=int(meta["example_count"]),
+            example_count=examples,
             fingerprint=str(meta["fingerprint"]),
             settings=dict(meta.get("settings", {})),
             fisher=fisher or None,
@@ -290,6 +299,40 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
         )
     except (KeyError, TypeError, ValueError) as error:
         raise StatisticsError(f"{source}: malformed statistics metadata ({type(error).__name__}: {error})") from error
+
+
+def _count(source: str, what: str, value: Any, minimum: int) -> int:
+    """A count from the metadata: a whole number of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise StatisticsError(f"{source}: {what} is {value!r}, not a whole number")
+    if value < minimum:
+        raise StatisticsError(f"{source}: {what} is {int(value)}, below {minimum}" + (
+            " (every example has a real token)" if minimum > 1 else ""))
+    return int(value)
+
+
+def check_layers(source: str, stats: GramStatistics, shapes: Mapping[str, tuple],
+                 kinds: Mapping[str, str] | None = None) -> None:
+    """Each hooked layer against the model it is merged into: its kind (where ``kinds`` gives the model's) and its
+    input width, which must be its Gram's dimension. Statistics of another model, or a layer read with the wrong
+    kind, would otherwise be merged transposed or fail deep in a solve."""
+    from .gram import CONV1D
+
+    for module, info in stats.modules.items():
+        if kinds is not None and module in kinds and kinds[module] != info.kind:
+            raise StatisticsError(f"{source}: layer {module!r} is a {kinds[module]} layer in the model, but the "
+                                  f"statistics say {info.kind}")
+        shape = shapes.get(info.weight)
+        if shape is None:
+            continue
+        if len(shape) != 2:
+            raise StatisticsError(f"{source}: layer {module!r}: weight {info.weight!r} has shape {tuple(shape)}, "
+                                  "not a matrix")
+        width = shape[0] if info.kind == CONV1D else shape[1]
+        if width != stats.dims[info.gram]:
+            raise StatisticsError(f"{source}: layer {module!r}: its Gram {info.gram!r} has dimension "
+                                  f"{stats.dims[info.gram]}, but the layer's input is {width} wide (statistics of "
+                                  "another model?)")
 
 
 def _gram_dtype(source: str, name: str) -> str:
@@ -305,6 +348,9 @@ def _check_fisher(source: str, name: str, value: torch.Tensor) -> None:
 
 def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any], check_values: bool = True) -> None:
     dim = int(info["dim"])
+    if check_values and gram.dtype not in (torch.float32, torch.float64):
+        raise StatisticsError(f"{source}: layer {key!r}: Gram stored as {str(gram.dtype).removeprefix('torch.')}; "
+                              "only float32 and float64 Grams are merged (float16 loses the sums' precision)")
     if gram.dim() != 1 or gram.numel() != dim * (dim + 1) // 2:
         raise StatisticsError(
             f"{source}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
@@ -312,5 +358,3 @@ def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, An
         )
     if check_values and not torch.isfinite(gram).all():
         raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
-    if int(info["tokens"]) < 0:
-        raise StatisticsError(f"{source}: layer {key!r}: negative token count")

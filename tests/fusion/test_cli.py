@@ -170,6 +170,65 @@ def test_invalid_utf8_in_a_csv_names_its_line(tmp_path, capsys):
     expect_error(capsys, ["stats", dirs[0], data_file], "bad.csv:3", "not valid UTF-8")
 
 
+def rewrite_statistics(path, meta_edit=None, tensor_edit=None):
+    """Rewrite a statistics file as a careless or hostile tool might have written it."""
+    from safetensors import safe_open
+
+    from fusion.statistics import METADATA_KEY, read_metadata
+
+    meta = read_metadata(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if meta_edit:
+        meta_edit(meta)
+    if tensor_edit:
+        tensor_edit(tensors)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def _first_gram(meta):
+    return next(iter(meta["grams"].values()))
+
+
+@pytest.mark.parametrize(("meta_edit", "tensor_edit", "fragments"), [
+    (lambda m: m.update(example_count=0), None, ["example count is 0, below 1"]),
+    (lambda m: m.update(example_count=-3), None, ["example count is -3"]),
+    (lambda m: m.update(example_count=12.5), None, ["example count is 12.5, not a whole number"]),
+    (lambda m: _first_gram(m).update(tokens=0), None, ["token count is 0", "every example has a real token"]),
+    (lambda m: _first_gram(m).update(tokens=3.25), None, ["token count is 3.25, not a whole number"]),
+    (None, lambda t: t.update({k: v.half() for k, v in t.items() if k.startswith("gram.")}), ["Gram stored as F16"]),
+    (None, lambda t: t.update({k: v.long() for k, v in t.items() if k.startswith("gram.")}), ["Gram stored as I64"]),
+    (lambda m: [i.update(kind="conv1d") for i in m["modules"].values()], None, ["is a linear layer in the model",
+                                                                             "statistics say conv1d"]),
+])
+def test_implausible_statistics_are_refused_naming_owner_and_problem(tmp_path, capsys, meta_edit, tensor_edit,
+                                                                    fragments):
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    rewrite_statistics(dirs[1] / "gramfuse-stats.safetensors", meta_edit, tensor_edit)
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner 'owner1'", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_statistics_of_another_model_width_are_refused(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    wider = make_federation(tmp_path / "wider", "bert", owners=1, hidden_size=32, intermediate_size=48)[0][0]
+    for model_dir, data_file in zip([dirs[0], wider], data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    (dirs[1] / "gramfuse-stats.safetensors").write_bytes((wider / "gramfuse-stats.safetensors").read_bytes())
+    rewrite_statistics(dirs[1] / "gramfuse-stats.safetensors",
+                       lambda m: m.update(fingerprint=gramfuse_fingerprint(dirs[1])))
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner 'owner1'", "has dimension 32",
+                 "input is 16 wide")
+
+
+def gramfuse_fingerprint(model_dir):
+    from fusion.lazy import CheckpointFiles
+
+    return CheckpointFiles(model_dir).fingerprint()
+
+
 def test_corrupt_statistics_file(tmp_path, capsys):
     dirs, data = make_federation(tmp_path, "bert")
     for model_dir, data_file in zip(dirs, data):
