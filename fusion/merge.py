@@ -194,8 +194,48 @@ def check_layout(owner: str, modules: Mapping, reference_owner: str, reference: 
             )
 
 
-def verify_weights(owner: FolderOwner) -> None:
-    """Read every weight once, one tensor at a time: finite, and those the statistics were computed from."""
+def check_distinct_folders(owners: Sequence[FolderOwner]) -> None:
+    """One folder given twice (again, with a trailing slash, through a link) would count its owner twice."""
+    seen: dict[Path, str] = {}
+    for owner in owners:
+        resolved = owner.path.resolve()
+        if resolved in seen:
+            raise CompatibilityError(f"owner {owner.name!r}: {owner.path} is owner {seen[resolved]!r}'s folder again; "
+                                     "give each owner once")
+        seen[resolved] = owner.name
+
+
+def check_same_tokenizer(owners: Sequence[FolderOwner], base: Path | None) -> None:
+    """Owners fine-tuned with different tokenizers do not share an input space (the merge would ship the first's)."""
+    reference, reference_vocab = None, None
+    for owner in owners:
+        tokenizer = tokenizer_or_none(owner.path, base)
+        if tokenizer is None:
+            continue
+        vocab = tokenizer.get_vocab()
+        if reference is None:
+            reference, reference_vocab = owner.name, vocab
+        elif vocab != reference_vocab:
+            differing = len(set(vocab.items()) ^ set(reference_vocab.items()))
+            raise CompatibilityError(f"owner {owner.name!r}: its tokenizer ({len(vocab)} tokens) differs from owner "
+                                     f"{reference!r}'s ({len(reference_vocab)} tokens; {differing} token ids differ): "
+                                     "owners must share the pretrained model's tokenizer")
+
+
+def check_statistics_settings(owners: Sequence[FolderOwner]) -> None:
+    """Statistics made with different --max-length see different spans of text: legal, but worth a word."""
+    lengths = {owner.name: owner.statistics.settings.get("max_length") for owner in owners
+               if owner.statistics is not None and owner.statistics.settings.get("max_length") is not None}
+    if len(set(lengths.values())) > 1:
+        first, *rest = lengths.items()
+        other = next(item for item in rest if item[1] != first[1])
+        log.warning("owners %r and %r made their statistics with --max-length %s and %s: long examples weigh "
+                    "differently in their Grams", first[0], other[0], first[1], other[1])
+
+
+def verify_weights(owner: FolderOwner) -> str:
+    """Read every weight once, one tensor at a time: finite, and those the statistics were computed from. Returns
+    the weights' fingerprint."""
 
     def finite(name: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
@@ -208,6 +248,7 @@ def verify_weights(owner: FolderOwner) -> None:
             f"owner {owner.name!r}: {owner.path / STATS_FILENAME} was made from other weights than those in "
             f"{owner.path} (fingerprints differ); run `gramfuse stats` on this model again"
         )
+    return fingerprint
 
 
 def load_base(base_dir: str | Path | None, task: str | None = None) -> dict | None:
@@ -276,13 +317,21 @@ def merge_folders(
     check_apart(out_dir, inputs)  # before any owner is read: `-o` naming an input is the user's first error
     owners = [open_owner(name, path, needs_statistics, task, base_path)
               for name, path in zip(owner_names(paths), paths)]
+    check_distinct_folders(owners)
     check_owners(owners)
+    check_same_tokenizer(owners, base_path)
+    check_statistics_settings(owners)
     base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
+    fingerprints: dict[str, str] = {}
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
             raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics "
                              "(`gramfuse stats --fisher`)")
-        verify_weights(owner)
+        fingerprint = verify_weights(owner)
+        if fingerprint in fingerprints:  # a copy of another owner's folder: its data would count twice
+            raise CompatibilityError(f"owner {owner.name!r}: the very same weights as owner "
+                                     f"{fingerprints[fingerprint]!r} (a copy?); give each owner once")
+        fingerprints[fingerprint] = owner.name
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
     by_name = {owner.name: owner for owner in owners}

@@ -223,6 +223,43 @@ def test_statistics_of_another_model_width_are_refused(tmp_path, capsys):
                  "input is 16 wide")
 
 
+@pytest.mark.parametrize("again", ["same", "slash", "link", "copy"])
+def test_one_owner_given_twice_is_an_error_however_it_is_named(tmp_path, capsys, again):
+    import shutil
+
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    (tmp_path / "link").symlink_to(dirs[0], target_is_directory=True)
+    shutil.copytree(dirs[0], tmp_path / "copy")
+    twice = {"same": dirs[0], "slash": f"{dirs[0]}/", "link": tmp_path / "link", "copy": tmp_path / "copy"}[again]
+    expect_error(capsys, ["merge", dirs[0], dirs[1], twice, "-o", tmp_path / "out"], "owner0", "give each owner once")
+    assert not (tmp_path / "out").exists()
+
+
+def test_owners_with_different_tokenizers_are_an_error(tmp_path, capsys):
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    vocab = dirs[1] / "vocab.txt"
+    if vocab.is_file():
+        vocab.write_text(vocab.read_text().replace("\nmovie\n", "\nfilm2\n", 1))
+    tokenizer_json = dirs[1] / "tokenizer.json"
+    config = json.loads(tokenizer_json.read_text())
+    config["model"]["vocab"]["film2"] = config["model"]["vocab"].pop("movie")
+    tokenizer_json.write_text(json.dumps(config))
+    expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "owner 'owner1'", "tokenizer", "differs",
+                 "'owner0'")
+
+
+def test_statistics_of_different_max_lengths_are_merged_with_a_warning(tmp_path, caplog):
+    dirs, data = make_federation(tmp_path, "bert")
+    assert gramfuse("stats", dirs[0], data[0], "--max-length", "16") == 0
+    assert gramfuse("stats", dirs[1], data[1], "--max-length", "32") == 0
+    assert gramfuse("merge", *dirs, "-o", tmp_path / "out") == 0
+    assert "owners 'owner0' and 'owner1' made their statistics with --max-length 16 and 32" in caplog.text
+
+
 def gramfuse_fingerprint(model_dir):
     from fusion.lazy import CheckpointFiles
 
