@@ -7,6 +7,7 @@ Errors caused by input go to stderr as one line ``gramfuse: error: ...`` with ex
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
@@ -232,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gramfuse: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a folder we may not write: outputs are written aside, then moved in
+        where = f"{error.filename}: " if error.filename else ""
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        print(f"gramfuse: error: {where}{reason}; no output was left half-written", file=sys.stderr)
+        return 1
     return 0
 
 

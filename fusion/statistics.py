@@ -152,7 +152,11 @@ def save_statistics(stats: GramStatistics, path: str | Path) -> Path:
         tensors[FISHER_PREFIX + name] = value.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(stats.metadata())})
+    try:
+        save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(stats.metadata())})
+    except BaseException:  # a full disk, an interrupt: no half-written file is left, under any name
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(path)  # never leave a half-written statistics file under the real name
     return path
 
