@@ -113,9 +113,9 @@ class Loopback:
                                   f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config])
 
     def run(self, run_config: str, num_supernodes: int = 0, timeout: float = 600,
-            capture: bool = True) -> subprocess.CompletedProcess:
-        """`flwr run . loopback` from the repository, waiting for the run to end (logs streamed)."""
-        command = [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "-c", run_config]
+            capture: bool = True, app: Path = REPO) -> subprocess.CompletedProcess:
+        """`flwr run APP loopback` (the repository's app by default), waiting for the run to end (logs streamed)."""
+        command = [str(BIN / "flwr"), "run", str(app), "loopback", "--stream", "-c", run_config]
         if self.simulation:
             # One CPU per simulated node: on 2 cores Ray would otherwise oversubscribe.
             command += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]

@@ -42,6 +42,9 @@ from server.strategy import REPORT_FILE, FederationError, OwnerRecord, RegMeanSt
 log = logging.getLogger("gramfuse.server")
 
 
+KEYS_FIELDS = ("layout", "modules", "gram_dtype", "config", "label_set")  # what a keys reply's metadata must hold
+
+
 class SecureRegMeanStrategy(RegMeanStrategy):
     """:class:`RegMeanStrategy` whose sites send only masked sums; ``threshold`` (0: a majority of the roster)
     is how many sites must survive each masked round for the dropped ones to be recovered."""
@@ -105,9 +108,13 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             try:
                 config = reply.content[META]
                 meta = json.loads(str(config["json"]))
-                meta["layout"] = [(key, tuple(shape)) for key, shape in meta["layout"]]
+                meta["layout"] = [(str(key), tuple(int(n) for n in shape)) for key, shape in meta["layout"]]
                 keys = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
-            except (KeyError, ValueError, TypeError) as error:
+                missing = [field for field in KEYS_FIELDS if field not in meta]
+                if missing:
+                    raise KeyError(f"no {missing[0]!r}")
+                labels_from(meta["label_set"]), dict(meta["modules"])
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
                 self._lose(node, "rejected", f"keys: malformed reply ({type(error).__name__}: {error})")
                 continue
             self.records[node].site = str(meta.get("site", ""))
@@ -281,9 +288,14 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         revealed = {}
         for reply in self._exchange(grid, messages, f"unmask-{round_name}"):
             node = self._answered(reply, f"unmasking {round_name}")
-            if node is not None:
+            if node is None:
+                continue
+            try:
                 config = reply.content[META]
                 revealed[node] = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
+            except (KeyError, ValueError, TypeError) as error:  # its shares are left out; the others' may suffice
+                self._lose(node, "rejected", f"unmasking {round_name}: malformed reply ({type(error).__name__}: "
+                           f"{error})")
         if len(revealed) < self.threshold:
             raise FederationError(f"secure: only {len(revealed)} sites answered the unmasking of {round_name}, the "
                                   f"threshold is {self.threshold}: the sum cannot be recovered")

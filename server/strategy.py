@@ -66,6 +66,9 @@ def partition(groups: list[Group], layout: dict, part_bytes: int | None = None) 
     return parts
 
 
+LAYOUT_FIELDS = ("shapes", "dtypes", "head", "label_set", "model_type", "config")  # what a layout reply must hold
+
+
 class SiteLost(GramfuseError):
     """A site failed or was rejected after part of the merge was formed from its statistics."""
 
@@ -217,8 +220,10 @@ class RegMeanStrategy(Strategy):
             return handle(reply, node_id, record)
         except GramfuseError as error:
             record.status, record.reason = "rejected", str(error)
-            log.warning("owner node %d rejected: %s", node_id, error)
-            return None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # a reply shaped unlike any we send
+            record.status, record.reason = "rejected", f"malformed reply ({type(error).__name__}: {error})"
+        log.warning("owner node %d rejected: %s", node_id, record.reason)
+        return None
 
     def add_reply(self, reply: Message) -> None:
         self._intake(reply, self._fold)
@@ -257,7 +262,8 @@ class RegMeanStrategy(Strategy):
         except KeyError as error:
             raise GramfuseError(f"owner node {node_id}: malformed reply (no {PAYLOAD!r} record)") from error
         owner = owner_from_payload(owner_name(node_id), arrays.to_torch_state_dict(), meta)
-        filled = {name: value.to(dtype_from(meta["dtypes"][name])) for name, value in self.part_base.items()
+        dtypes = self.layouts[node_id]["dtypes"] if node_id in self.layouts else {}  # checked with the layout
+        filled = {name: value.to(dtype_from(dtypes[name])) for name, value in self.part_base.items()
                   if name in self.from_base.get(node_id, ())}
         owner.params.update(filled)
         record.weights_from_base += len(filled)
@@ -335,9 +341,16 @@ class RegMeanStrategy(Strategy):
 
     def _check_layout(self, node_id: int, meta: dict) -> None:
         try:
-            shapes = {name: tuple(shape) for name, shape in meta["shapes"].items() if name not in set(meta["head"])}
+            missing = [field for field in LAYOUT_FIELDS if field not in meta]
+            if missing:
+                raise KeyError(f"no {missing[0]!r}")
+            shapes = {name: tuple(int(n) for n in shape) for name, shape in meta["shapes"].items()
+                      if name not in set(meta["head"])}
             modules = {name: ModuleInfo(**info) for name, info in meta.get("statistics", {}).get("modules", {}).items()}
-        except (KeyError, TypeError, AttributeError) as error:
+            for dtype in meta["dtypes"].values():
+                dtype_from(dtype)
+            labels_from(meta["label_set"])
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise GramfuseError(f"owner node {node_id}: malformed layout ({type(error).__name__}: {error})") from error
         if not self.layouts:
             return
@@ -445,12 +458,19 @@ class RegMeanStrategy(Strategy):
                 record.status, record.reason = "failed", reply.error.reason
                 log.warning("owner node %d failed at its site: %s", node_id, reply.error.reason)
                 continue
-            described = json.loads(str(reply.content[META]["json"]))
+            try:
+                described = json.loads(str(reply.content[META]["json"]))
+                key = f"model type {described['model_type']!r}, body {described['body']}, " \
+                      f"task {described.get('task', 'unknown')}"
+                if self.heads == "shared":
+                    key += f", labels {[label for _, label in described['label_set']]}"
+                labels_from(described["label_set"])
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
+                record.status = "rejected"
+                record.reason = f"describe: malformed reply ({type(error).__name__}: {error})"
+                log.warning("owner node %d rejected: %s", node_id, record.reason)
+                continue
             self.described[node_id] = described
-            key = f"model type {described['model_type']!r}, body {described['body']}, " \
-                  f"task {described.get('task', 'unknown')}"
-            if self.heads == "shared":
-                key += f", labels {[label for _, label in described['label_set']]}"
             groups.setdefault(key, []).append(node_id)
         if not groups:
             self.fitting = []

@@ -336,16 +336,18 @@ def plaintext_merge(method, updates, out_dir):
     return read_outputs(out_dir)
 
 
-def simulate(root: Path, workspace: Path, run_config: str, owners: int) -> dict:
-    """A `flwr run` on Flower's simulation engine, one simulated node per owner folder of ``workspace``; the output
-    goes to ``root/out`` and its ``report.json`` is returned."""
-    from server.processes import Loopback
+def simulate(root: Path, workspace: Path, run_config: str, owners: int, app: Path | None = None) -> dict:
+    """A `flwr run` on Flower's simulation engine, one simulated node per owner folder of ``workspace`` (of
+    gramfuse's app, or ``app``); the output goes to ``root/out`` and its ``report.json`` is returned. ``run_config``
+    may set its own min-owners."""
+    from server.processes import REPO, Loopback
 
     simulation = Loopback(root, simulation=True)
     try:
         simulation.start_superlink()
-        done = simulation.run(f"workspace='{workspace}' out-dir='{root / 'out'}' min-owners={owners} timeout=300 "
-                              f"{run_config}", num_supernodes=owners)
+        minimum = "" if "min-owners=" in run_config else f"min-owners={owners} "
+        done = simulation.run(f"workspace='{workspace}' out-dir='{root / 'out'}' {minimum}timeout=300 {run_config}",
+                              num_supernodes=owners, app=app or REPO)
     finally:
         simulation.stop()
     assert simulation.processes["superlink"].poll() is not None

@@ -1,0 +1,64 @@
+"""A ClientApp whose first simulated site (partition 0) sends one malformed reply at the step named by ``STEP``, and
+answers every other request as the real one (``clients.app``) does. ``test_hostile_sites.py`` copies this module
+into a throwaway Flower app with ``STEP`` set; it is never part of gramfuse's own app."""
+
+import json
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+import clients.app as honest
+from federation.wire import META
+
+STEP = "none"
+app = ClientApp()
+
+
+def hostile(context, step: str) -> bool:
+    return STEP == step and int(context.node_config.get("partition-id", -1)) == 0
+
+
+def without(reply: Message, msg: Message, field: str) -> Message:
+    """``reply`` with one field of its metadata JSON removed."""
+    config = reply.content[META]
+    meta = json.loads(str(config["json"]))
+    meta.pop(field)
+    records = {key: value for key, value in config.items() if key != "json"}
+    return Message(content=RecordDict({META: ConfigRecord({"json": json.dumps(meta), **records})}), reply_to=msg)
+
+
+@app.query()
+def describe(msg, context):
+    if hostile(context, "describe"):  # a JSON list where an object was expected
+        return Message(content=RecordDict({META: ConfigRecord({"json": "[1, 2]"})}), reply_to=msg)
+    return honest.describe(msg, context)
+
+
+@app.train()
+def contribute(msg, context):
+    reply = honest.contribute(msg, context)
+    if hostile(context, "layout") and "part-layout" in msg.content["config"] and msg.content["config"]["part-layout"]:
+        return without(reply, msg, "model_type")
+    return reply
+
+
+@app.query("secure_keys")
+def secure_keys(msg, context):
+    reply = honest.secure_keys(msg, context)
+    return without(reply, msg, "label_set") if hostile(context, "keys") else reply
+
+
+@app.query("secure_shares")
+def secure_shares(msg, context):
+    return honest.secure_shares(msg, context)
+
+
+@app.train("secure_masked")
+def secure_masked(msg, context):
+    return honest.secure_masked(msg, context)
+
+
+@app.query("secure_unmask")
+def secure_unmask(msg, context):
+    reply = honest.secure_unmask(msg, context)
+    return Message(content=RecordDict({}), reply_to=msg) if hostile(context, "unmask") else reply

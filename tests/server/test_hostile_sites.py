@@ -1,0 +1,61 @@
+"""A site that sends a malformed reply at one step of a real Flower run (simulation engine) is rejected by node id,
+and the run goes on with the others: describe (a JSON list for an object), the plaintext layout (no model type),
+the secure keys (no label set), the secure unmasking (no metadata at all)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import perturbed, save_owner, simulate, tiny_model, write_data
+
+REPO = Path(__file__).resolve().parents[2]
+OWNERS = 4
+
+
+def hostile_app(root: Path, step: str) -> Path:
+    """A copy of gramfuse's Flower app whose ClientApp is ``hostile_app`` set to misbehave at ``step``."""
+    app = root / "app"
+    for package in ("fusion", "federation", "server", "clients"):
+        shutil.copytree(REPO / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("README.md", "LICENSE"):
+        if (REPO / name).is_file():
+            shutil.copy(REPO / name, app / name)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'clientapp = "clients.app:app"' in pyproject
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "clients.app:app"',
+                                                          'clientapp = "hostile_app:app"'))
+    module = (Path(__file__).parent / "hostile_app.py").read_text()
+    (app / "hostile_app.py").write_text(module.replace('STEP = "none"', f'STEP = "{step}"'))
+    return app
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-workspace")
+    base = tiny_model("bert")
+    for i in range(OWNERS):
+        save_owner(perturbed(base, seed=90 + i), root / f"owner{i}" / "model")
+        write_data(root / f"owner{i}" / "data.jsonl", 24, seed=i)
+    return root
+
+
+@pytest.mark.parametrize("step, mode, fragment", [
+    ("describe", "plaintext", "describe: malformed reply"),
+    ("layout", "plaintext", "malformed layout"),
+    ("keys", "secure", "keys: malformed reply"),
+    ("unmask", "secure", "unmasking bounds: malformed reply"),
+])
+def test_a_malformed_reply_rejects_its_site_and_the_run_goes_on(tmp_path, workspace, step, mode, fragment):
+    extra = "secure=true" if mode == "secure" else ""
+    report = simulate(tmp_path, workspace, f"method='regmean' min-owners=3 {extra}", OWNERS,
+                      app=hostile_app(tmp_path, step))
+    owners = {o["site"] or f"node {node}": o for node, o in report["federation"]["owners"].items()}
+    hostile = [o for o in owners.values() if fragment in o["reason"]]
+    assert len(hostile) == 1, json.dumps(owners, indent=1)
+    merged = sorted(o["site"] for o in owners.values() if o["status"] == "merged")
+    if step == "unmask":  # its contribution is in the masked sums already: the others' shares recover them
+        assert len(merged) == OWNERS
+    else:
+        assert hostile[0]["status"] == "rejected" and len(merged) == OWNERS - 1
+    assert (tmp_path / "out" / "model.safetensors").is_file()
