@@ -54,6 +54,14 @@ def default_threshold(owners: int) -> int:
     return max(2, owners // 2 + 1)
 
 
+def check_threshold(threshold: int, owners: int) -> None:
+    """A threshold a site accepts: more than half the roster (and at least 2). At half or less, the server could
+    tell two disjoint halves of the roster different dropout stories and recover an owner's masks from each half."""
+    if not (max(2, owners // 2 + 1) <= threshold <= owners):
+        raise SecureProtocolError(f"threshold {threshold} does not fit a roster of {owners} owners: it must be more "
+                                  f"than half of them (at least {max(2, owners // 2 + 1)}) and at most all")
+
+
 def seed_commitment(seed: bytes) -> bytes:
     return hashlib.sha256(b"gramfuse/seed/" + seed).digest()
 
@@ -135,8 +143,7 @@ class OwnerSession:
         """Sealed shares for every other owner on the roster, and the public commitments to this owner's seeds."""
         if self.node not in roster or roster[self.node] != self.public_keys():
             raise SecureProtocolError(f"node {self.node}: the roster does not carry this owner's keys")
-        if not 2 <= threshold <= len(roster):
-            raise SecureProtocolError(f"threshold {threshold} does not fit a roster of {len(roster)} owners")
+        check_threshold(threshold, len(roster))
         if "roster" in self.state:
             raise SecureProtocolError(f"node {self.node}: shares were already made in session {self.session}")
         self.state["roster"] = json.dumps({str(n): {k: v.hex() for k, v in keys.items()} for n, keys in roster.items()})

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from federation.payload import config_from, labels_from
-from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, default_threshold
+from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER
 
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
@@ -125,9 +125,10 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self._agree_layout(reference)
         self.take_from_base()
         self.threshold = self.threshold_setting or default_threshold(len(self.roster))
-        if not 2 <= self.threshold <= len(self.roster):
-            raise FederationError(f"secure threshold {self.threshold} does not fit the {len(self.roster)} sites "
-                                  "that sent keys")
+        try:
+            check_threshold(self.threshold, len(self.roster))  # the sites check it too, and refuse
+        except GramfuseError as error:
+            raise FederationError(f"secure-threshold: {error} that sent keys") from error
         if len(self.roster) < 3:
             log.warning("secure mode with %d sites: each one can work out the other's contribution from the merge",
                         len(self.roster))

@@ -158,6 +158,19 @@ def test_owner_refuses_to_reveal_both_secrets_of_one_owner_or_twice():
         run.sessions[1].reveal("sums", [1, 2, 3], [4])
 
 
+@pytest.mark.parametrize("owners, refused, accepted", [(5, [1, 2], [3, 5]), (4, [2], [3, 4]), (3, [1], [2, 3]),
+                                                      (2, [1], [2])])
+def test_sites_refuse_a_threshold_of_half_the_roster_or_less(owners, refused, accepted):
+    """With a threshold of half or less, two disjoint halves could each be told the other dropped out, and each
+    would reveal its masks to the server: a site refuses such a threshold before sending any share."""
+    nodes = list(range(1, owners + 1))
+    for threshold in refused:
+        with pytest.raises(SecureProtocolError, match="more than half"):
+            SecureRun(nodes, threshold)
+    for threshold in accepted:
+        SecureRun(nodes, threshold)
+
+
 def test_tampered_or_misrouted_share_is_an_error():
     run = SecureRun([1, 2, 3], 2)
     forged = bytearray(run.sealed[2][1])
