@@ -9,6 +9,8 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
 - ``base-path``: where ``model-path`` is a LoRA adapter folder, its base model folder (default: the one its
   ``adapter_config.json`` names); the site sends the adapter's effective weights, only those of the layers it
   adapted where the server holds the same base (it says which, with its base's fingerprint, in its layout);
+- ``require-secure`` (false): refuse any plaintext request for weights and statistics (in a secure run a site
+  refuses them anyway);
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 
@@ -45,6 +47,7 @@ from fusion.workflows import DataSettings, compute_statistics
 
 log = logging.getLogger("gramfuse.client")
 app = ClientApp()
+SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
 
 
 
@@ -113,9 +116,21 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({META: ConfigRecord({"json": json.dumps(describe_model(model))})}), reply_to=msg)
 
 
+def refuse_plaintext(context: Context) -> None:
+    """A site that requires secure mode, or one taking part in a secure run, sends nothing in the clear: a
+    plaintext request then (a server mixing modes to read what the masks hide) is refused."""
+    if bool(context.node_config.get("require-secure", False)):
+        raise GramfuseError("this site requires secure mode (node config require-secure): it refuses a plaintext "
+                            "request for its weights and statistics")
+    if SECURE_STATE in context.state:
+        raise GramfuseError("this site is in a secure run: it refuses a plaintext request for its weights and "
+                            "statistics in the same run")
+
+
 @app.train()
 def contribute(msg: Message, context: Context) -> Message:
     """Reply to the server's request with this site's weights and statistics (or weights alone for averaging)."""
+    refuse_plaintext(context)
     started = time.perf_counter()
     request = msg.content["config"]
     needs_statistics = bool(request.get("needs-statistics", True))
@@ -144,7 +159,6 @@ def contribute(msg: Message, context: Context) -> Message:
 
 # --- secure mode: the same contribution, computed here and sent only masked (see fusion.secure) ---------------------
 
-SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
 
 
 def _session(context: Context) -> OwnerSession:

@@ -103,9 +103,10 @@ class Loopback:
             raise RuntimeError(f"registering {public_key} failed: {done.stdout[-2000:]} {done.stderr[-2000:]}") from error
 
     def start_supernode(self, name: str, model_path: Path, data_path: Path,
-                        key: Path | None = None) -> subprocess.Popen:
-        """A SuperNode for one site; ``key``: its private key, for a SuperLink that authenticates sites."""
-        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}'"
+                        key: Path | None = None, extra_config: str = "") -> subprocess.Popen:
+        """A SuperNode for one site; ``key``: its private key, for a SuperLink that authenticates sites;
+        ``extra_config``: more node config (``require-secure=true``)."""
+        node_config = f"model-path='{model_path}' data-path='{data_path}' name='{name}' {extra_config}".strip()
         transport = (["--root-certificates", str(self.credentials / "ca.crt")] if self.credentials
                      else ["--insecure"])
         auth = ["--auth-supernode-private-key", str(key)] if key else []

@@ -1,7 +1,8 @@
 """A real deployment on loopback: a SuperLink, one SuperNode per site, `flwr run`; tiny models.
 
-The merge must equal `gramfuse merge` on the same folders; sites that error, do not fit, or vanish mid-round are
-named by node id and left out while min-owners holds; below it the run fails and writes nothing."""
+The merge must equal `gramfuse merge` on the same folders; sites that error, do not fit, require secure mode or
+vanish mid-round are named by node id and left out while min-owners holds; below it the run fails and writes
+nothing."""
 
 import json
 import os
@@ -37,11 +38,14 @@ def federation(tmp_path_factory):
     three_labels.bert.load_state_dict(perturbed(base, seed=31).bert.state_dict())
     sites["topics"] = (save_owner(three_labels, root / "topics" / "model"),
                        write_data(root / "topics" / "data.jsonl", 40, seed=8, num_labels=3))
+    sites["guarded"] = (save_owner(perturbed(base, seed=32), root / "guarded" / "model"),
+                        write_data(root / "guarded" / "data.jsonl", 40, seed=7))
     loopback = Loopback(root)
     try:
         loopback.start_superlink()
         for name, (model, data) in sites.items():
-            loopback.start_supernode(name, model, data)
+            loopback.start_supernode(name, model, data,
+                                     extra_config="require-secure=true" if name == "guarded" else "")
         yield root, loopback, sites
     finally:
         loopback.stop()
@@ -64,7 +68,9 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
     assert merged == list(GOOD), owners
     failed = [o for o in owners if o["status"] == "failed"]
     rejected = [o for o in owners if o["status"] == "rejected"]
-    assert len(failed) == 1 and "no such data file" in failed[0]["reason"]
+    assert len(failed) == 2, failed
+    assert any("no such data file" in o["reason"] for o in failed)
+    assert any("requires secure mode" in o["reason"] for o in failed)  # it sent nothing in the clear
     reasons = {o["site"] or o["node_id"]: o["reason"] for o in rejected}
     assert len(rejected) == 2
     assert any(r.startswith("model type 'distilbert'") for r in reasons.values())  # another architecture
@@ -115,7 +121,8 @@ def test_site_that_vanishes_mid_round_is_named_and_the_merge_goes_on(federation)
     assert done.returncode == 0 and (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     owners = list(report_of(out)["federation"]["owners"].values())
     assert sorted(o["site"] for o in owners if o["status"] == "merged") == ["good0", "good1"]
-    lost = [o for o in owners if o["status"] in ("failed", "timed out") and "data file" not in o["reason"]]
+    lost = [o for o in owners if o["status"] in ("failed", "timed out") and "data file" not in o["reason"]
+            and "requires secure mode" not in o["reason"]]
     assert len(lost) == 1
     assert f"owner node {lost[0]['node_id']}" in done.stdout + done.stderr
     merged = load_file(str(out / "model.safetensors"))
