@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -58,6 +59,13 @@ def methods_from(run_config) -> list:
     return [get_method(name, **options)]
 
 
+def workspace_owners(workspace) -> list[str]:
+    """The owner folders of a simulation's workspace (``<owner>/model/``), which the simulated nodes take in order."""
+    if not workspace or not Path(str(workspace)).is_dir():
+        return []
+    return sorted(p.name for p in Path(str(workspace)).iterdir() if (p / "model").is_dir())
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     show_progress()
@@ -70,6 +78,7 @@ def main(grid: Grid, context: Context) -> None:
         base_path=str(config.get("base-path", "")) or None,
         record_dir=str(config.get("record-dir", "")) or None,
         inputs=[str(config["workspace"])] if config.get("workspace") else [],
+        workspace_owners=workspace_owners(config.get("workspace")),
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
     if bool(config.get("secure", False)):

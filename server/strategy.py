@@ -122,6 +122,7 @@ class RegMeanStrategy(Strategy):
         record_dir: str | Path | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
         inputs: Iterable[str | Path] = (),
+        workspace_owners: Iterable[str] = (),
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
         self.base = base
@@ -137,6 +138,7 @@ class RegMeanStrategy(Strategy):
         self.out_dir = Path(out_dir)
         # What the server reads (a simulation's workspace, the base): the output may not be, hold or lie in any.
         self.inputs = [*inputs, *([base_path] if base_path else [])]
+        self.workspace_owners = list(workspace_owners)  # a simulation's owner folders, one per simulated node
         self.min_owners = min_owners
         self.timeout = timeout
         self.overwrite = overwrite
@@ -492,6 +494,16 @@ class RegMeanStrategy(Strategy):
                 raise FederationError(f"only {found} sites connected within {self.timeout:.0f} s; "
                                       f"min-owners is {self.min_owners}")
             time.sleep(POLL_SECONDS)
+        self._check_simulated_nodes(len(list(grid.get_node_ids())))
+
+    def _check_simulated_nodes(self, nodes: int) -> None:
+        """A simulation runs one node per owner folder, in name order: fewer nodes would leave owners out unseen."""
+        left_out = self.workspace_owners[nodes:]
+        if left_out:
+            raise FederationError(
+                f"the workspace holds {len(self.workspace_owners)} owners but the simulation runs {nodes} nodes: "
+                f"{', '.join(left_out)} would be left out; run with --federation-config "
+                f"\"num-supernodes={len(self.workspace_owners)}\"")
 
     def _messages(self, nodes: Iterable[int], kind: str, request: ConfigRecord, server_round: int) -> list[Message]:
         return [Message(content=RecordDict({"config": request}), dst_node_id=node_id, message_type=kind,

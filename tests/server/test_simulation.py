@@ -43,3 +43,22 @@ def test_each_method_of_one_simulated_round_equals_the_offline_cli(simulated, la
     assert "lm_head.weight" not in federated  # the tied head is one tensor
     config = json.loads((root / "out" / label / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
+
+
+def test_a_simulation_with_fewer_nodes_than_owners_fails_naming_those_left_out(tmp_path):
+    from server.processes import Loopback
+
+    workspace = tmp_path / "workspace"
+    base = tiny_causal_lm()
+    for i in range(3):
+        save_owner(perturbed(base, seed=40 + i), workspace / f"owner{i}" / "model")
+        write_data(workspace / f"owner{i}" / "data.jsonl", 10, seed=i)
+    simulation = Loopback(tmp_path / "flower", simulation=True)
+    try:
+        simulation.start_superlink()
+        done = simulation.run(f"workspace='{workspace}' out-dir='{tmp_path / 'out'}' timeout=120", num_supernodes=2)
+    finally:
+        simulation.stop()
+    output = done.stdout + done.stderr
+    assert "the workspace holds 3 owners but the simulation runs 2 nodes: owner2 would be left out" in output
+    assert "num-supernodes=3" in output and not (tmp_path / "out").exists()
