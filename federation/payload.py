@@ -20,7 +20,7 @@ from fusion.aggregate import OwnerUpdate
 from fusion.checkpoint import float_state, head_names, label_set, public_config_json, tied_aliases
 from fusion.errors import GramfuseError, StatisticsError
 from fusion.tasks import model_task
-from fusion.statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, statistics_from
+from fusion.statistics import FISHER_PREFIX, GRAM_PREFIX, GramStatistics, packed_diagonal, statistics_from
 
 WEIGHT_PREFIX = "weight."
 PAYLOAD_VERSION = 1
@@ -43,6 +43,11 @@ def owner_payload(model: Any, stats: GramStatistics | None, fisher: bool = False
         "config": public_config_json(model.config),
         "head": sorted(head_names(model)),
     }
+    if part is not None and part.layout:  # what lets the server weigh this site against the others, before any part
+        meta["scales"] = {name: float(value.abs().max()) if value.numel() else 0.0 for name, value in weights.items()}
+        if stats is not None:
+            meta["traces"] = {key: float(packed_diagonal(stats.grams[key], stats.dims[key]).sum())
+                              for key in stats.grams}
     names = list(weights) if part is None else [name for name in part.weights if name in weights]
     tensors = {WEIGHT_PREFIX + name: wire_tensor(weights[name]) for name in names}
     meta["partial"] = part is not None

@@ -56,6 +56,12 @@ def pack_upper(full: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def packed_diagonal(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The diagonal of the symmetric matrix whose upper triangle (row by row) is ``packed``."""
+    rows = torch.arange(dim, device=packed.device)
+    return packed[rows * dim - rows * (rows - 1) // 2]
+
+
 def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
     """The symmetric matrix whose upper triangle is ``packed``, built in place (no d x d temporaries)."""
     if packed.numel() != dim * (dim + 1) // 2:
@@ -362,3 +368,6 @@ def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, An
         )
     if check_values and not torch.isfinite(gram).all():
         raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
+    if check_values and bool((packed_diagonal(gram, dim) < 0).any()):
+        raise StatisticsError(f"{source}: layer {key!r}: Gram has negative diagonal entries (sums of squares "
+                              "cannot be negative: not a Gram of real inputs)")

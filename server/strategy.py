@@ -39,7 +39,8 @@ from fusion.lazy import CheckpointFiles
 from fusion.merge import check_layout, load_base
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
-from fusion.statistics import ModuleInfo
+from fusion.statistics import ModuleInfo, packed_diagonal
+from server.plausibility import DOMINANT_SHARE, influence, matches, outliers, per_token_traces
 
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
@@ -133,6 +134,7 @@ class RegMeanStrategy(Strategy):
         self.base_folder = Path(base_path) if base_path else None
         self._base_files: tuple[CheckpointFiles, str] | None = None  # the base's tensors and fingerprint, once read
         self.from_base: dict[int, set[str]] = {}  # node id -> weights of its site the server takes from the base
+        self.influence: dict[int, dict[str, float]] = {}
         self.part_base: dict[str, torch.Tensor] = {}  # the base's tensors of the part being gathered
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
@@ -232,6 +234,7 @@ class RegMeanStrategy(Strategy):
 
     def _fold(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
         owner = self._decode(node_id, reply, record)
+        self._check_declared(node_id, owner)
         for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
             aggregator.check(owner)
         for aggregator in self.aggregators.values():
@@ -242,6 +245,19 @@ class RegMeanStrategy(Strategy):
             record.tokens = max(owner.statistics.token_counts.values(), default=0)
         log.info("owner node %d (%s) merged into the sums: %d examples, %.1f MB received", node_id, record.site,
                  record.examples, record.bytes_received / 1e6)
+
+    def _check_declared(self, node_id: int, owner) -> None:
+        """What a site sends must be what its layout declared, on which it was judged plausible."""
+        layout = self.layouts.get(node_id, {})
+        scales, traces = layout.get("scales", {}), layout.get("traces", {})
+        for name, value in owner.params.items():
+            if name in scales and not matches(scales[name], float(value.abs().max()) if value.numel() else 0.0):
+                raise GramfuseError(f"owner node {node_id}: tensor {name!r} is not what its layout declared")
+        stats = owner.statistics
+        for key in (stats.grams if stats is not None else ()):
+            if key in traces and not matches(traces[key], float(packed_diagonal(stats.grams[key],
+                                                                                 stats.dims[key]).sum())):
+                raise GramfuseError(f"owner node {node_id}: the Gram of {key!r} is not what its layout declared")
 
     def _meta(self, node_id: int, reply: Message, record: OwnerRecord) -> dict:
         try:
@@ -331,8 +347,28 @@ class RegMeanStrategy(Strategy):
         messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part.LAYOUT.to_config()), grid)
         for reply in self._exchange(grid, messages, "layout"):
             self._intake(reply, self._accept_layout)
+        self.check_plausible()
         self.fitting = sorted(self.layouts)
         self.timings["layout_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def check_plausible(self) -> None:
+        """Reject the sites whose declared weights or Gram traces per token stand far above the others'
+        (:mod:`server.plausibility`), and name a site that holds most of the summed Grams' weight."""
+        found = outliers({node: layout.get("scales", {}) for node, layout in self.layouts.items()},
+                         "the largest weight magnitude")
+        for node, reason in outliers(per_token_traces(self.layouts), "the Gram trace per token").items():
+            found.setdefault(node, reason)
+        for node, reason in found.items():
+            record = self.records[node]
+            record.status, record.reason = "rejected", f"implausible: {reason}"
+            log.warning("owner node %d rejected: %s", node, record.reason)
+            del self.layouts[node]
+        self.influence = influence(self.layouts)
+        for node, shares in self.influence.items():
+            if len(self.influence) > 1 and shares["largest_gram_share"] > DOMINANT_SHARE:
+                log.warning("owner node %d holds %.1f%% of a summed Gram's trace (%.1f%% of the examples): its data "
+                            "dominates the merge of that layer", node, 100 * shares["largest_gram_share"],
+                            100 * shares["examples_share"])
 
     def _accept_layout(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
         meta = self._meta(node_id, reply, record)
@@ -556,4 +592,6 @@ class RegMeanStrategy(Strategy):
             "bytes_received": sum(r.bytes_received for r in self.records.values()),
             "timings": {**self.timings, "total_seconds": round(time.perf_counter() - self.started, 3)},
             "server_peak_rss_mb": round(peak_rss_mb(), 1),
+            # each site's share of the examples and of the summed Grams' traces (plaintext mode: from the layouts)
+            "influence": {str(node): shares for node, shares in self.influence.items()},
         }

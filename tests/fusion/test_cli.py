@@ -198,6 +198,7 @@ def _first_gram(meta):
     (lambda m: _first_gram(m).update(tokens=3.25), None, ["token count is 3.25, not a whole number"]),
     (None, lambda t: t.update({k: v.half() for k, v in t.items() if k.startswith("gram.")}), ["Gram stored as F16"]),
     (None, lambda t: t.update({k: v.long() for k, v in t.items() if k.startswith("gram.")}), ["Gram stored as I64"]),
+    (None, lambda t: t.update({k: -v for k, v in t.items() if k.startswith("gram.")}), ["negative diagonal"]),
     (lambda m: [i.update(kind="conv1d") for i in m["modules"].values()], None, ["is a linear layer in the model",
                                                                              "statistics say conv1d"]),
 ])

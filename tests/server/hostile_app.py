@@ -4,11 +4,11 @@ into a throwaway Flower app with ``STEP`` set; it is never part of gramfuse's ow
 
 import json
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import clients.app as honest
-from federation.wire import META
+from federation.wire import META, PAYLOAD
 
 STEP = "none"
 app = ClientApp()
@@ -37,8 +37,14 @@ def describe(msg, context):
 @app.train()
 def contribute(msg, context):
     reply = honest.contribute(msg, context)
-    if hostile(context, "layout") and "part-layout" in msg.content["config"] and msg.content["config"]["part-layout"]:
+    layout = bool(msg.content["config"].get("part-layout", False))
+    if hostile(context, "layout") and layout:
         return without(reply, msg, "model_type")
+    if hostile(context, "lie") and not layout:  # weights 1000 times those its layout declared
+        tensors = {name: value * 1000 if name.startswith("weight.") else value
+                   for name, value in reply.content[PAYLOAD].to_torch_state_dict().items()}
+        return Message(content=RecordDict({PAYLOAD: ArrayRecord(torch_state_dict=tensors), META: reply.content[META]}),
+                       reply_to=msg)
     return reply
 
 

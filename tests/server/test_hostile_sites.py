@@ -1,6 +1,6 @@
 """A site that sends a malformed reply at one step of a real Flower run (simulation engine) is rejected by node id,
 and the run goes on with the others: describe (a JSON list for an object), the plaintext layout (no model type),
-the secure keys (no label set), the secure unmasking (no metadata at all)."""
+weights other than its layout declared, the secure keys (no label set), the secure unmasking (no metadata)."""
 
 import json
 import shutil
@@ -43,6 +43,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("step, mode, fragment", [
     ("describe", "plaintext", "describe: malformed reply"),
     ("layout", "plaintext", "malformed layout"),
+    ("lie", "plaintext", "is not what its layout declared"),
     ("keys", "secure", "keys: malformed reply"),
     ("unmask", "secure", "unmasking bounds: malformed reply"),
 ])

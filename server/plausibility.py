@@ -1,0 +1,71 @@
+"""Plausibility of each site against the others, in plaintext mode, from what their layouts declare before any
+tensor is sent: the largest magnitude of every weight, and every Gram's trace per token. One site that scales its
+weights or Grams far beyond the others' would otherwise steer the merge unnoticed.
+
+The reference is the *lower* median over sites, so that with two sites the smaller one is the reference (a plain
+median of two would sit halfway to the outlier). A site above ``SCALE_FACTOR`` times the reference is rejected;
+what it later sends must equal what it declared. Influence (each site's share of every summed Gram's trace, which
+is its weight in the solve) is reported, and a site holding most of it is named in a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+SCALE_FACTOR = 100.0  # how far above the other sites' weights or Gram traces per token a site may be
+DOMINANT_SHARE = 0.9  # a site holding more of a summed Gram's trace than this is named in a warning
+
+
+def lower_median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def outliers(declared: Mapping[int, Mapping[str, float]], what: str, factor: float = SCALE_FACTOR) -> dict[int, str]:
+    """Sites whose declared value of some tensor is more than ``factor`` times the sites' lower median for it (or
+    not a finite non-negative number): node id -> the reason, naming the tensor."""
+    found: dict[int, str] = {}
+    names = set().union(*(values.keys() for values in declared.values())) if declared else set()
+    for name in sorted(names):
+        values = {node: float(values[name]) for node, values in declared.items() if name in values}
+        for node, value in values.items():
+            if not math.isfinite(value) or value < 0:
+                found.setdefault(node, f"{what} of {name!r} is not a finite non-negative number")
+        reference = lower_median([v for v in values.values() if math.isfinite(v) and v >= 0] or [0.0])
+        for node, value in values.items():
+            if reference > 0 and value > factor * reference:
+                found.setdefault(node, f"{what} of {name!r} is {value / reference:.3g} times the sites' median "
+                                       f"(at most {factor:g} is accepted)")
+    return found
+
+
+def per_token_traces(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
+    """Each site's Gram traces divided by its token counts: the mean squared input norm, alike across sites."""
+    out = {}
+    for node, layout in layouts.items():
+        grams = layout.get("statistics", {}).get("grams", {})
+        out[node] = {key: float(trace) / max(int(grams[key]["tokens"]), 1)
+                     for key, trace in layout.get("traces", {}).items() if key in grams}
+    return out
+
+
+def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
+    """Each site's share of the examples and of every summed Gram's trace (its largest and its mean share)."""
+    traces = {node: layout.get("traces", {}) for node, layout in layouts.items()}
+    examples = {node: int(layout.get("statistics", {}).get("example_count", 0)) for node, layout in layouts.items()}
+    keys = set().union(*(t.keys() for t in traces.values())) if traces else set()
+    totals = {key: sum(float(t.get(key, 0.0)) for t in traces.values()) for key in keys}
+    all_examples = sum(examples.values())
+    report = {}
+    for node in layouts:
+        shares = [float(traces[node].get(key, 0.0)) / totals[key] for key in keys if totals[key] > 0]
+        report[node] = {"examples_share": examples[node] / all_examples if all_examples else 0.0,
+                        "largest_gram_share": max(shares, default=0.0),
+                        "mean_gram_share": sum(shares) / len(shares) if shares else 0.0}
+    return report
+
+
+def matches(declared: float, actual: float) -> bool:
+    """What a site sent against what its layout declared (the same computation on the same tensor at the site)."""
+    return abs(declared - actual) <= 1e-6 * max(abs(declared), abs(actual), 1e-30)
