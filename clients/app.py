@@ -23,6 +23,7 @@ The statistics file already in the model folder is reused when it was made from 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -32,13 +33,14 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.crypto import SecureProtocolError
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import owner_update
 from fusion.checkpoint import load_model, public_config_json, tokenizer_files
-from fusion.errors import GramfuseError, StatisticsError
+from fusion.errors import CompatibilityError, GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
 from fusion.adapters import checkpoint_files
@@ -47,6 +49,32 @@ from fusion.workflows import DataSettings, compute_statistics
 
 log = logging.getLogger("gramfuse.client")
 app = ClientApp()
+# Errors whose messages hold no value of the site's data or statistics (protocol steps, architectures): sent as
+# they are. Any other error is sent as its public form, or as its kind alone; the full text stays in the site's log.
+PUBLIC_ERRORS = (SecureProtocolError, CompatibilityError)
+
+
+def public_reason(error: BaseException) -> str:
+    """What the server may read of a site's error (Flower forwards the message of what a ClientApp raises)."""
+    if isinstance(error, PUBLIC_ERRORS):
+        return str(error)
+    public = getattr(error, "public", None)
+    kind = type(error).__name__
+    return f"{kind}: {public}" if public else f"{kind} at the site (the detail stays in the site's log)"
+
+
+def private_errors(handler):
+    """A ClientApp handler whose errors reach the server without any value of the site's data."""
+
+    @functools.wraps(handler)
+    def answer(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:
+            log.error("%s refused: %s", handler.__name__, error, exc_info=not isinstance(error, GramfuseError))
+            raise GramfuseError(public_reason(error)) from None
+
+    return answer
 SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
 
 
@@ -109,6 +137,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
 
 
 @app.query()
+@private_errors
 def describe(msg: Message, context: Context) -> Message:
     """A few bytes that let the server find misfits before any site sends its statistics."""
     model_dir, _ = site_paths(context)
@@ -120,14 +149,17 @@ def refuse_plaintext(context: Context) -> None:
     """A site that requires secure mode, or one taking part in a secure run, sends nothing in the clear: a
     plaintext request then (a server mixing modes to read what the masks hide) is refused."""
     if bool(context.node_config.get("require-secure", False)):
-        raise GramfuseError("this site requires secure mode (node config require-secure): it refuses a plaintext "
-                            "request for its weights and statistics")
+        reason = ("this site requires secure mode (node config require-secure): it refuses a plaintext request for "
+                  "its weights and statistics")
+        raise GramfuseError(reason, public=reason)
     if SECURE_STATE in context.state:
-        raise GramfuseError("this site is in a secure run: it refuses a plaintext request for its weights and "
-                            "statistics in the same run")
+        reason = ("this site is in a secure run: it refuses a plaintext request for its weights and statistics in "
+                  "the same run")
+        raise GramfuseError(reason, public=reason)
 
 
 @app.train()
+@private_errors
 def contribute(msg: Message, context: Context) -> Message:
     """Reply to the server's request with this site's weights and statistics (or weights alone for averaging)."""
     refuse_plaintext(context)
@@ -193,6 +225,7 @@ def _reply(msg: Message, **records) -> Message:
 
 
 @app.query("secure_keys")
+@private_errors
 def secure_keys(msg: Message, context: Context) -> Message:
     """Fresh keys for this run, and what the server must know to route and merge: the layout of the sums (names
     and shapes, no values), the layer map, the config and label set, the public tokenizer."""
@@ -217,6 +250,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
 
 
 @app.query("secure_shares")
+@private_errors
 def secure_shares(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     roster = {int(node): {purpose: bytes.fromhex(key) for purpose, key in keys.items()}
@@ -230,17 +264,25 @@ def secure_shares(msg: Message, context: Context) -> Message:
 
 
 @app.train("secure_masked")
+@private_errors
 def secure_masked(msg: Message, context: Context) -> Message:
     """One masked round: ``bounds`` (the magnitude band of every tensor) or ``sums`` (the fixed-point tensors)."""
     request = msg.content["config"]
     session = _session(context)
+    round_name = str(request["round"])
+    # Each round is answered once per run, refused or not: retried with other scales, a refusal would bound the
+    # site's statistics a little more each time.
+    if f"asked/{round_name}" in session.state:
+        raise SecureProtocolError(f"round {round_name!r} was already asked of this site in this run: it is not "
+                                  "answered twice")
+    session.state[f"asked/{round_name}"] = 1
+    _save_session(context, session)
     incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
     if incoming:
         session.receive_shares(incoming)
     _, owner, parts, with_head = _site_contribution(context, request)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
     participants = [int(node) for node in json.loads(str(request["participants"]))]
-    round_name = str(request["round"])
     if round_name == "bounds":
         vectors, masked_layout = band_vectors(layout, parts), bands_layout(layout)
     else:
@@ -255,6 +297,7 @@ def secure_masked(msg: Message, context: Context) -> Message:
 
 
 @app.query("secure_unmask")
+@private_errors
 def secure_unmask(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     session = _session(context)

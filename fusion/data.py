@@ -119,7 +119,7 @@ def read_examples(path: str | Path, fields: Fields = Fields(), require_labels: b
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file", public="no such data file")
     count, paired = 0, None
     for number, row in _rows(path):
         text = _text(path, number, row, fields.text, fields.words)

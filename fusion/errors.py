@@ -6,7 +6,14 @@ exits non-zero. Messages name the owner (model folder) or file, the layer, and t
 
 
 class GramfuseError(Exception):
-    """Base class of every error caused by bad input rather than by a bug."""
+    """Base class of every error caused by bad input rather than by a bug.
+
+    ``public``: the same problem told without any value of the data or statistics (naming the tensor, the step), for
+    a data site to send to the server where the full message would give one away (:mod:`clients.app`)."""
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public
 
 
 class DataError(GramfuseError):

@@ -52,7 +52,8 @@ def magnitude_bands(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray
         try:
             one_hot[magnitude_band(value)] = 1
         except FixedPointError as error:
-            raise FixedPointError(f"tensor {key!r}: {error}") from None
+            raise FixedPointError(f"tensor {key!r}: {error}",
+                                  public=f"tensor {key!r}: not finite or beyond the largest magnitude encoded") from None
         bands[key] = one_hot
     return bands
 
@@ -76,7 +77,8 @@ def encode(key: str, values: torch.Tensor, bits: int, owners: int) -> np.ndarray
     if beyond.size:
         raise FixedPointError(
             f"tensor {key!r}: value {values.reshape(-1)[int(beyond[0])].item():.6g} is beyond the range agreed for "
-            f"it (2^{SUM_BITS - headroom_bits(owners) - bits:d}); did the statistics change between rounds?"
+            f"it (2^{SUM_BITS - headroom_bits(owners) - bits:d}); did the statistics change between rounds?",
+            public=f"tensor {key!r}: a value is beyond the fixed-point range agreed for it",
         )
     return scaled.astype(np.int64).view(np.uint64)
 

@@ -1,0 +1,69 @@
+"""The data site's ClientApp handlers, called as Flower calls them (real Messages and Contexts, in this process):
+what a site refuses, and what of its errors reaches the server."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from helpers import perturbed, save_owner, tiny_model, write_data
+
+from clients import app as site
+from federation.payload import Part
+from federation.protocol import OwnerSession
+from fusion.errors import GramfuseError
+from fusion.secure.fixedpoint import encode
+
+
+@pytest.fixture()
+def node(tmp_path, monkeypatch):
+    for field, value in (("_run_id", 1), ("_node_id", 7), ("_task_id", 1)):  # as a SuperNode sets them
+        monkeypatch.setattr(TaskIdentity, field, value)
+    model = save_owner(perturbed(tiny_model("bert"), seed=3), tmp_path / "model")
+    data = write_data(tmp_path / "data.jsonl", 12, seed=1)
+    return Context(run_id=1, node_id=7, node_config={"model-path": str(model), "data-path": str(data)},
+                   state=RecordDict(), run_config={}), tmp_path
+
+
+def request(kind, **config):
+    return Message(content=RecordDict({"config": ConfigRecord(config)}), dst_node_id=7, message_type=kind,
+                   group_id="1")
+
+
+def test_a_site_answers_a_plaintext_layout_request(node):
+    context, _ = node
+    reply = site.contribute(request(MessageType.TRAIN, **Part.LAYOUT.to_config()), context)
+    assert json.loads(str(reply.content["meta"]["json"]))["model_type"] == "bert"
+
+
+def test_a_site_in_a_secure_run_refuses_a_plaintext_request(node):
+    context, _ = node
+    context.state[site.SECURE_STATE] = ConfigRecord(OwnerSession.begin("session", 7).state)
+    with pytest.raises(GramfuseError, match="in a secure run: it refuses a plaintext request"):
+        site.contribute(request(MessageType.TRAIN, **Part.LAYOUT.to_config()), context)
+
+
+def test_a_masked_round_is_answered_once_refused_or_not(node):
+    context, _ = node
+    context.state[site.SECURE_STATE] = ConfigRecord(OwnerSession.begin("session", 7).state)
+    asked = dict(method="regmean", round="bounds", layout="[]", participants="[7]", **{"reference-label-set": "[]"})
+    with pytest.raises(GramfuseError) as first:  # no shares were ever exchanged: the site refuses
+        site.secure_masked(request(MessageType.TRAIN + ".secure_masked", **asked), context)
+    assert "already asked" not in str(first.value)
+    with pytest.raises(GramfuseError, match="already asked of this site in this run"):
+        site.secure_masked(request(MessageType.TRAIN + ".secure_masked", **asked), context)
+
+
+def test_errors_reach_the_server_without_the_sites_values(node, caplog):
+    context, tmp_path = node
+    (tmp_path / "data.jsonl").write_text('{"text": "secret words", "label": "sideways-7731"}\n')
+    with pytest.raises(GramfuseError) as sent:
+        site.contribute(request(MessageType.TRAIN, **Part.LAYOUT.to_config()), context)
+    assert "sideways-7731" not in str(sent.value) and "DataError" in str(sent.value)
+    assert "sideways-7731" in caplog.text  # the detail stays in the site's own log
+    with pytest.raises(GramfuseError) as overflow:
+        encode("gram/x", torch.tensor([12345.678]), bits=60, owners=2)
+    assert "12345.7" in str(overflow.value)  # the site's own message names the value...
+    reason = site.public_reason(overflow.value)
+    assert "'gram/x'" in reason and "12345" not in reason  # ...what the server reads does not
