@@ -9,6 +9,10 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
 - ``base-path``: where ``model-path`` is a LoRA adapter folder, its base model folder (default: the one its
   ``adapter_config.json`` names); the site sends the adapter's effective weights, only those of the layers it
   adapted where the server holds the same base (it says which, with its base's fingerprint, in its layout);
+- ``ledger-path`` (``<model-path>/gramfuse-ledger.json``), ``min-roster-difference`` (3): the site's record of the
+  secure sums it contributed to; it refuses a secure run whose roster differs from an earlier one of the same
+  contribution by fewer sites than that (and more than none): the two sums would reveal those sites
+  (:mod:`federation.ledger`);
 - ``require-secure`` (false): refuse any plaintext request for weights and statistics (in a secure run a site
   refuses them anyway);
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
@@ -34,6 +38,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from federation.crypto import SecureProtocolError
+from federation.ledger import LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
@@ -76,6 +81,7 @@ def private_errors(handler):
 
     return answer
 SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
+CONTRIBUTION = "contribution"  # in the session: what this site adds to the run's sums (federation.ledger)
 
 
 
@@ -193,6 +199,12 @@ def contribute(msg: Message, context: Context) -> Message:
 
 
 
+def ledger(context: Context) -> Ledger:
+    """This site's ledger of secure releases: node config ``ledger-path``, or a file in its model folder."""
+    path = context.node_config.get("ledger-path")
+    return Ledger(Path(str(path)) if path else site_paths(context)[0] / LEDGER_FILENAME)
+
+
 def _session(context: Context) -> OwnerSession:
     if SECURE_STATE not in context.state:
         raise GramfuseError("no secure session on this node for this run (keys were never exchanged)")
@@ -232,6 +244,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     model, owner, parts, with_head = _site_contribution(context, request)
     session = OwnerSession.begin(str(request["session"]), context.node_id)
+    session.state[CONTRIBUTION] = contribution_of(owner.statistics.fingerprint, owner.statistics.settings)
     _save_session(context, session)
     model_dir, _ = site_paths(context)
     meta = {
@@ -256,6 +269,9 @@ def secure_shares(msg: Message, context: Context) -> Message:
     roster = {int(node): {purpose: bytes.fromhex(key) for purpose, key in keys.items()}
               for node, keys in json.loads(str(request["roster"])).items()}
     session = _session(context)
+    # Before any share leaves: a roster a few sites apart from an earlier release of the same contribution is refused.
+    ledger(context).check(str(session.state[CONTRIBUTION]), roster, int(context.node_config.get(
+        "min-roster-difference", MIN_DIFFERENCE)))
     sealed, commitments = session.share(roster, int(request["threshold"]))
     _save_session(context, session)
     content = {f"share/{node}": data for node, data in sealed.items()}
@@ -301,7 +317,9 @@ def secure_masked(msg: Message, context: Context) -> Message:
 def secure_unmask(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     session = _session(context)
-    revealed = session.reveal(str(request["round"]), json.loads(str(request["survivors"])),
-                              json.loads(str(request["dropped"])))
+    survivors = json.loads(str(request["survivors"]))
+    revealed = session.reveal(str(request["round"]), survivors, json.loads(str(request["dropped"])))
     _save_session(context, session)
+    if str(request["round"]) == "sums":  # the release: the sum of the survivors' contributions, this site's among them
+        ledger(context).record(str(session.state[CONTRIBUTION]), survivors, session.session)
     return _reply(msg, **{META: ConfigRecord({f"share/{owner}": share for owner, share in revealed.items()})})

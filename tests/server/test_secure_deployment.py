@@ -23,6 +23,7 @@ from server.processes import Loopback
 
 SITES = ("site0", "site1", "site2", "site3", "site4")
 DROPS = "site4"
+LEAVES = "site3"  # stops before the second run
 
 
 def kill_on_first_masked_request(loopback, site):
@@ -63,13 +64,17 @@ def secure_run(tmp_path_factory):
                             "secure-threshold=3 timeout=60 heads='shared'", timeout=900)
         watcher.join(timeout=1)
         intruder.wait(timeout=120)
+        # A second run one site short of the first's release: the sites that took part in both refuse it.
+        os.killpg(loopback.processes[LEAVES].pid, signal.SIGKILL)
+        again = loopback.run(f"out-dir='{root / 'again'}' secure=true min-owners=2 secure-threshold=2 timeout=60 "
+                             "heads='shared'", timeout=600)
     finally:
         loopback.stop()
-    return root, sites, done, intruder
+    return root, sites, done, intruder, again
 
 
 def test_secure_merge_over_tls_survives_a_dropout_and_equals_plaintext(secure_run):
-    root, sites, done, _ = secure_run
+    root, sites, done, _, _ = secure_run
     assert done.returncode == 0, done.stdout[-4000:]
     report = json.loads((root / "out" / "report.json").read_text())["federation"]
     owners = {o["site"]: o for o in report["owners"].values()}
@@ -90,7 +95,7 @@ def test_secure_merge_over_tls_survives_a_dropout_and_equals_plaintext(secure_ru
 
 
 def test_recorded_payloads_reveal_no_site_statistics(secure_run):
-    root, sites, _, _ = secure_run
+    root, sites, _, _, _ = secure_run
     recorded = recorded_arrays(root / "records")
     assert any(key.startswith("sums-") for key in recorded) and any(key.startswith("bounds-") for key in recorded)
     for name in SITES:
@@ -106,8 +111,21 @@ def test_recorded_payloads_reveal_no_site_statistics(secure_run):
 
 
 def test_unregistered_site_is_turned_away(secure_run):
-    root, _, _, intruder = secure_run
+    root, _, _, intruder, _ = secure_run
     assert intruder.returncode != 0
     assert "Failed to activate SuperNode" in (root / "intruder.log").read_text()
     report = json.loads((root / "out" / "report.json").read_text())["federation"]
     assert "intruder" not in {o["site"] for o in report["owners"].values()}
+
+
+def test_a_run_one_site_apart_from_an_earlier_release_is_refused_by_the_sites(secure_run):
+    """Run 1 released the sum over site0..site3 (site4 dropped); run 2 would release it over site0..site2, and the
+    difference would be site3's contribution exactly. Every site in both runs finds run 1 in its ledger and refuses
+    before sending a share."""
+    root, sites, _, _, again = secure_run
+    assert again.returncode != 0 and not (root / "again").exists()
+    output = again.stdout + again.stderr
+    assert output.count("differs by 1 site(s) from that of secure run") >= 3, output[-4000:]
+    for name in ("site0", "site1", "site2"):
+        releases = json.loads((sites[name][0] / "gramfuse-ledger.json").read_text())
+        assert len(releases) == 1 and len(releases[0]["sites"]) == 4
