@@ -122,7 +122,25 @@ class Loopback:
             command += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
         return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, cwd=REPO)
 
+    def ours(self) -> list:
+        """Every live process started from this loopback, at any depth: those that left our process groups (Flower's
+        SuperLink starts its ServerApp in a session of its own) and orphans re-parented to init, found by the Flower
+        home in their environment, which every one of them inherited."""
+        import psutil
+
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.pid != os.getpid() and process.environ().get("FLWR_HOME") == str(self.home):
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
     def stop(self) -> None:
+        """Stop what this loopback started: its process groups first, then anything of ours still running."""
+        import psutil
+
         for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGCONT)
@@ -133,3 +151,12 @@ class Loopback:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        leftovers = self.ours()
+        for process in leftovers:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(leftovers, timeout=10)
+        for process in alive:
+            process.kill()

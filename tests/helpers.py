@@ -351,6 +351,7 @@ def simulate(root: Path, workspace: Path, run_config: str, owners: int, app: Pat
     finally:
         simulation.stop()
     assert simulation.processes["superlink"].poll() is not None
+    assert not simulation.ours(), [p.cmdline() for p in simulation.ours()]  # nothing of ours left running
     report = root / "out" / "report.json"
     assert report.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(report.read_text())

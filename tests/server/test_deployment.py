@@ -51,6 +51,7 @@ def federation(tmp_path_factory):
         loopback.stop()
     for name, process in loopback.processes.items():
         assert process.poll() is not None, f"{name} still running"
+    assert not loopback.ours(), [p.cmdline() for p in loopback.ours()]  # not even what left our process groups
 
 
 def report_of(out):
