@@ -136,10 +136,8 @@ class LanguageModelSettings:
     batch_size: int = 8
     max_length: int = 64
     seed: int = 0
-    lora_rank: int = 0  # above 0: train a peft LoRA adapter of this rank on the attention and MLP projections
-
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_rank: int = 0  # above 0: train a peft LoRA adapter of this rank on ``lora_targets``
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def finetune_causal_lm(base_dir: str | Path, data_file: str | Path, out_dir: str | Path,
@@ -161,7 +159,7 @@ def finetune_causal_lm(base_dir: str | Path, data_file: str | Path, out_dir: str
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+                                                 target_modules=list(settings.lora_targets), task_type="CAUSAL_LM"))
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
     tokenizer = load_tokenizer(base_dir)
     rows = list(read_examples(data_file, task_fields(TASKS[CAUSAL_LM])))

@@ -111,6 +111,11 @@ def _label(path: Path, number: int, row: Mapping[str, Any], fields: Fields, text
     return label
 
 
+def missing_data_file(path: str | Path) -> DataError:
+    """The error of a data file that is not there; the server may be told (the path is the site's own setting)."""
+    return DataError(f"{path}: no such data file", public="no such data file at the site's data-path")
+
+
 def read_examples(path: str | Path, fields: Fields = Fields(), require_labels: bool = True) -> Iterator[Example]:
     """Stream the examples of a data file; raises :class:`DataError` naming file, line and field on any problem.
 
@@ -119,7 +124,7 @@ def read_examples(path: str | Path, fields: Fields = Fields(), require_labels: b
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file", public="no such data file")
+        raise missing_data_file(path)
     count, paired = 0, None
     for number, row in _rows(path):
         text = _text(path, number, row, fields.text, fields.words)
@@ -141,7 +146,7 @@ def read_examples(path: str | Path, fields: Fields = Fields(), require_labels: b
 def count_examples(path: str | Path) -> int:
     """Non-blank lines: the total for a progress bar without parsing the file."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
+        raise missing_data_file(path)
     with Path(path).open("rb") as handle:
         lines = sum(1 for line in handle if line.strip())
     return lines - 1 if _file_format(Path(path)) != "jsonl" else lines

@@ -10,6 +10,7 @@ sums and one output shard, flat in the model's depth and in the number of owners
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -205,6 +206,23 @@ def check_distinct_folders(owners: Sequence[FolderOwner]) -> None:
         seen[resolved] = owner.name
 
 
+def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str]) -> None:
+    """A copy of another owner's folder (the same weights and statistics of the same counts) would count its data
+    twice: an error. The same weights with other statistics are two sites of one model, and merge; the same weights
+    without statistics cannot be told from a copy, and merge with a warning."""
+    stats = owner.statistics
+    counts = None if stats is None else (stats.example_count, tuple(sorted(stats.token_counts.items())),
+                                         json.dumps(stats.settings, sort_keys=True))
+    key = (fingerprint, counts)
+    if key in seen and counts is not None:
+        raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "
+                                 "(a copy of its folder?); give each owner once")
+    if key in seen:
+        log.warning("owners %r and %r hold the very same weights (a copy?): merged as two owners", seen[key],
+                    owner.name)
+    seen.setdefault(key, owner.name)
+
+
 def check_same_tokenizer(owners: Sequence[FolderOwner], base: Path | None) -> None:
     """Owners fine-tuned with different tokenizers do not share an input space (the merge would ship the first's)."""
     reference, reference_vocab = None, None
@@ -322,16 +340,12 @@ def merge_folders(
     check_same_tokenizer(owners, base_path)
     check_statistics_settings(owners)
     base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
-    fingerprints: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
             raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics "
                              "(`gramfuse stats --fisher`)")
-        fingerprint = verify_weights(owner)
-        if fingerprint in fingerprints:  # a copy of another owner's folder: its data would count twice
-            raise CompatibilityError(f"owner {owner.name!r}: the very same weights as owner "
-                                     f"{fingerprints[fingerprint]!r} (a copy?); give each owner once")
-        fingerprints[fingerprint] = owner.name
+        check_not_a_copy(owner, verify_weights(owner), seen)
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
     by_name = {owner.name: owner for owner in owners}

@@ -111,7 +111,8 @@ def test_owners_that_are_one_model_give_it_back(site, spec, tmp_path):
     root, folders = site
     name = spec.partition(":")[0]
     method = method_of(spec, **IDENTITY_OPTIONS.get(name, {}))
-    twin = shutil.copytree(folders["owner1"], tmp_path / "twin")
+    twin = shutil.copytree(folders["owner1"], tmp_path / "twin")  # the same model at a site with other data
+    compute_statistics(twin, root / "data2.jsonl", settings=SETTINGS, fisher=True, progress=False)
     result, tolerance = merged([folders["owner1"], twin], method, tmp_path / "out", root / "base")
     assert_equal(result, dict(CheckpointFiles(folders["owner1"])), tolerance)
 
