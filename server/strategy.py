@@ -453,9 +453,10 @@ class RegMeanStrategy(Strategy):
         grams = tuple(sorted({group.gram for group in part if group.gram}))
         from_base = set(tensors) & set().union(*(self.from_base.get(node, set()) for node in nodes))
         self.part_base = self.base_files()[0].read(sorted(from_base)) if from_base else {}
-        messages = [message for node in nodes for message in self._messages(
-            [node], MessageType.TRAIN, self.request(**Part(tuple(t for t in tensors if t not in self.from_base.get(
-                node, ())), grams).to_config()), index + 1)]  # an adapter site is not asked for its base's weights
+        messages = []
+        for node in nodes:  # an adapter site is not asked for the weights the server takes from the base
+            asked = Part(tuple(t for t in tensors if t not in self.from_base.get(node, ())), grams)
+            messages += self._messages([node], MessageType.TRAIN, self.request(**asked.to_config()), index + 1)
         self.aggregate_train(index + 1, self._exchange(grid, messages, f"train-{index}"))
         self.part_base = {}
         merged = set(self.merged_owners)
