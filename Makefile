@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_merge
 	$(BIN)/python -m benchmarks.bench_federation
 	$(BIN)/python -m benchmarks.bench_secure
+	$(BIN)/python -m benchmarks.bench_adapters
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
