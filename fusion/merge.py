@@ -63,8 +63,6 @@ def common_base(owners: Sequence[FolderOwner], needed: bool) -> Path | None:
 def write_lora(folder: Path, base_dir: Path, modules: Mapping, rank: int) -> dict[str, Any]:
     """``folder/lora``: a peft LoRA adapter of rank ``rank`` of the merged model in ``folder`` against the base, for
     every layer some owner's statistics hooked (a tied head excepted); returns its report (error per layer)."""
-    import json
-
     from safetensors.torch import save_file
 
     from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, lora_of_merge
