@@ -73,8 +73,9 @@ class Loopback:
         return process
 
     def start_superlink(self) -> None:
-        # A file database: the in-memory one fails under concurrent pushes in flwr 1.41.
-        command = [str(BIN / "flower-superlink"), *self._tls_flags(), "--port", str(self.port),
+        # A file database: the in-memory one fails under concurrent pushes in flwr 1.41; our entry point waits
+        # longer for its locks (server/superlink.py says why).
+        command = [str(BIN / "gramfuse-superlink"), *self._tls_flags(), "--port", str(self.port),
                    "--database", str(self.root / "superlink.db")]
         if self.authenticate:
             command.append("--enable-supernode-auth")
