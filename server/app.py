@@ -11,7 +11,9 @@
 - ``heads`` (auto): ``auto`` merges heads when all owners share a label set, else keeps each owner's own;
   ``shared`` rejects an owner whose label set differs from the first;
 - ``secure`` (false): secure aggregation (``server/secure.py``): sites send only masked sums, the server decodes
-  only their total; ``secure-threshold`` (0: a majority) sites must survive each masked round;
+  only their total; ``secure-threshold`` (0: a majority) sites must survive each masked round; ``secure-bound``
+  (65536): no site's tensor may exceed this many times the median site's (a site above it cannot encode and is
+  rejected; 0: no bound);
 - ``record-dir`` (empty: off): save every reply the server receives, as received, for audits;
 - ``part-mb`` (2048): plaintext mode asks the sites for the model a part at a time, each part's float64 sums on the
   server about this size at most, so that the server's memory does not grow with the model's depth.
@@ -26,6 +28,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fusion.methods import get_method, method_from_spec, option_names
+from fusion.secure.fixedpoint import BOUND_FACTOR
 from server.secure import SecureRegMeanStrategy
 from server.strategy import RegMeanStrategy
 
@@ -82,7 +85,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
     if bool(config.get("secure", False)):
-        strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)), **options)
+        strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)),
+                                         bound_factor=float(config.get("secure-bound", BOUND_FACTOR)), **options)
     else:
         part_bytes = int(float(config.get("part-mb", 2048)) * 2**20)
         strategy = RegMeanStrategy(methods, out_dir, part_bytes=part_bytes, **options)

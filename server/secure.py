@@ -34,8 +34,10 @@ from fusion.secure import (
     check_secure_methods,
     decoded_sums,
     finish_from_sums,
+    owners_above_bound,
     scales_from_bands,
 )
+from fusion.secure.fixedpoint import ABOVE_BOUND, BOUND_FACTOR
 from fusion.statistics import ModuleInfo
 from server.strategy import REPORT_FILE, FederationError, OwnerRecord, RegMeanStrategy, owner_name
 
@@ -49,10 +51,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     """:class:`RegMeanStrategy` whose sites send only masked sums; ``threshold`` (0: a majority of the roster)
     is how many sites must survive each masked round for the dropped ones to be recovered."""
 
-    def __init__(self, methods, out_dir, *, threshold: int = 0, **options: Any) -> None:
+    def __init__(self, methods, out_dir, *, threshold: int = 0, bound_factor: float = BOUND_FACTOR,
+                 **options: Any) -> None:
         super().__init__(methods, out_dir, **options)
         check_secure_methods(self.methods)
         self.threshold_setting = threshold
+        self.bound_factor = bound_factor  # an owner's tensor may be this many times the median owner's (0: no bound)
         self.threshold = 0
         self.session = secrets.token_hex(16)  # fresh per run: keys, masks and shares are bound to it
         self.roster: dict[int, dict[str, bytes]] = {}
@@ -77,7 +81,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.exchange_keys(grid)
         participants = self.exchange_shares(grid)
         band_sums, participants = self.masked_round(grid, "bounds", participants, {})
-        scales = scales_from_bands(band_sums, len(participants))
+        self.hold_to_bound(band_sums)
+        scales = scales_from_bands(band_sums, len(participants), self.bound_factor)
         totals, self.survivors = self.masked_round(grid, "sums", participants, {"scales": json.dumps(scales)})
         self.sums = decoded_sums(self.layout, totals, scales)
         self.fill_from_base()
@@ -96,6 +101,16 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             raise FederationError("no site fits: nothing to merge")
         label_sets = [labels_from(self.described[node]["label_set"]) for node in nodes]
         return [list(item) for item in majority_label_set(label_sets)]
+
+    def hold_to_bound(self, band_sums: dict) -> None:
+        """Say which tensors have owners above the agreed bound: the scales leave them no room, so they cannot
+        encode and drop out of the sums round, rejected as misfits (the server learns how many, not which)."""
+        above = owners_above_bound(band_sums, self.bound_factor)
+        self.rounds["bound"] = {"factor": self.bound_factor, "owners_above": above}
+        if above:
+            log.warning("secure: %d tensors have owners above the agreed bound (%g times the median owner's "
+                        "magnitude), at most %d owners: they cannot encode those tensors and drop out; first: %s",
+                        len(above), self.bound_factor, max(above.values()), next(iter(sorted(above))))
 
     def exchange_keys(self, grid: Grid) -> None:
         reference = self.reference_label_set()
@@ -307,7 +322,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     def _answered(self, reply: Message, step: str) -> int | None:
         node = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            self._lose(node, "failed", f"{step}: {reply.error.reason}")
+            misfit = ABOVE_BOUND in reply.error.reason  # its statistics are far larger than the other owners'
+            self._lose(node, "rejected" if misfit else "failed", f"{step}: {reply.error.reason}")
             return None
         return node
 

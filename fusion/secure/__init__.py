@@ -23,7 +23,7 @@ from ..errors import MergeError
 from ..finish import Group, finish, plan_groups, plan_outputs, restrict
 from ..methods import MEAN, MergeContext, MergeMethod, Sums
 from ..methods.regmean import needs_diagonal
-from .fixedpoint import BANDS, decode, encode, fraction_bits, magnitude_bands
+from .fixedpoint import BANDS, BOUND_FACTOR, agreed_band, bound_bands, decode, encode, fraction_bits, magnitude_bands
 
 BODY, HEAD = "body/", "head/"
 Layout = list[tuple[str, tuple[int, ...]]]  # the sums' tensors, by name and shape, in the order they are masked
@@ -105,9 +105,19 @@ def bands_layout(layout: Layout) -> Layout:
     return [(key, (BANDS,)) for key, _ in layout]
 
 
-def scales_from_bands(band_sums: Mapping[str, np.ndarray], owners: int) -> dict[str, int]:
-    """The public fixed-point scale (fraction bits) of every tensor, from the summed bands."""
-    return {key: fraction_bits(histogram, owners) for key, histogram in band_sums.items()}
+def scales_from_bands(band_sums: Mapping[str, np.ndarray], owners: int,
+                      bound_factor: float = BOUND_FACTOR) -> dict[str, int]:
+    """The public fixed-point scale (fraction bits) of every tensor, from the summed bands, under the agreed bound
+    (``bound_factor`` times the owners' median magnitude; 0: none)."""
+    bands = bound_bands(bound_factor)
+    return {key: fraction_bits(histogram, owners, bands) for key, histogram in band_sums.items()}
+
+
+def owners_above_bound(band_sums: Mapping[str, np.ndarray], bound_factor: float = BOUND_FACTOR) -> dict[str, int]:
+    """Tensor -> how many owners lie above the agreed bound (those tensors only): they cannot encode, and drop out."""
+    bands = bound_bands(bound_factor)
+    above = {key: agreed_band(histogram, bands)[1] for key, histogram in band_sums.items()}
+    return {key: count for key, count in above.items() if count}
 
 
 def encoded_vectors(layout: Layout, contribution: Mapping[str, torch.Tensor], scales: Mapping[str, int],

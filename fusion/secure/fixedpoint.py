@@ -2,7 +2,8 @@
 
 Masks only cancel in a ring, so secure aggregation sums integers, not floats. Each tensor gets a public scale
 ``2^-fraction_bits``, the same for every owner, chosen from the largest magnitude any owner will add (found by the
-``bounds`` round, see :mod:`federation.protocol`) and the number of owners, so that the sum cannot overflow:
+``bounds`` round, see :mod:`federation.protocol`; an owner far above the others is held to an agreed bound instead,
+:func:`agreed_band`) and the number of owners, so that the sum cannot overflow:
 every encoded value is below ``2^(SUM_BITS - ceil(log2 owners))`` and the true sum below ``2^SUM_BITS``. A decoded
 sum beyond that headroom means an owner broke the bound (or masks failed to cancel): an error, never a wrong merge.
 
@@ -25,6 +26,8 @@ BAND_BITS = 2  # magnitudes are revealed (summed over owners) only to within a f
 MIN_EXPONENT = -128  # smaller magnitudes are treated as 2^-128 (absolute precision far below float32's)
 MAX_EXPONENT = 128
 BANDS = (MAX_EXPONENT - MIN_EXPONENT) // BAND_BITS + 1
+BOUND_FACTOR = 4.0**8  # the agreed bound: an owner's tensor may be at most this many times the owners' median one
+ABOVE_BOUND = "above the bound agreed for it"  # what a site that cannot encode under the bound tells the server
 
 
 class FixedPointError(GramfuseError):
@@ -62,10 +65,39 @@ def headroom_bits(owners: int) -> int:
     return max(0, math.ceil(math.log2(max(owners, 1))))
 
 
-def fraction_bits(band_histogram: np.ndarray, owners: int) -> int:
-    """The public scale of one tensor from the summed one-hot bands of the owners who will add to it."""
-    used = np.flatnonzero(np.asarray(band_histogram).astype(np.int64))
+def bound_bands(factor: float) -> int | None:
+    """A bound ``factor`` (above the median owner) in bands, rounded up; None (no bound) for 0 or infinity."""
+    if factor == 0 or math.isinf(factor):
+        return None
+    if not factor >= 1:
+        raise ValueError(f"a bound factor must be at least 1 (or 0: none), not {factor}")
+    return math.ceil(math.log(factor, 2**BAND_BITS) - 1e-9)
+
+
+def agreed_band(band_histogram: np.ndarray, bands_above_median: int | None = bound_bands(BOUND_FACTOR)
+                ) -> tuple[int, int]:
+    """The highest band the scale of one tensor admits, and how many owners lie above it.
+
+    The bound is ``bands_above_median`` above the owners' lower-median band (owners whose tensor is zero, band 0,
+    left out), so that one owner who inflates its statistics sets neither the scale nor the merge: it cannot encode
+    under the scale and drops out. The histogram says how many owners are above, never which. None: no bound,
+    the highest owner sets the scale."""
+    counts = np.asarray(band_histogram).astype(np.int64)
+    used = np.flatnonzero(counts)
     top = int(used.max()) if used.size else 0
+    owner_bands = np.repeat(np.arange(counts.size), np.maximum(counts, 0))
+    owner_bands = owner_bands[owner_bands > 0]
+    if bands_above_median is None or not owner_bands.size:
+        return top, 0
+    allowed = min(top, int(owner_bands[(owner_bands.size - 1) // 2]) + bands_above_median)
+    return allowed, int(counts[allowed + 1:].sum())
+
+
+def fraction_bits(band_histogram: np.ndarray, owners: int,
+                  bands_above_median: int | None = bound_bands(BOUND_FACTOR)) -> int:
+    """The public scale of one tensor from the summed one-hot bands of the owners who will add to it: fine enough
+    for the highest band the bound admits (:func:`agreed_band`)."""
+    top, _ = agreed_band(band_histogram, bands_above_median)
     return SUM_BITS - (MIN_EXPONENT + BAND_BITS * top) - headroom_bits(owners)
 
 
@@ -77,8 +109,9 @@ def encode(key: str, values: torch.Tensor, bits: int, owners: int) -> np.ndarray
     if beyond.size:
         raise FixedPointError(
             f"tensor {key!r}: value {values.reshape(-1)[int(beyond[0])].item():.6g} is beyond the range agreed for "
-            f"it (2^{SUM_BITS - headroom_bits(owners) - bits:d}); did the statistics change between rounds?",
-            public=f"tensor {key!r}: a value is beyond the fixed-point range agreed for it",
+            f"it (2^{SUM_BITS - headroom_bits(owners) - bits:d}): this site's tensor is far larger than the other "
+            f"owners' (or the statistics changed between rounds)",
+            public=f"tensor {key!r}: a value is {ABOVE_BOUND} (the fixed-point range)",
         )
     return scaled.astype(np.int64).view(np.uint64)
 

@@ -17,7 +17,18 @@ from fusion.aggregate import owner_update
 from fusion.methods import get_method
 from fusion.secure import secure_contributions
 from federation.crypto import SecureProtocolError, combine_shares, split_secret
-from fusion.secure.fixedpoint import BAND_BITS, FixedPointError, decode, encode, fraction_bits, magnitude_bands
+from fusion.secure.fixedpoint import (
+    ABOVE_BOUND,
+    BAND_BITS,
+    BOUND_FACTOR,
+    FixedPointError,
+    agreed_band,
+    bound_bands,
+    decode,
+    encode,
+    fraction_bits,
+    magnitude_bands,
+)
 from federation.protocol import default_threshold
 from fusion.workflows import DataSettings, compute_statistics
 
@@ -306,3 +317,36 @@ def test_malformed_masked_vectors_are_refused_naming_the_owner_and_change_nothin
     with pytest.raises(SecureProtocolError, match="node 1: not a participant .* or already added"):
         summed.add(1, good)
     assert np.array_equal(summed.total, before) and summed.survivors == [1]
+
+
+# --- the agreed bound -------------------------------------------------------------------------------------------------
+
+
+def test_the_scale_follows_the_median_owner_and_an_owner_far_above_cannot_encode():
+    honest = [torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5]), torch.tensor([-4.0, 1.0])]
+    inflated = torch.tensor([3.0e12, 1.0])  # a site whose statistics are 1e12 times the others'
+    histogram = sum(magnitude_bands({"g": v})["g"] for v in [*honest, inflated])
+    median_band = magnitude_bands({"g": honest[0]})["g"].argmax()
+    assert agreed_band(histogram) == (median_band + bound_bands(BOUND_FACTOR), 1)  # the outlier counted, not named
+    bits = fraction_bits(histogram, 4)
+    total = sum(encode("g", value, bits, 4) for value in honest)
+    assert decode("g", total, bits, (2,)).tolist() == [1.0, 0.5]
+    with pytest.raises(FixedPointError) as raised:
+        encode("g", inflated, bits, 4)
+    assert ABOVE_BOUND in raised.value.public and "3e+12" not in raised.value.public  # no value leaves the site
+    # without a bound the inflated site sets the scale, as before, and encodes
+    loose = fraction_bits(histogram, 4, bound_bands(0))
+    assert agreed_band(histogram, None)[1] == 0 and loose < bits
+    encode("g", inflated, loose, 4)
+
+
+def test_a_bound_admits_honest_spread_and_ignores_owners_adding_zeros():
+    # factor 65536 is 8 bands: owners 1000 times apart (more data, larger Grams) stay within it
+    spread = [torch.tensor([1.0]), torch.tensor([1.0e3]), torch.tensor([30.0])]
+    histogram = sum(magnitude_bands({"g": v})["g"] for v in spread)
+    assert agreed_band(histogram)[1] == 0
+    zeros = sum(magnitude_bands({"g": v})["g"] for v in [torch.zeros(2)] * 3 + [torch.tensor([5.0, 1.0])])
+    assert agreed_band(zeros) == (int(magnitude_bands({"g": torch.tensor([5.0])})["g"].argmax()), 0)
+    assert bound_bands(65536) == 8 and bound_bands(100) == 4 and bound_bands(float("inf")) is None
+    with pytest.raises(ValueError, match="at least 1"):
+        bound_bands(0.5)

@@ -12,6 +12,7 @@ from federation.wire import META, PAYLOAD
 
 STEP = "none"
 app = ClientApp()
+INFLATION = 1e12  # what the "inflate" site multiplies its Gram sums by, as a site bidding to steer the merge would
 
 
 def hostile(context, step: str) -> bool:
@@ -25,6 +26,21 @@ def without(reply: Message, msg: Message, field: str) -> Message:
     meta.pop(field)
     records = {key: value for key, value in config.items() if key != "json"}
     return Message(content=RecordDict({META: ConfigRecord({"json": json.dumps(meta), **records})}), reply_to=msg)
+
+
+_honest_contribution = honest._site_contribution
+
+
+def _contribution(context, request):
+    """The honest site's contribution to the secure sums; the "inflate" site's Grams (and G W) times INFLATION."""
+    model, owner, parts, with_head = _honest_contribution(context, request)
+    if hostile(context, "inflate"):
+        parts = {key: value * INFLATION if "gram" in key or "diag-weight" in key else value
+                 for key, value in parts.items()}
+    return model, owner, parts, with_head
+
+
+honest._site_contribution = _contribution  # both masked rounds: its bands and its sums alike
 
 
 @app.query()

@@ -1,13 +1,17 @@
 """A site that sends a malformed reply at one step of a real Flower run (simulation engine) is rejected by node id,
 and the run goes on with the others: describe (a JSON list for an object), the plaintext layout (no model type),
-weights other than its layout declared, the secure keys (no label set), the secure unmasking (no metadata)."""
+weights other than its layout declared, the secure keys (no label set), the secure unmasking (no metadata); and a
+secure site whose Grams are inflated 1e12-fold is held to the agreed bound and left out."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import perturbed, save_owner, simulate, tiny_model, write_data
+from helpers import assert_same_tensors, perturbed, save_owner, simulate, tiny_model, write_data
+from safetensors.torch import load_file
+
+from fusion.cli import main as gramfuse
 
 REPO = Path(__file__).resolve().parents[2]
 OWNERS = 4
@@ -46,6 +50,7 @@ def workspace(tmp_path_factory):
     ("lie", "plaintext", "is not what its layout declared"),
     ("keys", "secure", "keys: malformed reply"),
     ("unmask", "secure", "unmasking bounds: malformed reply"),
+    ("inflate", "secure", "above the bound agreed for it"),
 ])
 def test_a_malformed_reply_rejects_its_site_and_the_run_goes_on(tmp_path, workspace, step, mode, fragment):
     extra = "secure=true" if mode == "secure" else ""
@@ -60,3 +65,9 @@ def test_a_malformed_reply_rejects_its_site_and_the_run_goes_on(tmp_path, worksp
     else:
         assert hostile[0]["status"] == "rejected" and len(merged) == OWNERS - 1
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    if step == "inflate":  # held to the agreed bound, it could not encode: the merge is the three others'
+        assert report["federation"]["secure"]["rounds"]["bound"]["owners_above"]
+        honest = [str(workspace / f"owner{i}" / "model") for i in range(1, OWNERS)]  # their sites' statistics
+        assert gramfuse(["merge", *honest, "-o", str(tmp_path / "offline"), "--quiet"]) == 0
+        assert_same_tensors(load_file(str(tmp_path / "out" / "model.safetensors")),
+                             load_file(str(tmp_path / "offline" / "model.safetensors")))
