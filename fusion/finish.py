@@ -136,9 +136,11 @@ class Finisher:
 
     def __init__(self, roots: Mapping[str, Path], methods: Sequence[MergeMethod], context: MergeContext,
                  outputs: Sequence[Output], dtypes: Mapping[str, torch.dtype], *, tokenizer: Any = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Any = None) -> None:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Any = None,
+                 on_merged: Callable[[str, Mapping[str, torch.Tensor]], None] | None = None) -> None:
         self.roots, self.methods, self.context, self.outputs = roots, list(methods), context, list(outputs)
         self.dtypes, self.tokenizer, self.progress = dtypes, tokenizer, progress
+        self.on_merged = on_merged  # called with each method's label and merged tensors, group by group
         self.writers = {(label, out.folder): ShardWriter(root if out.folder == MERGED else root / out.folder,
                                                          max_shard_bytes)
                         for label, root in roots.items() for out in self.outputs}
@@ -161,6 +163,8 @@ class Finisher:
             if key not in sums_by_key:
                 sums_by_key[key] = sums_of(method, group)
             params = _combine(method, group, sums_by_key[key], self.context, self.reports[method.label()])
+            if self.on_merged is not None:
+                self.on_merged(method.label(), params)
             for out in self.outputs:
                 if not (group.head and out.own_head is not None):
                     self.writers[method.label(), out.folder].add({n: v.to(self.dtypes[n]) for n, v in params.items()})

@@ -5,7 +5,9 @@ weights or Grams far beyond the others' would otherwise steer the merge unnotice
 The reference is the *lower* median over sites, so that with two sites the smaller one is the reference (a plain
 median of two would sit halfway to the outlier). A site above ``SCALE_FACTOR`` times the reference is rejected;
 what it later sends must equal what it declared. Influence (each site's share of every summed Gram's trace, which
-is its weight in the solve) is reported, and a site holding most of it is named in a warning.
+is its weight in the solve) is reported, and a site holding most of it is named in a warning; so is, once merged,
+the merge's distance from each site's model (:mod:`fusion.distance`), and a site the merge lies close to while far
+from every other.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 
 SCALE_FACTOR = 100.0  # how far above the other sites' weights or Gram traces per token a site may be
 DOMINANT_SHARE = 0.9  # a site holding more of a summed Gram's trace than this is named in a warning
+NEAR_FACTOR = 0.1  # a merge this much closer to one owner than to any other is named in a warning
 
 
 def lower_median(values: list[float]) -> float:
@@ -64,6 +67,16 @@ def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
                         "largest_gram_share": max(shares, default=0.0),
                         "mean_gram_share": sum(shares) / len(shares) if shares else 0.0}
     return report
+
+
+def near_one_owner(distances: Mapping[str, float], factor: float = NEAR_FACTOR) -> str | None:
+    """The owner the merge lies close to while far from every other (distance below ``factor`` times the nearest
+    other owner's), or None. Honest owners of one pretrained model lie at comparable distances from their merge."""
+    if len(distances) < 2:
+        return None
+    nearest = min(distances, key=distances.__getitem__)
+    others = min(d for owner, d in distances.items() if owner != nearest)
+    return nearest if distances[nearest] < factor * others else None
 
 
 def matches(declared: float, actual: float) -> bool:

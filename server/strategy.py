@@ -40,7 +40,8 @@ from fusion.merge import check_layout, load_base
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo, packed_diagonal
-from server.plausibility import DOMINANT_SHARE, influence, matches, outliers, per_token_traces
+from fusion.distance import OwnerDistances
+from server.plausibility import DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces
 
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
@@ -134,7 +135,8 @@ class RegMeanStrategy(Strategy):
         self.base_folder = Path(base_path) if base_path else None
         self._base_files: tuple[CheckpointFiles, str] | None = None  # the base's tensors and fingerprint, once read
         self.from_base: dict[int, set[str]] = {}  # node id -> weights of its site the server takes from the base
-        self.influence: dict[int, dict[str, float]] = {}
+        self.influence: dict[int, dict[str, Any]] = {}
+        self.distances = OwnerDistances()  # how far the merge lies from each owner (plaintext mode)
         self.part_base: dict[str, torch.Tensor] = {}  # the base's tensors of the part being gathered
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
@@ -239,6 +241,7 @@ class RegMeanStrategy(Strategy):
             aggregator.check(owner)
         for aggregator in self.aggregators.values():
             aggregator.fold(owner)
+        self.distances.observe(owner.name, owner.params)
         record.status = "merged"
         if owner.statistics is not None:
             record.examples = owner.statistics.example_count
@@ -426,9 +429,10 @@ class RegMeanStrategy(Strategy):
         records = {owner_name(r.node_id): r for r in self.records.values()}
         common = {"owners": [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names],
                   "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
+        self.distances = OwnerDistances()
         with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
             finisher = Finisher(method_roots(staging, self.methods), self.methods, context, outputs, dtypes,
-                                tokenizer=tokenizer_from_files(self.tokenizer))
+                                tokenizer=tokenizer_from_files(self.tokenizer), on_merged=self.distances.compare)
             for index, part in enumerate(parts, start=1):
                 self.gather_part(grid, nodes, index, part)
                 aggregator = next(iter(self.aggregators.values()))
@@ -440,6 +444,7 @@ class RegMeanStrategy(Strategy):
             self.timings["parts"] = len(parts)
             self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
             reports = finisher.close(common)
+            self.report_distances()
             report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
             report = {**report, "federation": self.federation_report()}
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -463,6 +468,20 @@ class RegMeanStrategy(Strategy):
         lost = [node for node in nodes if owner_name(node) not in merged]
         if lost:
             raise SiteLost(lost[0])
+
+    def report_distances(self) -> None:
+        """Each method's distance from each merged owner into the influence report, and a warning naming an owner
+        the merge lies close to while far from every other (what inflated statistics achieve)."""
+        nodes = {owner_name(node): node for node in self.influence}
+        for method, by_owner in self.distances.relative().items():
+            for owner, distance in by_owner.items():
+                if owner in nodes:
+                    self.influence[nodes[owner]].setdefault("merge_distance", {})[method] = distance
+            near = near_one_owner(by_owner)
+            if near is not None:
+                log.warning("the %s merge lies close to owner node %d's model (%.3g of its norm away) and far from "
+                            "every other owner's (at least %.3g): that owner steers it", method, nodes.get(near, -1),
+                            by_owner[near], min(d for o, d in by_owner.items() if o != near))
 
     def _part_sums(self, outputs: list[Output]):
         by_key = {key: aggregator.sums_of(outputs) for key, aggregator in self.aggregators.items()}

@@ -92,6 +92,17 @@ def test_merge_equals_offline_cli_and_misfits_are_named(federation):
         assert float((federated_weights[name] - value).abs().max() / scale) <= 1e-6, name
     assert (out / "tokenizer.json").is_file() and (out / "gramfuse-merge.json").is_file()
 
+    # The merge's distance from each owner, by the plain formula from the folders (the server estimates the larger
+    # tensors' part from a sample of their entries: within 2%).
+    node_of = {o["site"]: o["node_id"] for o in owners if o["status"] == "merged"}
+    for name in GOOD:
+        own = load_file(str(sites[name][0] / "model.safetensors"))
+        shared = [n for n, v in federated_weights.items() if v.is_floating_point() and n in own]
+        difference = sum(float((federated_weights[n].double() - own[n].double()).square().sum()) for n in shared)
+        norm = sum(float(own[n].double().square().sum()) for n in shared)
+        (reported,) = report["influence"][str(node_of[name])]["merge_distance"].values()
+        assert abs(reported - (difference / norm) ** 0.5) <= 0.02 * reported, name
+
 
 def test_plaintext_records_reveal_each_site_statistics(federation):
     """The audit the secure deployment test passes finds every site's Grams in plaintext mode: it can fail."""

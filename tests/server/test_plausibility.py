@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fusion.cli import main as gramfuse
 from fusion.statistics import METADATA_KEY, STATS_FILENAME, read_metadata
-from server.plausibility import influence, lower_median, outliers
+from server.plausibility import influence, lower_median, near_one_owner, outliers
 
 
 def test_the_reference_is_the_lower_median_so_two_sites_still_name_the_outlier():
@@ -28,6 +28,13 @@ def test_influence_is_each_sites_share_of_the_summed_traces_and_examples():
     shares = influence(layouts)
     assert shares[1] == pytest.approx({"examples_share": 0.25, "largest_gram_share": 0.75, "mean_gram_share": 0.5})
     assert shares[2]["largest_gram_share"] == pytest.approx(0.75)
+
+
+def test_a_merge_close_to_one_owner_and_far_from_the_others_names_it():
+    # the issue's measurement: inflated Grams put the merge 0.017 from the inflating owner, 0.8 from the others
+    assert near_one_owner({"a": 0.017, "b": 0.8, "c": 0.81}) == "a"
+    assert near_one_owner({"a": 0.05, "b": 0.07, "c": 0.09}) is None  # honest owners lie at comparable distances
+    assert near_one_owner({"a": 0.0}) is None  # one owner: the merge is its model
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +68,8 @@ def test_sites_far_above_the_others_are_rejected_and_the_merge_is_the_others(imp
     assert sorted(s for s, o in owners.items() if o["status"] == "merged") == ["owner0", "owner3"]
     shares = report["federation"]["influence"]
     assert len(shares) == 2 and all(0.2 < s["mean_gram_share"] < 0.8 for s in shares.values())
+    distances = [d for s in shares.values() for d in s["merge_distance"].values()]  # two honest owners' merge
+    assert len(distances) == 2 and all(0 < d < 1 for d in distances) and near_one_owner(dict(enumerate(distances))) is None
     models = [str(workspace / name / "model") for name in ("owner0", "owner3")]
     assert gramfuse(["merge", *models, "-o", str(root / "offline"), "--quiet"]) == 0
     merged = load_file(str(root / "out" / "model.safetensors"))
