@@ -94,8 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge the owners' model folders into OUT_DIR. Owners sharing a label set give one model; "
         "otherwise OUT_DIR holds one folder per owner with the merged body and the owner's own head.",
     )
-    merge.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+    merge.add_argument("model_dirs", nargs="*", metavar="MODEL_DIR")
     merge.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    merge.add_argument("--save-sums", metavar="SUMS_DIR", help="also write the aggregation's sums with a ledger of "
+                       "the owners, to add or remove owners later (--sums); owners must share a label set")
+    merge.add_argument("--sums", metavar="SUMS_DIR", help="merge the owners inside SUMS_DIR (written by "
+                       "--save-sums) instead of MODEL_DIRs, with --add and --remove; equals merging the resulting "
+                       "owners from scratch")
+    merge.add_argument("--add", action="extend", nargs="+", default=[], metavar="MODEL_DIR",
+                       help="with --sums: owners to add (their folders and statistics files)")
+    merge.add_argument("--remove", action="extend", nargs="+", default=[], metavar="MODEL_DIR",
+                       help="with --sums: owners to take out, exactly (their folders and statistics files, as merged)")
     merge.add_argument("--method", default="regmean", choices=sorted(METHODS), help="merge method (default regmean)")
     merge.add_argument("--alpha", type=float, help="regmean: non-diagonal scale in [0, 1] (default 1.0)")
     merge.add_argument("--weighting", choices=("sum", "equal"), help="regmean, fisher: sum (default) or equal")
@@ -166,7 +175,7 @@ def run_stats(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .merge import merge_folders
+    from .merge import merge_folders, merge_from_sums
 
     given = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag) is not None}
     valid = option_names(args.method)
@@ -175,15 +184,38 @@ def run_merge(args: argparse.Namespace) -> None:
             raise GramfuseError(f"--{flag} does not apply to method {args.method!r} (its options: {valid or 'none'})")
     method = get_method(args.method, **given)
     with tqdm(desc=f"merging ({args.method})", unit="group", disable=args.quiet) as bar:
-        report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
-                               progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
-                               task=args.task, lora_rank=args.lora_rank)
+        if args.sums:
+            report = merge_from_sums(args.sums, args.output, method, add=args.add, remove=args.remove,
+                                     save_sums=args.save_sums, base_dir=args.base, overwrite=args.overwrite,
+                                     progress=bar, max_shard_bytes=args.max_shard_size, device=args.device)
+        else:
+            report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
+                                   progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
+                                   task=args.task, lora_rank=args.lora_rank, save_sums=args.save_sums)
     print(merge_summary(args.output, report))
+
+
+def check_merge_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Owners come from MODEL_DIRs or from --sums (with --add/--remove), never both: usage errors, exit 2."""
+    if args.sums and args.model_dirs:
+        parser.error("merge: give owners either as MODEL_DIRs or inside --sums (add more with --add), not both")
+    if not args.sums and (args.add or args.remove):
+        parser.error("merge: --add and --remove change the owners inside --sums SUMS_DIR; give --sums")
+    if not args.sums and not args.model_dirs:
+        parser.error("merge: give MODEL_DIRs to merge, or --sums SUMS_DIR")
+    if args.sums and (args.lora_rank or args.task):
+        parser.error("merge: --lora-rank and --task are not available with --sums")
 
 
 def merge_summary(out_dir: str, report: dict) -> str:
     layers = report["layers"].values()
     summary = f"{out_dir}: merged {len(report['owners'])} owners with {report['method']}"
+    changed = report.get("sums", {})
+    for step in ("added", "removed"):
+        if changed.get(step):
+            summary += f" ({step} {', '.join(changed[step])})"
+    if changed.get("saved"):
+        summary += f"; sums saved in {changed['saved']}"
     finite = [layer["condition"] for layer in layers if layer["condition"] != "inf"]
     if finite:
         summary += f"; {len(report['layers'])} Grams solved, worst condition {max(finite):.3g}"
@@ -223,7 +255,10 @@ def run_credentials(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "merge":
+        check_merge_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING, format="gramfuse: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate, "credentials": run_credentials}[args.command](args)

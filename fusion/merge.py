@@ -10,11 +10,12 @@ sums and one output shard, flat in the model's depth and in the number of owners
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
 from .methods.regmean import needs_diagonal
 from .gram import linear_modules
 from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
+from .sumsfile import LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits
 
 log = logging.getLogger("gramfuse")
 
@@ -312,6 +314,7 @@ def merge_folders(
     device: str = "cpu",
     task: str | None = None,
     lora_rank: int | None = None,
+    save_sums: str | Path | None = None,
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
@@ -320,7 +323,9 @@ def merge_folders(
     total is set to the number of groups. ``device`` (``cpu``, ``cuda``, ``auto``) runs the Gram products and solves.
     ``task`` overrides the task the owners' ``config.architectures`` give (:mod:`fusion.tasks`). Owners may be LoRA
     adapter folders (:mod:`fusion.adapters`; ``base_dir`` overrides their base). ``lora_rank`` also writes
-    ``out_dir/lora``, a LoRA adapter of that rank of the merge against the base.
+    ``out_dir/lora``, a LoRA adapter of that rank of the merge against the base. ``save_sums`` also writes the
+    aggregation's sums with a ledger of the owners (:mod:`fusion.sumsfile`), to add or remove owners later with
+    :func:`merge_from_sums`.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
@@ -331,6 +336,8 @@ def merge_folders(
     base_path = Path(base_dir) if base_dir is not None else None
     inputs = [*paths, *([base_path] if base_path else [])]
     check_apart(out_dir, inputs)  # before any owner is read: `-o` naming an input is the user's first error
+    if save_sums is not None:
+        check_apart(save_sums, [*inputs, out_dir])
     owners = [open_owner(name, path, needs_statistics, task, base_path)
               for name, path in zip(owner_names(paths), paths)]
     check_distinct_folders(owners)
@@ -339,11 +346,14 @@ def merge_folders(
     check_statistics_settings(owners)
     base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
     seen: dict[tuple, str] = {}
+    ledger = []
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
             raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics "
                              "(`gramfuse stats --fisher`)")
-        check_not_a_copy(owner, verify_weights(owner), seen)
+        fingerprint = verify_weights(owner)
+        check_not_a_copy(owner, fingerprint, seen)
+        ledger.append(LedgerEntry.of(owner.name, owner.path, fingerprint, owner.statistics))
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
     by_name = {owner.name: owner for owner in owners}
@@ -357,19 +367,240 @@ def merge_folders(
     if progress is not None:
         progress.reset(total=len(groups))
     shared = len({o.label_set for o in owners}) == 1
+    if save_sums is not None and not shared:
+        raise SumsFileError("--save-sums needs owners that share a label set (their heads are summed); these "
+                            "differ, so each keeps its own head")
     common = {"owners": [{"name": o.name, "path": str(o.path)} for o in owners], "shared_label_set": shared}
-    with atomic_folder(out_dir, overwrite, inputs) as staging:
+    dtypes = {name: reference.files.dtype(name) for name in names}
+    tokenizer = tokenizer_or_none(reference.path, base_path)
+    copied = reference.files.read(n for n in reference.files if not reference.files.is_float(n))
+    with atomic_folder(out_dir, overwrite, inputs) as staging, \
+            optional_folder(save_sums, overwrite, inputs) as sums_staging:
         sums_of = streamed_sums(owners, set(outputs[0].owners), context)
+        writer = SumsWriter(sums_staging, max_shard_bytes) if sums_staging is not None else None
         reports = finish(
-            {method.label(): staging}, [method], groups, sums_of, context, outputs,
-            {name: reference.files.dtype(name) for name in names}, report=common,
-            tokenizer=tokenizer_or_none(reference.path, base_path),
-            copied=reference.files.read(n for n in reference.files if not reference.files.is_float(n)),
-            max_shard_bytes=max_shard_bytes, progress=progress,
+            {method.label(): staging}, [method], groups, writer.recording(sums_of) if writer else sums_of, context,
+            outputs, dtypes, report=common, tokenizer=tokenizer, copied=copied, max_shard_bytes=max_shard_bytes,
+            progress=progress,
         )
         report = reports[method.label()]
+        if writer is not None:
+            meta = sums_meta(method, ledger, names, reference, dtypes, context, base_dir)
+            meta.history.append({"merged": [entry.name for entry in ledger]})
+            writer.close(meta, copied, reference.config, tokenizer)
+            report["sums"] = {"saved": str(save_sums), "owners": len(ledger)}
         if lora_rank:
             report["lora"] = write_lora(staging, base_dir, context.modules, lora_rank)
         report["seconds"] = round(time.perf_counter() - started, 3)
         write_report(staging, report)
     return report
+
+
+@contextlib.contextmanager
+def optional_folder(folder: str | Path | None, overwrite: bool, inputs: Sequence[Path]):
+    """:func:`atomic_folder` where a folder is asked for; None otherwise."""
+    if folder is None:
+        yield None
+        return
+    with atomic_folder(folder, overwrite, inputs) as staging:
+        yield staging
+
+
+def base_fingerprint(base_dir: str | Path | None) -> str:
+    return CheckpointFiles(base_dir).fingerprint() if base_dir is not None else ""
+
+
+def sums_meta(method: MergeMethod, ledger: list[LedgerEntry], names: list[str], reference: FolderOwner,
+              dtypes: Mapping[str, torch.dtype], context: MergeContext, base_dir: str | Path | None) -> SumsMeta:
+    return SumsMeta(
+        method=method.name, options=method.options(), owners=list(ledger), names=list(names),
+        head=sorted(reference.head & set(names)), dtypes={n: str(d).removeprefix("torch.") for n, d in dtypes.items()},
+        shapes={n: list(shape) for n, shape in reference.body_shapes().items()},
+        modules={m: asdict(info) for m, info in context.modules.items()}, model_type=reference.config.model_type,
+        task=reference.task, label_set=[list(item) for item in reference.label_set], gram_dtype=context.gram_dtype,
+        diagonal=context.diagonal, base_fingerprint=base_fingerprint(base_dir) if method.needs_base else "",
+    )
+
+
+def merge_from_sums(
+    sums_dir: str | Path,
+    out_dir: str | Path,
+    method: MergeMethod,
+    *,
+    add: Sequence[str | Path] = (),
+    remove: Sequence[str | Path] = (),
+    save_sums: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Any = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The merge of the owners inside ``sums_dir`` (:mod:`fusion.sumsfile`), with the owners of the folders ``add``
+    added and those of ``remove`` removed, each contribution recomputed from its folder and statistics file; it equals
+    merging the resulting owner set from scratch. ``save_sums`` writes the new sums and ledger. Returns the report."""
+    started = time.perf_counter()
+    sums = SumsFolder(sums_dir)
+    meta = sums.meta
+    check_method_fits(meta, method, sums.folder)
+    if needs_diagonal([method]) and not meta.diagonal:
+        raise SumsFileError(f"{sums.folder}: holds no diag(G) W^T sums (formed with alpha 1); merge the owners again "
+                            f"with the alpha you need, then its sums serve every alpha")
+    added_paths, removed_paths = [Path(p) for p in add], [Path(p) for p in remove]
+    base_path = Path(base_dir) if base_dir is not None else None
+    inputs = [sums.folder, *added_paths, *removed_paths, *([base_path] if base_path else [])]
+    check_apart(out_dir, inputs)
+    if save_sums is not None:
+        check_apart(save_sums, [*inputs, out_dir])
+    needs_statistics = method.needs_statistics or method.needs_fisher
+    taken = [entry.name for entry in meta.owners]
+    added = [open_owner(name, path, needs_statistics, meta.task, base_path)
+             for name, path in zip(fresh_names(added_paths, taken), added_paths)]
+    removed = [open_owner(name, path, needs_statistics, meta.task, base_path)
+               for name, path in zip(owner_names(removed_paths), removed_paths)]
+    check_distinct_folders([*added, *removed])
+    for owner in [*added, *removed]:
+        check_fits_sums(owner, meta)
+    leaving = removed_entries(sums, removed)
+    remaining = ledger_after(sums, added, leaving)
+    context = sums_context(meta, method, added, device)
+    if method.needs_base:
+        context.base = checked_base(meta, base_path)
+    groups = plan_groups(meta.names, set(meta.head), context.modules)
+    if progress is not None:
+        progress.reset(total=len(groups))
+    config = sums_config(sums.folder)
+    order = [entry.name for entry in remaining]
+    outputs = plan_outputs(order, {name: tuple(map(tuple, meta.label_set)) for name in order},
+                           {name: config for name in order}, {})
+    changed = {"added": [o.name for o in added], "removed": [entry.name for entry in leaving]}
+    common = {"owners": [{"name": e.name, "path": e.path} for e in remaining], "shared_label_set": True,
+              "sums": {"from": str(sums.folder), **changed}}
+    dtypes = {name: getattr(torch, dtype) for name, dtype in meta.dtypes.items()}
+    tokenizer, copied = tokenizer_or_none(sums.folder), sums.copied()
+    with atomic_folder(out_dir, overwrite, inputs) as staging, \
+            optional_folder(save_sums, overwrite, inputs) as sums_staging:
+        sums_of = updated_sums(sums, added, removed, context)
+        writer = SumsWriter(sums_staging, max_shard_bytes) if sums_staging is not None else None
+        reports = finish({method.label(): staging}, [method], groups, writer.recording(sums_of) if writer else sums_of,
+                         context, outputs, dtypes, report=common, tokenizer=tokenizer, copied=copied,
+                         max_shard_bytes=max_shard_bytes, progress=progress)
+        report = reports[method.label()]
+        if writer is not None:
+            new_meta = SumsMeta(**{**asdict(meta), "owners": remaining, "modules": {
+                m: asdict(info) for m, info in context.modules.items()}, "gram_dtype": context.gram_dtype,
+                "history": [*meta.history, changed]})
+            writer.close(new_meta, copied, config, tokenizer)
+            report["sums"]["saved"] = str(save_sums)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        write_report(staging, report)
+    log.info("merged %d owners from %s (%d added, %d removed)", len(remaining), sums.folder, len(added), len(removed))
+    return report
+
+
+def fresh_names(paths: Sequence[Path], taken: Sequence[str]) -> list[str]:
+    """Owner names for ``paths`` that no owner inside the sums has already."""
+    names = []
+    for name in owner_names(paths):
+        unique, index = name, 1
+        while unique in taken or unique in names:
+            unique, index = f"{name}-{index}", index + 1
+        names.append(unique)
+    return names
+
+
+def check_fits_sums(owner: FolderOwner, meta: SumsMeta) -> None:
+    """An owner added to or removed from sums must be a model of their kind: task, model type, body shapes, label
+    set, and the same Gram layout."""
+    if owner.task != meta.task or owner.config.model_type != meta.model_type:
+        raise CompatibilityError(f"owner {owner.name!r}: a {owner.config.model_type} {owner.task} model, but the sums "
+                                 f"are of {meta.model_type} {meta.task} models")
+    check_same_shapes(owner.name, owner.body_shapes(), "the sums", {n: tuple(v) for n, v in meta.shapes.items()})
+    if [list(item) for item in owner.label_set] != [list(item) for item in meta.label_set]:
+        raise CompatibilityError(f"owner {owner.name!r}: label set {[label for _, label in owner.label_set]} differs "
+                                 f"from the sums' {[label for _, label in meta.label_set]} (their heads are summed)")
+    if owner.statistics is not None:
+        check_layout(owner.name, owner.statistics.modules, "the sums", meta.module_infos())
+
+
+def owner_entry(owner: FolderOwner) -> LedgerEntry:
+    return LedgerEntry.of(owner.name, owner.path, verify_weights(owner), owner.statistics)
+
+
+def removed_entries(sums: SumsFolder, removed: Sequence[FolderOwner]) -> list[LedgerEntry]:
+    """The ledger entries of the owners to remove; one that is not inside is an error naming it."""
+    entries = {owner.name: owner_entry(owner) for owner in removed}
+    inside = sums.owners_matching(entries.values())
+    for owner in removed:
+        if owner.name not in inside:
+            raise SumsFileError(f"owner {owner.name!r} ({owner.path}) is not inside {sums.folder}: no owner there has "
+                                "its weights and statistics (its fingerprint or counts differ), so it cannot be "
+                                "removed")
+    return [inside[owner.name] for owner in removed]
+
+
+def ledger_after(sums: SumsFolder, added: Sequence[FolderOwner], leaving: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    """The ledger once ``leaving`` are out and ``added`` in; an added owner already inside is an error naming it."""
+    entries = [owner_entry(owner) for owner in added]
+    already = sums.owners_matching(entries)
+    for entry in entries:
+        if entry.name in already:
+            raise SumsFileError(f"owner {entry.name!r} ({entry.path}) is already inside {sums.folder} as owner "
+                                f"{already[entry.name].name!r} (same weights and statistics): adding it again would "
+                                "count its data twice")
+    identities = [entry.identity() for entry in entries]
+    if len(set(identities)) < len(identities):
+        raise SumsFileError("the same owner is given twice in --add (same weights and statistics)")
+    out = [entry.identity() for entry in leaving]
+    if len(set(out)) < len(out):
+        raise SumsFileError("the same owner is given twice in --remove")
+    remaining = [entry for entry in sums.meta.owners if entry.identity() not in out] + entries
+    if not remaining:
+        raise SumsFileError(f"removing every owner of {sums.folder} leaves nothing to merge")
+    return remaining
+
+
+def sums_context(meta: SumsMeta, method: MergeMethod, added: Sequence[FolderOwner], device: str) -> MergeContext:
+    """The context the sums were formed in, with the layers added owners hook (adapters may hook more)."""
+    modules = meta.module_infos()
+    for owner in added:
+        for module, info in (owner.statistics.modules.items() if owner.statistics is not None else ()):
+            modules.setdefault(module, info)
+    float32 = meta.gram_dtype == "float32" or any(o.statistics is not None and o.statistics.gram_dtype == "float32"
+                                                  for o in added)
+    return MergeContext(modules=modules, gram_dtype="float32" if float32 else "float64",
+                        diagonal=meta.diagonal or needs_diagonal([method]), device=str(resolve_device(device)))
+
+
+def checked_base(meta: SumsMeta, base_path: Path | None) -> dict:
+    """The base the sums were formed against (task vectors are relative to it): given again, and the same one."""
+    if base_path is None:
+        raise MergeError(f"method {meta.method!r} works relative to the base model: give --base BASE_DIR (the one "
+                         "the sums were formed against)")
+    if base_fingerprint(base_path) != meta.base_fingerprint:
+        raise SumsFileError(f"{base_path}: not the base the sums were formed against (fingerprints differ)")
+    return load_base(base_path, meta.task)
+
+
+def sums_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def updated_sums(sums: SumsFolder, added: Sequence[FolderOwner], removed: Sequence[FolderOwner],
+                 context: MergeContext):
+    """``sums_of`` for :func:`fusion.finish.finish`: a group's stored sums plus the added owners' contributions and
+    minus the removed ones', reading only that group's tensors."""
+
+    def sums_of(method: MergeMethod, group: Group) -> Sums:
+        group_sums = sums.group_sums(group)
+        for owner in added:
+            group_sums.add(method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors),
+                                                        owner.statistics), context))
+        for owner in removed:
+            group_sums.subtract(method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors),
+                                                             owner.statistics), context))
+        return group_sums
+
+    return sums_of

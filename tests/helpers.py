@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from fusion.gram import CONV1D, linear_modules
 
@@ -363,3 +364,21 @@ def assert_same_tensors(actual: dict, expected: dict, context: str = "") -> None
     for name, value in expected.items():
         scale = float(value.abs().max())
         assert torch.allclose(actual[name], value, rtol=1e-6, atol=1e-6 * scale), (context, name)
+
+
+def assert_same_merge(actual_dir, expected_dir, context: str = "") -> None:
+    """The same merged model to float32 rounding, except in layers whose summed Gram is ill-conditioned: there the
+    float64 rounding of the sums (alpha + beta - beta against alpha) is amplified up to the condition number, so
+    the tolerance is the condition number times float64's rounding (the report gives it per layer)."""
+    actual, expected = (load_file(str(d / "model.safetensors")) for d in (actual_dir, expected_dir))
+    report = json.loads((expected_dir / "gramfuse-merge.json").read_text())
+    tolerance = {}
+    for layer in report.get("layers", {}).values():
+        condition = float(layer["condition"])
+        for module in layer["modules"]:
+            tolerance[module + ".weight"] = max(1e-6, condition * 2.2e-16)
+    assert set(actual) == set(expected), context
+    for name, value in expected.items():
+        scale = float(value.abs().max())
+        rtol = tolerance.get(name, 1e-6)
+        assert torch.allclose(actual[name], value, rtol=rtol, atol=rtol * scale), (context, name, rtol)

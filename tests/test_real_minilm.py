@@ -101,3 +101,24 @@ def test_secure_merge_of_the_real_owners_equals_plaintext(federation, tmp_path):
                 for name, value in expected.items())
     print(f"largest relative difference, secure to plaintext, real MiniLM: {worst:.2e}")
     assert worst <= 1e-9
+
+
+def test_removing_a_real_owner_from_the_sums_equals_never_having_merged_it(federation, tmp_path, capsys):
+    """Unlearning on the real owners: the merge of both with its sums saved, then the movies owner removed from the
+    sums, equals merging the amazon owner alone from scratch, and serves its domain as well."""
+    from helpers import assert_same_merge
+
+    _, owners, tests = federation
+    amazon, movies = map(str, owners)
+    assert main(["merge", amazon, movies, "-o", str(tmp_path / "both"), "--save-sums", str(tmp_path / "sums"),
+                 "--quiet"]) == 0
+    assert main(["merge", "--sums", str(tmp_path / "sums"), "--remove", movies, "-o", str(tmp_path / "without"),
+                 "--quiet"]) == 0
+    assert main(["merge", amazon, "-o", str(tmp_path / "alone"), "--quiet"]) == 0
+    assert_same_merge(tmp_path / "without", tmp_path / "alone")
+    capsys.readouterr()
+    scores = {}
+    for name in ("without", "alone"):
+        assert main(["evaluate", str(tmp_path / name), str(tests[0]), "--json", "--max-length", "64", "--quiet"]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)["accuracy"]
+    assert scores["without"] == scores["alone"]

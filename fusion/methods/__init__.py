@@ -80,6 +80,15 @@ class Sums(dict):
             else:
                 self[key] = value.to(torch.float64, copy=True)
 
+    def subtract(self, contribution: Mapping[str, torch.Tensor]) -> None:
+        """Take an owner's contribution back out (it must have been added: every key present, every shape equal)."""
+        missing = [key for key in contribution if key not in self]
+        if missing:
+            raise MergeError(f"{missing[0]!r}: not in the sums, so it cannot be subtracted")
+        self.check(contribution)
+        for key, value in contribution.items():
+            self[key].sub_(value.detach())
+
 
 class MergeMethod:
     """Base class. Subclasses are dataclasses whose fields are the method's options."""
