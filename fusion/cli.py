@@ -1,4 +1,5 @@
-"""The ``gramfuse`` command: ``stats``, ``merge``, ``evaluate``, and ``credentials`` for a secure deployment.
+"""The ``gramfuse`` command: ``stats``, ``merge``, ``evaluate``, ``report`` (forgetting), and ``credentials`` for a
+secure deployment.
 
 Errors caused by input go to stderr as one line ``gramfuse: error: ...`` with exit status 1; usage errors exit 2
 (argparse's convention).
@@ -138,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base", metavar="BASE_DIR", help="a LoRA adapter's base model folder")
     _data_flags(evaluate)
 
+    report = commands.add_parser(
+        "report",
+        help="the forgetting report: what a merge keeps of each owner, on the owner's held-out data",
+        description="For each --owner MODEL_DIR DATA_FILE: the merged model's score on the owner's data against the "
+        "owner's own model's (retention: 1.0 keeps all; for perplexity the owner's over the merged's), and linear "
+        "CKA of their hidden states layer by layer. An owner with a head of its own is compared with "
+        "MERGED_DIR/<owner>.",
+    )
+    report.add_argument("merged_dir", metavar="MERGED_DIR")
+    report.add_argument("--owner", nargs=2, action="append", required=True, metavar=("MODEL_DIR", "DATA_FILE"),
+                        help="an owner's model folder and its held-out data (repeat per owner)")
+    report.add_argument("-o", "--output", metavar="REPORT_JSON", help="write the report as JSON (default: print it)")
+    report.add_argument("--chart", metavar="PNG", help="also draw retention and CKA per layer (needs matplotlib)")
+    report.add_argument("--base", metavar="BASE_DIR", help="the base of owners that are LoRA adapter folders")
+    _data_flags(report)
+
     credentials = commands.add_parser(
         "credentials",
         help="TLS certificates for the SuperLink and authentication keys for sites",
@@ -239,6 +256,27 @@ def run_evaluate(args: argparse.Namespace) -> None:
                         if isinstance(value, float)) + f"  ({scores['examples']} examples)")
 
 
+def run_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .forgetting import forgetting_chart
+    from .workflows import forgetting_report
+
+    report = forgetting_report(args.merged_dir, [tuple(pair) for pair in args.owner], settings=_settings(args),
+                               progress=not args.quiet, base=args.base)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    if args.chart:
+        forgetting_chart(report, args.chart)
+    for owner in report["owners"]:
+        print(f"{owner['owner']}: {owner['score']} {owner['merged']:.4g} merged, {owner['own']:.4g} own, retention "
+              f"{owner['retention']:.3f}; CKA first/last layer {owner['cka'][0]:.3f}/{owner['cka'][-1]:.3f}",
+              file=sys.stderr if not args.output else sys.stdout)
+    if not args.output:
+        print(text)
+
+
 def run_credentials(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -261,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_merge_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING, format="gramfuse: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate, "credentials": run_credentials}[args.command](args)
+        {"stats": run_stats, "merge": run_merge, "evaluate": run_evaluate, "report": run_report,
+         "credentials": run_credentials}[args.command](args)
     except GramfuseError as error:
         print(f"gramfuse: error: {error}", file=sys.stderr)
         return 1

@@ -5,6 +5,8 @@ The CLI and the Flower client both call these; they load, stream and report, and
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -20,9 +22,12 @@ from .encode import Encoder, task_fields
 from .errors import DataError
 from .evaluate import scores
 from .fisher import collect_fisher
+from .forgetting import owner_report, pooled_hidden_states
 from .gram import collect_statistics
 from .statistics import STATS_FILENAME, GramStatistics, save_statistics
 from .tasks import example_log_likelihood, task_of
+
+log = logging.getLogger("gramfuse")
 
 
 @dataclass(frozen=True)
@@ -115,3 +120,36 @@ def evaluate_folder(
     task = task_of(model.config, settings.task)
     with _bar(Path(data_file), settings, "evaluate", progress) as bar:
         return scores(task, model, task_batches(model, tokenizer, Path(data_file), settings, True), bar, tokenizer)
+
+
+def forgetting_report(
+    merged_dir: str | Path, owners: Sequence[tuple[str | Path, str | Path]], *, settings: DataSettings = DataSettings(),
+    progress: bool = True, base: str | Path | None = None,
+) -> dict[str, Any]:
+    """Per owner (its model folder and held-out data file): the merged model's score against the owner's own on
+    that data (retention), and linear CKA of their hidden states layer by layer (:mod:`fusion.forgetting`). An owner
+    with a head of its own is compared with ``merged_dir/<owner>``, the folder the merge wrote for it."""
+    merged_dir = Path(merged_dir)
+    entries = []
+    for model_dir, data_file in owners:
+        model_dir, data_file = Path(model_dir), Path(data_file)
+        own_folder = merged_dir / model_dir.name
+        serving = own_folder if (own_folder / "config.json").is_file() else merged_dir
+        results = {}
+        for role, folder in (("merged", serving), ("own", model_dir)):
+            model, _ = load_model(folder, settings.task, base=base)
+            tokenizer = folder_tokenizer(folder, base)
+            task = task_of(model.config, settings.task)
+            with _bar(data_file, settings, f"{model_dir.name}: {role}", progress) as bar:
+                results[role] = (scores(task, model, task_batches(model, tokenizer, data_file, settings, True), bar,
+                                        tokenizer),
+                                 pooled_hidden_states(model, task_batches(model, tokenizer, data_file, settings, True)))
+        entry = owner_report(model_dir.name, results["merged"][0], results["own"][0], results["merged"][1],
+                             results["own"][1])
+        log.info("%s: %s %.4g merged, %.4g own: retention %.3f; CKA of the last layer %.3f", entry["owner"],
+                 entry["score"], entry["merged"], entry["own"], entry["retention"], entry["cka"][-1])
+        entries.append(entry)
+    retentions = [entry["retention"] for entry in entries]
+    return {"merged": str(merged_dir), "owners": entries,
+            "mean_retention": sum(retentions) / len(retentions) if retentions else float("nan"),
+            "worst_retention": min(retentions, default=float("nan"))}

@@ -122,3 +122,21 @@ def test_removing_a_real_owner_from_the_sums_equals_never_having_merged_it(feder
         assert main(["evaluate", str(tmp_path / name), str(tests[0]), "--json", "--max-length", "64", "--quiet"]) == 0
         scores[name] = json.loads(capsys.readouterr().out)["accuracy"]
     assert scores["without"] == scores["alone"]
+
+
+def test_forgetting_report_of_the_real_merge(federation, tmp_path):
+    """What the RegMean merge keeps of each real owner on its held-out domain: near everything (the merge serves
+    both domains), and representations close to each owner's early on, diverging with depth."""
+    root, owners, tests = federation
+    pairs = [arg for owner, test in zip(owners, tests) for arg in ("--owner", str(owner), str(test))]
+    assert main(["report", str(root / "regmean"), *pairs, "--max-length", "64", "-o", str(tmp_path / "report.json"),
+                 "--chart", str(tmp_path / "chart.png"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(json.dumps([{k: o[k] for k in ("owner", "merged", "own", "retention")} | {"cka": o["cka"]}
+                      for o in report["owners"]]))
+    for owner in report["owners"]:
+        assert owner["score"] == "accuracy" and owner["examples"] == 200
+        assert 0.8 < owner["retention"] < 1.2
+        assert len(owner["cka"]) == 7 and all(0.0 <= c <= 1.0 + 1e-9 for c in owner["cka"])
+        assert owner["cka"][0] > 0.99  # the embeddings' output: fine-tuning barely moves it
+    assert (tmp_path / "chart.png").is_file()
