@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -33,3 +34,25 @@ def absent_from_base_warnings(sums: Mapping[str, torch.Tensor]) -> list[str]:
         for key in sorted(sums)
         if key.startswith(MEAN)
     ]
+
+
+# A transformer block's parameters: BERT ``encoder.layer.3.``, Llama ``model.layers.3.``, GPT-2 ``transformer.h.3.``,
+# T5 ``encoder.block.3.`` (each stack of blocks counted apart: its prefix).
+BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block))\.(\d+)\.")
+
+
+def depth_scalings(names: Iterable[str], alpha: float, beta: float) -> dict[str, float]:
+    """LiNeS (Wang et al., ICLR 2025): the task vector of block ``l`` of ``L`` (from 1) is scaled by
+    ``alpha + beta (l - 1) / (L - 1)``, so shallow layers stay near the base and deep ones take the merge; parameters
+    outside the blocks (embeddings, final norm, head) by ``alpha``. Blocks are counted per stack (an encoder's and a
+    decoder's apart)."""
+    names = list(names)
+    found = {name: BLOCK.match(name) for name in names}
+    depth: dict[str, int] = {}
+    for match in filter(None, found.values()):
+        depth[match.group(1)] = max(depth.get(match.group(1), 0), int(match.group(2)) + 1)
+    out = {}
+    for name, match in found.items():
+        blocks = depth[match.group(1)] if match else 0
+        out[name] = alpha + beta * int(match.group(2)) / (blocks - 1) if match and blocks > 1 else alpha
+    return out

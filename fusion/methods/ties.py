@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
-from ._relative import absent_from_base_warnings, split_by_base
+from ._relative import absent_from_base_warnings, depth_scalings, split_by_base
 
 POSITIVE, NEGATIVE = "positive/", "negative/"
 POSITIVE_COUNT, NEGATIVE_COUNT = "positive-count/", "negative-count/"
@@ -38,8 +38,10 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 class Ties(MergeMethod):
     density: float = 0.2  # fraction of each task vector kept (the paper's k = 20%)
     scaling: float = 1.0  # lambda applied to the merged task vector
+    lines_beta: float = 0.0  # LiNeS: block l of L gets scaling + lines_beta (l - 1) / (L - 1); 0: one lambda
 
     needs_base = True
+    combine_only = ("scaling", "lines_beta")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -58,6 +60,8 @@ class Ties(MergeMethod):
 
     def combine(self, sums, context: MergeContext) -> MergeOutcome:
         merged = weighted_means(sums)
+        scalings = depth_scalings([key[len(POSITIVE):] for key in sums if key.startswith(POSITIVE)], self.scaling,
+                                  self.lines_beta)
         for key in sums:
             if not key.startswith(POSITIVE):
                 continue
@@ -69,5 +73,5 @@ class Ties(MergeMethod):
                 positive / sums[POSITIVE_COUNT + name].clamp_min(1.0),
                 torch.where(elected < 0, negative / sums[NEGATIVE_COUNT + name].clamp_min(1.0), 0.0),
             )
-            merged[name] = context.base[name].double() + self.scaling * delta
+            merged[name] = context.base[name].double() + scalings[name] * delta
         return MergeOutcome(merged, warnings=absent_from_base_warnings(sums))

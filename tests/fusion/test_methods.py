@@ -11,6 +11,7 @@ from fusion.fisher import collect_fisher
 from fusion.gram import collect_statistics
 from fusion.merge import merge_states
 from fusion.methods import METHODS, MergeContext, OwnerState, get_method
+from fusion.methods._relative import depth_scalings
 from fusion.methods.ties import trim
 
 TEXTS = [["good movie", "awful plot, slow"], ["the battery broke again", "great price", "fine phone"]]
@@ -94,6 +95,35 @@ def test_task_arithmetic(owners):
         b = context.base[name].double()
         expected = b + 0.5 * sum(s.params[name].double() - b for s in states)
         torch.testing.assert_close(merged[name], expected)
+
+
+def test_lines_scales_each_blocks_task_vector_by_its_depth():
+    names = ["bert.embeddings.word_embeddings.weight", *(f"bert.encoder.layer.{i}.output.dense.weight" for i in range(4)),
+             "classifier.weight", "encoder.block.0.x", "encoder.block.1.x", "decoder.block.0.x", "decoder.block.2.x",
+             "decoder.block.1.x", "model.layers.0.mlp.up_proj.weight", "transformer.h.5.attn.c_attn.weight"]
+    scalings = depth_scalings(names, 0.2, 0.6)
+    assert scalings["bert.embeddings.word_embeddings.weight"] == scalings["classifier.weight"] == 0.2  # outside
+    assert [scalings[f"bert.encoder.layer.{i}.output.dense.weight"] for i in range(4)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8])  # alpha + beta (l - 1) / (L - 1), l = 1..4
+    assert scalings["encoder.block.1.x"] == pytest.approx(0.8)  # the encoder's 2 blocks and the decoder's 3 apart
+    assert scalings["decoder.block.1.x"] == pytest.approx(0.5) and scalings["decoder.block.2.x"] == pytest.approx(0.8)
+    assert scalings["model.layers.0.mlp.up_proj.weight"] == 0.2  # a stack of one block: alpha
+    assert scalings["transformer.h.5.attn.c_attn.weight"] == pytest.approx(0.8)  # block 6 of 6 (GPT-2 names)
+
+
+@pytest.mark.parametrize("name", ["task-arithmetic", "ties"])
+def test_lines_on_task_vector_methods_is_the_plain_merge_with_a_scaling_per_block(owners, name):
+    base, states = owners
+    context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})
+    options = {"density": 0.5} if name == "ties" else {}
+    plain = merge_states(states, get_method(name, scaling=1.0, **options), context).params
+    lines = merge_states(states, get_method(name, scaling=0.3, lines_beta=0.5, **options), context).params
+    assert get_method(name, scaling=0.3, lines_beta=0.5).sums_key() == get_method(name).sums_key()  # same sums
+    scalings = depth_scalings(list(lines), 0.3, 0.5)
+    assert scalings["bert.encoder.layer.1.output.dense.weight"] == pytest.approx(0.8)  # tiny BERT: 2 blocks
+    for param, value in lines.items():
+        b = context.base[param].double()
+        torch.testing.assert_close(value, b + scalings[param] * (plain[param] - b))
 
 
 def test_ties_hand_computed():
