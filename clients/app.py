@@ -187,6 +187,8 @@ def contribute(msg: Message, context: Context) -> Message:
         files = {TOKENIZER + name: data for name, data in tokenizer_files(model_dir, adapter_base(context)).items()}
         # An adapter site says which weights are its base's: a server holding that base will not ask for them.
         meta["adapter"] = untouched_by_adapter(model, checkpoint_files(model_dir, adapter_base(context)))
+        # An owner withdrawing from the merge (node config leave=true): a server keeping sums subtracts it.
+        meta["leave"] = bool(context.node_config.get("leave", False))
     meta["site"] = str(context.node_config.get("name", model_dir.parent.name if model_dir.name == "model"
                                                  else model_dir.name))
     meta["site_seconds"] = round(time.perf_counter() - started, 3)

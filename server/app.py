@@ -15,6 +15,8 @@
   (65536): no site's tensor may exceed this many times the median site's (a site above it cannot encode and is
   rejected; 0: no bound);
 - ``record-dir`` (empty: off): save every reply the server receives, as received, for audits;
+- ``state-dir`` (empty: off): plaintext mode keeps its sums there between runs (``server/state.py``): a later run
+  asks only the sites not inside yet (added) and those whose node config says ``leave=true`` (subtracted);
 - ``part-mb`` (2048): plaintext mode asks the sites for the model a part at a time, each part's float64 sums on the
   server about this size at most, so that the server's memory does not grow with the model's depth.
 """
@@ -82,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         record_dir=str(config.get("record-dir", "")) or None,
         inputs=[str(config["workspace"])] if config.get("workspace") else [],
         workspace_owners=workspace_owners(config.get("workspace")),
+        state_dir=str(config.get("state-dir", "")) or None,
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
     if bool(config.get("secure", False)):

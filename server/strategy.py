@@ -36,12 +36,14 @@ from fusion.checkpoint import atomic_folder, check_apart, check_same_shapes, tok
 from fusion.errors import CompatibilityError, GramfuseError
 from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
 from fusion.lazy import CheckpointFiles
-from fusion.merge import check_layout, load_base
+from fusion.merge import check_layout, load_base, optional_folder
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo, packed_diagonal
+from fusion.sumsfile import SumsWriter
 from fusion.distance import OwnerDistances
 from server.plausibility import DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces
+from server.state import StateKeeper
 
 log = logging.getLogger("gramfuse.server")
 REPORT_FILE = "report.json"
@@ -91,7 +93,7 @@ class FederationError(GramfuseError):
 @dataclass
 class OwnerRecord:
     node_id: int
-    status: str = "asked"  # asked, merged, failed, rejected, timed out
+    status: str = "asked"  # asked, merged, failed, rejected, timed out; with state-dir: removed, inside (not asked)
     site: str = ""
     reason: str = ""
     examples: int = 0
@@ -125,6 +127,7 @@ class RegMeanStrategy(Strategy):
         part_bytes: int = DEFAULT_PART_BYTES,
         inputs: Iterable[str | Path] = (),
         workspace_owners: Iterable[str] = (),
+        state_dir: str | Path | None = None,
     ) -> None:
         self.methods = methods if isinstance(methods, list) else [methods]
         self.base = base
@@ -141,7 +144,9 @@ class RegMeanStrategy(Strategy):
         self.part_bytes = part_bytes
         self.out_dir = Path(out_dir)
         # What the server reads (a simulation's workspace, the base): the output may not be, hold or lie in any.
-        self.inputs = [*inputs, *([base_path] if base_path else [])]
+        self.inputs = [*inputs, *([base_path] if base_path else []), *([state_dir] if state_dir else [])]
+        self.state_dir = state_dir  # the sums kept between runs (server/state.py); None: each run stands alone
+        self.keeper: StateKeeper | None = None
         self.workspace_owners = list(workspace_owners)  # a simulation's owner folders, one per simulated node
         self.min_owners = min_owners
         self.timeout = timeout
@@ -149,6 +154,7 @@ class RegMeanStrategy(Strategy):
         self.heads = heads
         self.record_dir = Path(record_dir) if record_dir else None
         self.aggregators = self.fresh_aggregators()
+        self.leaving_aggregators = self.fresh_aggregators()  # with state-dir: the sites whose sums are subtracted
         self.layouts: dict[int, dict] = {}  # node id -> its site's layout: weight names, shapes, dtypes, statistics
         self.records: dict[int, OwnerRecord] = {}
         self.asked: dict[str, int] = {}  # message id -> node id
@@ -199,6 +205,8 @@ class RegMeanStrategy(Strategy):
     def begin(self) -> None:
         """Refuse an output folder among the inputs before any site is asked for anything; log the settings."""
         check_apart(self.out_dir, self.inputs)
+        if self.state_dir is not None:
+            self.keeper = StateKeeper(self.state_dir, self.methods)
         self.summary()
 
     def summary(self) -> None:
@@ -237,12 +245,15 @@ class RegMeanStrategy(Strategy):
     def _fold(self, reply: Message, node_id: int, record: OwnerRecord) -> None:
         owner = self._decode(node_id, reply, record)
         self._check_declared(node_id, owner)
-        for aggregator in self.aggregators.values():  # every check first: an owner goes into all sums or none
+        leaving = self.keeper is not None and node_id in self.keeper.leaving
+        aggregators = self.leaving_aggregators if leaving else self.aggregators
+        for aggregator in aggregators.values():  # every check first: an owner goes into all sums or none
             aggregator.check(owner)
-        for aggregator in self.aggregators.values():
+        for aggregator in aggregators.values():
             aggregator.fold(owner)
-        self.distances.observe(owner.name, owner.params)
-        record.status = "merged"
+        if not leaving:
+            self.distances.observe(owner.name, owner.params)
+        record.status = "removed" if leaving else "merged"
         if owner.statistics is not None:
             record.examples = owner.statistics.example_count
             record.tokens = max(owner.statistics.token_counts.values(), default=0)
@@ -332,14 +343,18 @@ class RegMeanStrategy(Strategy):
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.gather_layouts(grid)
+        self.sort_by_state()
         while True:
             nodes = sorted(self.layouts)
-            self._check_enough(len(nodes))
+            self._check_enough(len(self.keeper.remaining()) if self.keeper is not None else len(nodes))
             try:
                 return self.merge_in_parts(grid, nodes)
             except SiteLost as lost:
                 # Its earlier parts are in the sums already written: the only exact merge is one without it.
                 del self.layouts[lost.node_id]
+                if self.keeper is not None:
+                    self.keeper.joining.pop(lost.node_id, None)
+                    self.keeper.leaving.pop(lost.node_id, None)
                 self.fitting = sorted(self.layouts)
                 log.warning("owner node %d was lost after part of the merge was formed; merging again without it",
                             lost.node_id)
@@ -353,6 +368,26 @@ class RegMeanStrategy(Strategy):
         self.check_plausible()
         self.fitting = sorted(self.layouts)
         self.timings["layout_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def sort_by_state(self) -> None:
+        """With state-dir: ask only the sites joining the server's sums and those leaving them; a site already inside
+        is not asked for anything."""
+        if self.keeper is None:
+            return
+        for node, (status, reason) in self.keeper.sort(self.layouts, self.owner_label).items():
+            record = self.records[node]
+            record.status, record.reason = status, reason
+            (log.info if status == "inside" else log.warning)("owner node %d %s: %s", node, status, reason)
+            del self.layouts[node]
+        self.fitting = sorted(self.layouts)
+        if not self.layouts:
+            raise FederationError("state-dir: no site to add or remove (every site that answered is inside the "
+                                  "server's sums already, or was rejected)")
+
+    def owner_label(self, node: int) -> str:
+        """A site's name in the server's sums: the name its node config gives, else its node id."""
+        site = self.records[node].site if node in self.records else ""
+        return site or owner_name(node)
 
     def check_plausible(self) -> None:
         """Reject the sites whose declared weights or Gram traces per token stand far above the others'
@@ -411,10 +446,16 @@ class RegMeanStrategy(Strategy):
     def merge_in_parts(self, grid: Grid, nodes: list[int]) -> dict[str, Any]:
         names = [owner_name(node) for node in nodes]  # by node id: the tie-break of the reference label set
         layouts = {owner_name(node): self.layouts[node] for node in nodes}
-        own_heads = {name: {} for name in names if layouts[name]["head"]}  # filled as the heads' part arrives
-        outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
-                               {n: config_from(m) for n, m in layouts.items()}, own_heads)
-        reference = layouts[outputs[0].owners[0]]
+        if self.keeper is None:
+            own_heads = {name: {} for name in names if layouts[name]["head"]}  # filled as the heads' part arrives
+            outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
+                                   {n: config_from(m) for n, m in layouts.items()}, own_heads)
+            reference = layouts[outputs[0].owners[0]]
+            records = {owner_name(r.node_id): r for r in self.records.values()}
+            owners = [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names]
+        else:
+            outputs, reference = self.state_outputs(layouts)
+            owners = [{"name": entry.name, "site": entry.name} for entry in self.keeper.remaining()]
         # Every site's hooked layers (adapter sites hook only those they adapted), as the offline merge takes them:
         # a layer some sites have no statistics for is averaged, with a warning naming it.
         modules = {name: ModuleInfo(**info) for layout in [*layouts.values(), reference]
@@ -426,20 +467,24 @@ class RegMeanStrategy(Strategy):
         groups = plan_groups(list(reference["shapes"]), set(reference["head"]), modules)
         parts = partition(groups, reference, self.part_bytes)
         dtypes = {name: dtype_from(dtype) for name, dtype in reference["dtypes"].items()}
-        records = {owner_name(r.node_id): r for r in self.records.values()}
-        common = {"owners": [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names],
+        common = {"owners": owners,
                   "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
         self.distances = OwnerDistances()
-        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
+        tokenizer = tokenizer_from_files(self.tokenizer)
+        version = self.keeper.state.next_version() if self.keeper is not None else None
+        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging, \
+                optional_folder(version, False, []) as sums_staging:
+            writer = SumsWriter(sums_staging) if sums_staging is not None else None
             finisher = Finisher(method_roots(staging, self.methods), self.methods, context, outputs, dtypes,
-                                tokenizer=tokenizer_from_files(self.tokenizer), on_merged=self.distances.compare)
+                                tokenizer=tokenizer, on_merged=self.distances.compare)
             for index, part in enumerate(parts, start=1):
                 self.gather_part(grid, nodes, index, part)
                 aggregator = next(iter(self.aggregators.values()))
                 for out in outputs:
                     if out.own_head is not None:
                         out.own_head.update(aggregator.own_heads.get(out.folder, {}))
-                finisher.add(part, self._part_sums(outputs))
+                sums_of = self._part_sums(outputs)
+                finisher.add(part, writer.recording(sums_of) if writer is not None else sums_of)
                 log.info("part %d of %d merged: %d groups", index, len(parts), len(part))
             self.timings["parts"] = len(parts)
             self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
@@ -447,13 +492,33 @@ class RegMeanStrategy(Strategy):
             self.report_distances()
             report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
             report = {**report, "federation": self.federation_report()}
+            if writer is not None:
+                task = str(next(iter(self.described.values()), {}).get("task", ""))
+                writer.close(self.keeper.meta(reference, context, task), {}, config_from(reference), tokenizer)
+                report["federation"]["state"] = self.keeper.report(version)
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if version is not None:  # both folders are whole: only now is the new version the current one
+            self.keeper.state.commit(version)
+            log.info("state: %s is current (%d owners inside)", version, len(self.keeper.remaining()))
         log.info("wrote %s", self.out_dir)
         return report
+
+    def state_outputs(self, layouts: dict[str, dict]) -> tuple[list[Output], dict]:
+        """With state-dir: one output over every owner inside the sums after this run (one label set: heads summed),
+        and the reference layout (the sites asked agree on it)."""
+        reference = next(iter(layouts.values()))
+        if any(labels_from(m["label_set"]) != labels_from(reference["label_set"]) for m in layouts.values()):
+            raise FederationError("state-dir: the sites asked differ in label set; the server's sums hold one")
+        names = [entry.name for entry in self.keeper.remaining()]
+        if not names:
+            raise FederationError("state-dir: every owner inside the sums leaves; nothing would be left to merge")
+        labels, config = labels_from(reference["label_set"]), config_from(reference)
+        return plan_outputs(names, {n: labels for n in names}, {n: config for n in names}, {}), reference
 
     def gather_part(self, grid: Grid, nodes: list[int], index: int, part: list[Group]) -> None:
         """Ask every site for one part's weights and Grams and fold the replies into fresh sums."""
         self.aggregators = self.fresh_aggregators()
+        self.leaving_aggregators = self.fresh_aggregators()
         tensors = tuple(t for group in part for t in group.tensors)
         grams = tuple(sorted({group.gram for group in part if group.gram}))
         from_base = set(tensors) & set().union(*(self.from_base.get(node, set()) for node in nodes))
@@ -464,7 +529,7 @@ class RegMeanStrategy(Strategy):
             messages += self._messages([node], MessageType.TRAIN, self.request(**asked.to_config()), index + 1)
         self.aggregate_train(index + 1, self._exchange(grid, messages, f"train-{index}"))
         self.part_base = {}
-        merged = set(self.merged_owners)
+        merged = set(self.merged_owners) | set(next(iter(self.leaving_aggregators.values())).owners)
         lost = [node for node in nodes if owner_name(node) not in merged]
         if lost:
             raise SiteLost(lost[0])
@@ -484,6 +549,9 @@ class RegMeanStrategy(Strategy):
                             by_owner[near], min(d for o, d in by_owner.items() if o != near))
 
     def _part_sums(self, outputs: list[Output]):
+        if self.keeper is not None:
+            return self.keeper.sums_of(next(iter(self.aggregators.values())),
+                                       next(iter(self.leaving_aggregators.values())))
         by_key = {key: aggregator.sums_of(outputs) for key, aggregator in self.aggregators.items()}
         return lambda method, group: by_key[method.sums_key()](method, group)
 
@@ -543,12 +611,14 @@ class RegMeanStrategy(Strategy):
                 log.warning("owner node %d rejected: %s", node_id, record.reason)
 
     def _wait_for_nodes(self, grid: Grid) -> None:
+        # With state-dir the owners inside the sums need not connect: one site joining or leaving is a run.
+        needed = 1 if self.keeper is not None else self.min_owners
         deadline = time.monotonic() + self.timeout
-        while len(list(grid.get_node_ids())) < self.min_owners:
+        while len(list(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
                 found = len(list(grid.get_node_ids()))
                 raise FederationError(f"only {found} sites connected within {self.timeout:.0f} s; "
-                                      f"min-owners is {self.min_owners}")
+                                      f"{'state-dir needs one' if self.keeper else f'min-owners is {self.min_owners}'}")
             time.sleep(POLL_SECONDS)
         self._check_simulated_nodes(len(list(grid.get_node_ids())))
 

@@ -1,0 +1,85 @@
+"""The server's state between runs, without Flower: versions and the CURRENT pointer, and how sites are sorted
+against the sums (joining, leaving, inside, misfits), each refusal with its reason."""
+
+import pytest
+from helpers import perturbed, save_owner, tiny_model, write_data
+
+from fusion.cli import main as gramfuse
+from fusion.errors import GramfuseError
+from fusion.lazy import CheckpointFiles
+from fusion.merge import merge_folders
+from fusion.methods import get_method
+from fusion.statistics import STATS_FILENAME, load_statistics
+from fusion.sumsfile import SumsFileError
+from server.state import CURRENT, ServerState, StateKeeper, entry_from_layout
+
+
+@pytest.fixture(scope="module")
+def owners(tmp_path_factory):
+    root = tmp_path_factory.mktemp("state-owners")
+    base = tiny_model("bert")
+    folders = {}
+    for i, name in enumerate("abc"):
+        folders[name] = save_owner(perturbed(base, seed=80 + i), root / name)
+        assert gramfuse(["stats", str(folders[name]), str(write_data(root / f"{name}.jsonl", 16, seed=i)),
+                         "--quiet"]) == 0
+    return root, folders
+
+
+def layout_of(folder, **extra):
+    """What a site's layout says of it, as far as the state needs: its statistics' metadata and its model."""
+    stats = load_statistics(folder / STATS_FILENAME)
+    weights = {name: list(shape) for name, shape in CheckpointFiles(folder).shapes.items()}
+    return {"statistics": stats.metadata(), "model_type": "bert", "label_set": [[0, "LABEL_0"], [1, "LABEL_1"]],
+            "shapes": weights, **extra}
+
+
+def stored_state(tmp_path, owners, names):
+    _, folders = owners
+    state = ServerState(tmp_path / "state")
+    state.folder.mkdir()
+    version = state.next_version()
+    merge_folders([folders[n] for n in names], tmp_path / "merged", get_method("regmean"), save_sums=version)
+    state.commit(version)
+    return state
+
+
+def test_versions_count_up_and_current_names_the_last_committed(tmp_path, owners):
+    state = stored_state(tmp_path, owners, "ab")
+    assert (state.folder / CURRENT).read_text().strip() == "sums-0001"
+    assert state.next_version().name == "sums-0002"
+    assert [e.name for e in state.current().meta.owners] == ["a", "b"]
+    (state.folder / CURRENT).write_text("../elsewhere")
+    with pytest.raises(SumsFileError, match="not a version"):
+        state.current()
+
+
+def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
+    _, folders = owners
+    stored_state(tmp_path, owners, "ab")
+    keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
+    layouts = {1: layout_of(folders["a"]), 2: layout_of(folders["b"], leave=True), 3: layout_of(folders["c"]),
+               4: layout_of(folders["c"], leave=True), 5: layout_of(folders["c"], model_type="gpt2"),
+               6: {"model_type": "bert"}}
+    skipped = keeper.sort(layouts, lambda node: f"site{node}")
+    assert skipped[1] == ("inside", "already inside the server's sums as 'a': not asked")
+    assert skipped[4] == ("rejected", "asks to leave (leave=true) but is not inside the server's sums")
+    assert skipped[5][0] == "rejected" and "model type 'gpt2'" in skipped[5][1]
+    assert skipped[6][0] == "rejected" and "names no statistics" in skipped[6][1]
+    assert list(keeper.leaving) == [2] and keeper.leaving[2].name == "b"
+    assert list(keeper.joining) == [3]
+    assert [e.name for e in keeper.remaining()] == ["a", "site3"]
+    assert entry_from_layout("x", layouts[3], "").identity() == keeper.joining[3].identity()
+
+
+def test_state_needs_one_set_of_statistics_sums(tmp_path):
+    with pytest.raises(GramfuseError, match="one set of sums"):
+        StateKeeper(tmp_path / "s", [get_method("regmean"), get_method("average")])
+    with pytest.raises(GramfuseError, match="by their statistics"):
+        StateKeeper(tmp_path / "s", [get_method("average")])
+
+
+def test_a_method_that_needs_other_sums_than_the_stored_is_refused(tmp_path, owners):
+    stored_state(tmp_path, owners, "ab")
+    with pytest.raises(SumsFileError, match="needs other sums"):
+        StateKeeper(tmp_path / "state", [get_method("fisher")])
