@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo demo-full demo-tasks demo-llm demo-stsb test bench clean
+.PHONY: setup demo demo-full demo-tasks demo-llm demo-stsb demo-continual test bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ demo-llm: setup
 
 demo-stsb: setup
 	$(BIN)/python -m examples.compare --setting stsb
+
+demo-continual: setup
+	$(BIN)/python -m examples.continual
 
 test: setup
 	$(BIN)/python -m pytest
