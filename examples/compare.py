@@ -39,8 +39,8 @@ from fusion.evaluate import classification_scores
 from fusion.evaluate import probabilities as class_probabilities
 from server.processes import Loopback
 
-METHODS = ["average", "weighted-average", "fisher", "task-arithmetic", "task-arithmetic:scaling=0.2;lines_beta=0.6",
-           "ties", "regmean:alpha=0.1", "regmean:alpha=0.5", "regmean:alpha=0.9", "regmean"]
+METHODS = ["average", "weighted-average", "fisher", "task-arithmetic", "ties",
+           "regmean:alpha=0.1", "regmean:alpha=0.5", "regmean:alpha=0.9", "regmean"]
 MAX_LENGTH = 64
 
 
