@@ -29,8 +29,8 @@ class TaskArithmetic(MergeMethod):
 
     def combine(self, sums, context: MergeContext) -> MergeOutcome:
         merged = weighted_means(sums)
-        scalings = depth_scalings([key[len(DELTA):] for key in sums if key.startswith(DELTA)], self.scaling,
-                                  self.lines_beta)
+        # A group's sums hold a few blocks: the depth of each stack comes from the whole model (the base's names).
+        scalings = depth_scalings(context.base, self.scaling, self.lines_beta)
         for key, delta in sums.items():
             if key.startswith(DELTA):
                 name = key[len(DELTA) :]

@@ -60,8 +60,8 @@ class Ties(MergeMethod):
 
     def combine(self, sums, context: MergeContext) -> MergeOutcome:
         merged = weighted_means(sums)
-        scalings = depth_scalings([key[len(POSITIVE):] for key in sums if key.startswith(POSITIVE)], self.scaling,
-                                  self.lines_beta)
+        # A group's sums hold a few blocks: the depth of each stack comes from the whole model (the base's names).
+        scalings = depth_scalings(context.base, self.scaling, self.lines_beta)
         for key in sums:
             if not key.startswith(POSITIVE):
                 continue

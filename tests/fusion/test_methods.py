@@ -112,15 +112,19 @@ def test_lines_scales_each_blocks_task_vector_by_its_depth():
 
 
 @pytest.mark.parametrize("name", ["task-arithmetic", "ties"])
-def test_lines_on_task_vector_methods_is_the_plain_merge_with_a_scaling_per_block(owners, name):
-    base, states = owners
+def test_lines_on_task_vector_methods_is_the_plain_merge_with_a_scaling_per_block(name):
+    # four blocks, merged group by group as every merge goes: each block's depth is counted in the whole model
+    base = tiny_model("bert", num_hidden_layers=4)
+    states = [OwnerState(f"o{i}", {k: v for k, v in perturbed(base, seed=i).state_dict().items()
+                                   if v.is_floating_point()}) for i in range(2)]
     context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})
     options = {"density": 0.5} if name == "ties" else {}
     plain = merge_states(states, get_method(name, scaling=1.0, **options), context).params
-    lines = merge_states(states, get_method(name, scaling=0.3, lines_beta=0.5, **options), context).params
+    lines = merge_states(states, get_method(name, scaling=0.3, lines_beta=0.6, **options), context).params
     assert get_method(name, scaling=0.3, lines_beta=0.5).sums_key() == get_method(name).sums_key()  # same sums
-    scalings = depth_scalings(list(lines), 0.3, 0.5)
-    assert scalings["bert.encoder.layer.1.output.dense.weight"] == pytest.approx(0.8)  # tiny BERT: 2 blocks
+    scalings = depth_scalings(list(lines), 0.3, 0.6)
+    assert [scalings[f"bert.encoder.layer.{i}.output.dense.weight"] for i in range(4)] == pytest.approx(
+        [0.3, 0.5, 0.7, 0.9])
     for param, value in lines.items():
         b = context.base[param].double()
         torch.testing.assert_close(value, b + scalings[param] * (plain[param] - b))
