@@ -30,7 +30,8 @@ def retention(merged: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, An
     """``merged`` against ``own`` on the same data: the primary score of each and their ratio (1.0: kept all)."""
     name, higher = primary_score(own)
     merged_value, own_value = float(merged[name]), float(own[name])
-    ratio = merged_value / own_value if higher else own_value / merged_value
+    numerator, denominator = (merged_value, own_value) if higher else (own_value, merged_value)
+    ratio = numerator / denominator if denominator else float("nan")  # an own model that scores 0: no ratio
     return {"score": name, "merged": merged_value, "own": own_value, "retention": ratio}
 
 

@@ -594,7 +594,7 @@ def updated_sums(sums: SumsFolder, added: Sequence[FolderOwner], removed: Sequen
     minus the removed ones', reading only that group's tensors."""
 
     def sums_of(method: MergeMethod, group: Group) -> Sums:
-        group_sums = sums.group_sums(group)
+        group_sums = sums.group_sums(group, context.device)
         for owner in added:
             group_sums.add(method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors),
                                                         owner.statistics), context))

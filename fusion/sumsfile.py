@@ -169,12 +169,13 @@ class SumsFolder:
         self.files = CheckpointFiles(self.folder)
         self.scalars = [key for key in self.files if "/" not in key]
 
-    def group_sums(self, group: Group) -> Sums:
-        """The stored sums ``group`` needs (as :func:`fusion.finish.restrict` picks them), read from disk."""
+    def group_sums(self, group: Group, device: str | torch.device = "cpu") -> Sums:
+        """The stored sums ``group`` needs (as :func:`fusion.finish.restrict` picks them), read from disk onto
+        ``device`` (where the contributions added to them are formed)."""
         keys = group.keys
         wanted = [key for key in self.files
                   if not key.startswith(COPIED) and ("/" not in key or key.split("/", 1)[1] in keys)]
-        return Sums({key: value.to(torch.float64) for key, value in self.files.read(wanted).items()})
+        return Sums({key: value.to(device=device, dtype=torch.float64) for key, value in self.files.read(wanted).items()})
 
     def copied(self) -> dict[str, torch.Tensor]:
         names = [key for key in self.files if key.startswith(COPIED)]

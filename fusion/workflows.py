@@ -129,22 +129,25 @@ def forgetting_report(
     """Per owner (its model folder and held-out data file): the merged model's score against the owner's own on
     that data (retention), and linear CKA of their hidden states layer by layer (:mod:`fusion.forgetting`). An owner
     with a head of its own is compared with ``merged_dir/<owner>``, the folder the merge wrote for it."""
+    from .merge import owner_names
+
     merged_dir = Path(merged_dir)
     entries = []
-    for model_dir, data_file in owners:
+    names = owner_names([Path(model_dir) for model_dir, _ in owners])  # as the merge names owners' own folders
+    for name, (model_dir, data_file) in zip(names, owners):
         model_dir, data_file = Path(model_dir), Path(data_file)
-        own_folder = merged_dir / model_dir.name
+        own_folder = merged_dir / name
         serving = own_folder if (own_folder / "config.json").is_file() else merged_dir
         results = {}
         for role, folder in (("merged", serving), ("own", model_dir)):
             model, _ = load_model(folder, settings.task, base=base)
             tokenizer = folder_tokenizer(folder, base)
             task = task_of(model.config, settings.task)
-            with _bar(data_file, settings, f"{model_dir.name}: {role}", progress) as bar:
+            with _bar(data_file, settings, f"{name}: {role}", progress) as bar:
                 results[role] = (scores(task, model, task_batches(model, tokenizer, data_file, settings, True), bar,
                                         tokenizer),
                                  pooled_hidden_states(model, task_batches(model, tokenizer, data_file, settings, True)))
-        entry = owner_report(model_dir.name, results["merged"][0], results["own"][0], results["merged"][1],
+        entry = owner_report(name, results["merged"][0], results["own"][0], results["merged"][1],
                              results["own"][1])
         log.info("%s: %s %.4g merged, %.4g own: retention %.3f; CKA of the last layer %.3f", entry["owner"],
                  entry["score"], entry["merged"], entry["own"], entry["retention"], entry["cka"][-1])

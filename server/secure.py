@@ -37,7 +37,7 @@ from fusion.secure import (
     owners_above_bound,
     scales_from_bands,
 )
-from fusion.secure.fixedpoint import ABOVE_BOUND, BOUND_FACTOR
+from fusion.secure.fixedpoint import ABOVE_BOUND, BOUND_FACTOR, bound_bands
 from fusion.statistics import ModuleInfo
 from server.strategy import REPORT_FILE, FederationError, OwnerRecord, RegMeanStrategy, owner_name
 
@@ -61,6 +61,10 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                                   "(a removal would have to re-aggregate the remaining sites: not implemented)")
         self.threshold_setting = threshold
         self.bound_factor = bound_factor  # an owner's tensor may be this many times the median owner's (0: no bound)
+        try:
+            bound_bands(bound_factor)  # before any site is asked: a bad setting is the operator's first error
+        except ValueError as error:
+            raise FederationError(f"secure-bound: {error}") from None
         self.threshold = 0
         self.session = secrets.token_hex(16)  # fresh per run: keys, masks and shares are bound to it
         self.roster: dict[int, dict[str, bytes]] = {}

@@ -22,6 +22,7 @@ from fusion.aggregate import Aggregator
 from fusion.errors import GramfuseError
 from fusion.finish import Group, restrict
 from fusion.methods import MergeContext, MergeMethod, Sums
+from fusion.methods.regmean import needs_diagonal
 from fusion.sumsfile import LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits
 
 CURRENT = "CURRENT"
@@ -79,6 +80,11 @@ class StateKeeper:
         self.stored = self.state.current()
         if self.stored is not None:
             check_method_fits(self.stored.meta, self.method, self.stored.folder)
+            if needs_diagonal(list(methods)) and not self.stored.meta.diagonal:
+                raise GramfuseError(f"{self.stored.folder}: holds no diag(G) W^T sums (formed with alpha 1), which "
+                                    "an alpha below 1 needs; merge with alpha 1, or start a new state-dir")
+        # The diagonal sums, once kept, are kept up to date whatever this run's alpha.
+        self.diagonal = needs_diagonal(list(methods)) or (self.stored is not None and self.stored.meta.diagonal)
         self.leaving: dict[int, LedgerEntry] = {}  # node -> its entry inside the sums
         self.joining: dict[int, LedgerEntry] = {}
 
@@ -86,13 +92,19 @@ class StateKeeper:
         """Sort the sites by what they ask and what the sums hold; returns the sites not to ask: node -> (status,
         reason): those already inside ("inside"), and those that do not fit ("rejected")."""
         inside = {e.identity(): e for e in self.stored.meta.owners} if self.stored is not None else {}
-        skipped = {}
+        skipped: dict[int, tuple[str, str]] = {}
+        seen: dict[tuple, int] = {}  # identity -> the node that brought it in this run
         for node, layout in sorted(layouts.items()):
             try:
                 entry = entry_from_layout(name_of(node), layout, f"node {node}")
             except (KeyError, TypeError, ValueError) as error:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
+            if entry.identity() in seen:  # a copy: added or subtracted twice, the sums would leave the ledger
+                skipped[node] = ("rejected", f"the same weights and statistics as node {seen[entry.identity()]} in "
+                                             "this run")
+                continue
+            seen[entry.identity()] = node
             known = inside.get(entry.identity())
             if layout.get("leave"):
                 if known is None:
@@ -118,7 +130,8 @@ class StateKeeper:
             return f"model type {layout.get('model_type')!r}, the server's sums are of {meta.model_type!r} models"
         if [list(item) for item in layout.get("label_set", [])] != [list(item) for item in meta.label_set]:
             return "its label set differs from the server's sums' (their heads are summed)"
-        shapes = {name: list(shape) for name, shape in layout.get("shapes", {}).items() if name in meta.shapes}
+        head = set(layout.get("head", []))
+        shapes = {name: list(shape) for name, shape in layout.get("shapes", {}).items() if name not in head}
         if shapes != meta.shapes:
             return "its weights' names or shapes differ from the server's sums'"
         return ""

@@ -463,7 +463,7 @@ class RegMeanStrategy(Strategy):
         gram_dtype = "float32" if any(m.get("statistics", {}).get("gram_dtype") == "float32"
                                       for m in layouts.values()) else "float64"
         context = MergeContext(base=self.base, modules=modules, gram_dtype=gram_dtype,
-                               diagonal=needs_diagonal(self.methods))
+                               diagonal=self.keeper.diagonal if self.keeper else needs_diagonal(self.methods))
         groups = plan_groups(list(reference["shapes"]), set(reference["head"]), modules)
         parts = partition(groups, reference, self.part_bytes)
         dtypes = {name: dtype_from(dtype) for name, dtype in reference["dtypes"].items()}
@@ -506,6 +506,8 @@ class RegMeanStrategy(Strategy):
     def state_outputs(self, layouts: dict[str, dict]) -> tuple[list[Output], dict]:
         """With state-dir: one output over every owner inside the sums after this run (one label set: heads summed),
         and the reference layout (the sites asked agree on it)."""
+        if not layouts:
+            raise FederationError("state-dir: no site joining or leaving is left in this run")
         reference = next(iter(layouts.values()))
         if any(labels_from(m["label_set"]) != labels_from(reference["label_set"]) for m in layouts.values()):
             raise FederationError("state-dir: the sites asked differ in label set; the server's sums hold one")

@@ -67,7 +67,7 @@ def headroom_bits(owners: int) -> int:
 
 def bound_bands(factor: float) -> int | None:
     """A bound ``factor`` (above the median owner) in bands, rounded up; None (no bound) for 0 or infinity."""
-    if factor == 0 or math.isinf(factor):
+    if factor == 0 or factor == math.inf:
         return None
     if not factor >= 1:
         raise ValueError(f"a bound factor must be at least 1 (or 0: none), not {factor}")

@@ -41,6 +41,7 @@ def test_retention_is_oriented_so_that_one_keeps_everything():
     assert retention({"accuracy": 0.8}, {"accuracy": 0.9, "examples": 10})["retention"] == pytest.approx(0.8 / 0.9)
     ppl = retention({"perplexity": 20.0, "accuracy": 0.1}, {"perplexity": 10.0})  # lower is better
     assert ppl["score"] == "perplexity" and ppl["retention"] == pytest.approx(0.5)
+    assert math.isnan(retention({"accuracy": 0.5}, {"accuracy": 0.0})["retention"])  # no ratio to an own score of 0
 
 
 @pytest.mark.parametrize("kind", ["classifier", "causal-lm"])

@@ -1,16 +1,19 @@
 """The server's state between runs, without Flower: versions and the CURRENT pointer, and how sites are sorted
 against the sums (joining, leaving, inside, misfits), each refusal with its reason."""
 
+import json
+
 import pytest
 from helpers import perturbed, save_owner, tiny_model, write_data
 
 from fusion.cli import main as gramfuse
 from fusion.errors import GramfuseError
-from fusion.lazy import CheckpointFiles
+from fusion.checkpoint import load_model
 from fusion.merge import merge_folders
 from fusion.methods import get_method
 from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.sumsfile import SumsFileError
+from federation.payload import Part, owner_payload
 from server.state import CURRENT, ServerState, StateKeeper, entry_from_layout
 
 
@@ -27,11 +30,10 @@ def owners(tmp_path_factory):
 
 
 def layout_of(folder, **extra):
-    """What a site's layout says of it, as far as the state needs: its statistics' metadata and its model."""
-    stats = load_statistics(folder / STATS_FILENAME)
-    weights = {name: list(shape) for name, shape in CheckpointFiles(folder).shapes.items()}
-    return {"statistics": stats.metadata(), "model_type": "bert", "label_set": [[0, "LABEL_0"], [1, "LABEL_1"]],
-            "shapes": weights, **extra}
+    """The layout a site of this model folder sends (federation.payload), with ``extra`` fields."""
+    model, _ = load_model(folder)
+    _, meta = owner_payload(model, load_statistics(folder / STATS_FILENAME), part=Part.LAYOUT)
+    return {**json.loads(json.dumps(meta)), **extra}
 
 
 def stored_state(tmp_path, owners, names):
@@ -58,18 +60,22 @@ def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
     _, folders = owners
     stored_state(tmp_path, owners, "ab")
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
+    alien = layout_of(folders["c"], model_type="gpt2")
+    alien["statistics"] = {**alien["statistics"], "example_count": 999}  # another owner, of another architecture
     layouts = {1: layout_of(folders["a"]), 2: layout_of(folders["b"], leave=True), 3: layout_of(folders["c"]),
-               4: layout_of(folders["c"], leave=True), 5: layout_of(folders["c"], model_type="gpt2"),
-               6: {"model_type": "bert"}}
+               5: alien,
+               6: {"model_type": "bert"}, 7: layout_of(folders["c"])}
     skipped = keeper.sort(layouts, lambda node: f"site{node}")
     assert skipped[1] == ("inside", "already inside the server's sums as 'a': not asked")
-    assert skipped[4] == ("rejected", "asks to leave (leave=true) but is not inside the server's sums")
     assert skipped[5][0] == "rejected" and "model type 'gpt2'" in skipped[5][1]
     assert skipped[6][0] == "rejected" and "names no statistics" in skipped[6][1]
+    assert skipped[7] == ("rejected", "the same weights and statistics as node 3 in this run")  # counted once
     assert list(keeper.leaving) == [2] and keeper.leaving[2].name == "b"
     assert list(keeper.joining) == [3]
     assert [e.name for e in keeper.remaining()] == ["a", "site3"]
     assert entry_from_layout("x", layouts[3], "").identity() == keeper.joining[3].identity()
+    alone = StateKeeper(tmp_path / "state", [get_method("regmean")]).sort({4: layout_of(folders["c"], leave=True)}, str)
+    assert alone[4] == ("rejected", "asks to leave (leave=true) but is not inside the server's sums")
 
 
 def test_state_needs_one_set_of_statistics_sums(tmp_path):
@@ -83,3 +89,15 @@ def test_a_method_that_needs_other_sums_than_the_stored_is_refused(tmp_path, own
     stored_state(tmp_path, owners, "ab")
     with pytest.raises(SumsFileError, match="needs other sums"):
         StateKeeper(tmp_path / "state", [get_method("fisher")])
+    with pytest.raises(GramfuseError, match="no diag"):  # stored with alpha 1: no diag(G) W^T sums to go on from
+        StateKeeper(tmp_path / "state", [get_method("regmean", alpha=0.5)])
+
+
+def test_a_joining_site_with_a_weight_the_sums_lack_is_a_misfit(tmp_path, owners):
+    _, folders = owners
+    stored_state(tmp_path, owners, "ab")
+    keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
+    layout = layout_of(folders["c"])
+    layout["shapes"]["extra.weight"] = [4, 4]
+    assert keeper.sort({1: layout}, str)[1] == ("rejected", "its weights' names or shapes differ from the server's "
+                                                            "sums'")
