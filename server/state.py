@@ -93,19 +93,22 @@ class StateKeeper:
         reason): those already inside ("inside"), and those that do not fit ("rejected")."""
         inside = {e.identity(): e for e in self.stored.meta.owners} if self.stored is not None else {}
         skipped: dict[int, tuple[str, str]] = {}
-        seen: dict[tuple, int] = {}  # identity -> the node that brought it in this run
+        # identity -> the node that adds or subtracts it in this run: a copy would be counted twice, and the sums
+        # would leave the ledger (a site inside, not asked, counts nothing and may be there too)
+        counted: dict[tuple, int] = {}
         for node, layout in sorted(layouts.items()):
             try:
                 entry = entry_from_layout(name_of(node), layout, f"node {node}")
             except (KeyError, TypeError, ValueError) as error:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
-            if entry.identity() in seen:  # a copy: added or subtracted twice, the sums would leave the ledger
-                skipped[node] = ("rejected", f"the same weights and statistics as node {seen[entry.identity()]} in "
-                                             "this run")
-                continue
-            seen[entry.identity()] = node
             known = inside.get(entry.identity())
+            if (layout.get("leave") or known is None) and entry.identity() in counted:
+                skipped[node] = ("rejected", f"the same weights and statistics as node {counted[entry.identity()]} "
+                                             "in this run")
+                continue
+            if layout.get("leave") or known is None:
+                counted[entry.identity()] = node
             if layout.get("leave"):
                 if known is None:
                     skipped[node] = ("rejected", "asks to leave (leave=true) but is not inside the server's sums")

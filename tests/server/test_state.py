@@ -76,6 +76,11 @@ def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
     assert entry_from_layout("x", layouts[3], "").identity() == keeper.joining[3].identity()
     alone = StateKeeper(tmp_path / "state", [get_method("regmean")]).sort({4: layout_of(folders["c"], leave=True)}, str)
     assert alone[4] == ("rejected", "asks to leave (leave=true) but is not inside the server's sums")
+    # the owner's old site still connected (inside, not asked) next to the one that withdraws it: both fine
+    both = StateKeeper(tmp_path / "state", [get_method("regmean")])
+    assert both.sort({1: layout_of(folders["a"]), 2: layout_of(folders["a"], leave=True)}, str) == {
+        1: ("inside", "already inside the server's sums as 'a': not asked")}
+    assert list(both.leaving) == [2]
 
 
 def test_state_needs_one_set_of_statistics_sums(tmp_path):
