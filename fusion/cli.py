@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .checkpoint import DEFAULT_SHARD_BYTES
 from .errors import GramfuseError
@@ -44,6 +45,12 @@ def _byte_size(text: str) -> int:
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
+    _reading_flags(parser)
+    _task_flag(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _reading_flags(parser: Any) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="examples per batch (default 32)")
     parser.add_argument("--max-examples", type=_positive_int, default=None, help="use at most N examples")
@@ -53,8 +60,6 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
                         "classification, one per word; a causal LM needs none)")
     parser.add_argument("--pair-field", default="text_pair", help="sequence classification of sentence pairs: the "
                         "second text's field (default text_pair; used where the rows have it)")
-    _task_flag(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _task_flag(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "there is one, default), cpu, cuda, cuda:N")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    plusplus = merge.add_argument_group("regmean++", "the owners' data, read in this process: its Grams are taken "
+                                        "through the merge as it is built, unit by unit")
+    plusplus.add_argument("--data", nargs="+", default=[], metavar="DATA_FILE",
+                          help="one data file per MODEL_DIR, in the same order")
+    _reading_flags(plusplus)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -210,7 +220,8 @@ def run_merge(args: argparse.Namespace) -> None:
         else:
             report = merge_folders(args.model_dirs, args.output, method, base_dir=args.base, overwrite=args.overwrite,
                                    progress=bar, max_shard_bytes=args.max_shard_size, device=args.device,
-                                   task=args.task, lora_rank=args.lora_rank, save_sums=args.save_sums)
+                                   task=args.task, lora_rank=args.lora_rank, save_sums=args.save_sums,
+                                   data=args.data, data_settings=_settings(args))
     print(merge_summary(args.output, report))
 
 
@@ -222,8 +233,8 @@ def check_merge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("merge: --add and --remove change the owners inside --sums SUMS_DIR; give --sums")
     if not args.sums and not args.model_dirs:
         parser.error("merge: give MODEL_DIRs to merge, or --sums SUMS_DIR")
-    if args.sums and (args.lora_rank or args.task):
-        parser.error("merge: --lora-rank and --task are not available with --sums")
+    if args.sums and (args.lora_rank or args.task or args.data):
+        parser.error("merge: --lora-rank, --task and --data are not available with --sums")
 
 
 def merge_summary(out_dir: str, report: dict) -> str:

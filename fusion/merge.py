@@ -28,6 +28,7 @@ from .checkpoint import (
     check_apart,
     check_same_shapes,
     float_state,
+    folder_tokenizer,
     head_names,
     label_set,
     load_model,
@@ -315,6 +316,8 @@ def merge_folders(
     task: str | None = None,
     lora_rank: int | None = None,
     save_sums: str | Path | None = None,
+    data: Sequence[str | Path] = (),
+    data_settings: Any = None,
 ) -> dict[str, Any]:
     """Merge owners' model folders (each with its statistics file) into ``out_dir``; returns the report.
 
@@ -325,13 +328,15 @@ def merge_folders(
     adapter folders (:mod:`fusion.adapters`; ``base_dir`` overrides their base). ``lora_rank`` also writes
     ``out_dir/lora``, a LoRA adapter of that rank of the merge against the base. ``save_sums`` also writes the
     aggregation's sums with a ledger of the owners (:mod:`fusion.sumsfile`), to add or remove owners later with
-    :func:`merge_from_sums`.
+    :func:`merge_from_sums`. A method that needs data (RegMean++) takes one data file per owner in ``data``, read with
+    ``data_settings`` (:class:`fusion.workflows.DataSettings`), instead of statistics files.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in model_dirs]
     if not paths:
         raise MergeError("no model folders given")
-    needs_statistics = method.needs_statistics or method.needs_fisher
+    check_data_files(method, paths, data, save_sums)
+    needs_statistics = (method.needs_statistics or method.needs_fisher) and not method.needs_data
     device = str(resolve_device(device))  # before any owner is read: a missing device is the user's first error
     base_path = Path(base_dir) if base_dir is not None else None
     inputs = [*paths, *([base_path] if base_path else [])]
@@ -346,7 +351,7 @@ def merge_folders(
     check_statistics_settings(owners)
     base_dir = base_path or common_base(owners, needed=method.needs_base or bool(lora_rank))
     seen: dict[tuple, str] = {}
-    ledger = []
+    ledger, fingerprints = [], {}
     for owner in owners:
         if method.needs_fisher and not owner.statistics.fisher:
             raise MergeError(f"owner {owner.name!r}: method 'fisher' needs Fisher statistics "
@@ -354,8 +359,12 @@ def merge_folders(
         fingerprint = verify_weights(owner)
         check_not_a_copy(owner, fingerprint, seen)
         ledger.append(LedgerEntry.of(owner.name, owner.path, fingerprint, owner.statistics))
+        fingerprints[owner.name] = fingerprint
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
+    plusplus = None
+    if method.needs_data:
+        plusplus = plusplus_owners(owners, data, method, fingerprints, data_settings, base_path, device, progress)
     by_name = {owner.name: owner for owner in owners}
     order = [owner.name for owner in owners]
     own_heads = {o.name: Restricted(o.files, sorted(o.head & set(o.float_names()))) for o in owners if o.head}
@@ -391,9 +400,62 @@ def merge_folders(
             report["sums"] = {"saved": str(save_sums), "owners": len(ledger)}
         if lora_rank:
             report["lora"] = write_lora(staging, base_dir, context.modules, lora_rank)
+        if plusplus is not None:
+            report["regmean++"] = plusplus
         report["seconds"] = round(time.perf_counter() - started, 3)
         write_report(staging, report)
     return report
+
+
+def check_data_files(method: MergeMethod, paths: Sequence[Path], data: Sequence[str | Path],
+                     save_sums: str | Path | None) -> None:
+    """A method that needs data gets one existing file per owner, and no sums (its statistics depend on every owner,
+    so no owner can join or leave them); any other method gets none."""
+    if not method.needs_data:
+        if data:
+            raise MergeError(f"method {method.name!r} takes its statistics from the owners' statistics files; data "
+                             "files are for a method that needs the data itself (regmean++)")
+        return
+    if len(data) != len(paths):
+        raise MergeError(f"method {method.name!r} needs one data file per model folder, in the same order: "
+                         f"{len(paths)} folders, {len(data)} data files")
+    for path, data_file in zip(paths, data):
+        if not Path(data_file).is_file():
+            raise MergeError(f"owner {path.name!r}: data file {data_file} does not exist")
+    if save_sums is not None:
+        raise SumsFileError(f"method {method.name!r} has no sums to save: each owner's Grams are taken through the "
+                            "merge of all owners, so no owner can be added or removed later; merge again instead")
+
+
+def plusplus_owners(owners: Sequence[FolderOwner], data: Sequence[str | Path], method: MergeMethod,
+                    fingerprints: Mapping[str, str], settings: Any, base: Path | None, device: str,
+                    progress: Any) -> dict[str, Any]:
+    """Give each owner its RegMean++ statistics (:mod:`fusion.plusplus`), its data run through the merge as it is
+    built, on one working model; returns the pass's report."""
+    from .plusplus import PassOwner, plusplus_statistics
+    from .workflows import DataSettings, task_batches
+
+    started = time.perf_counter()
+    settings = settings or DataSettings(task=owners[0].task)
+    model, _ = load_model(owners[0].path, owners[0].task, base=base)
+    model = model.to(device)
+    passing = []
+    for owner, data_file in zip(owners, data):
+        batches = list(task_batches(model, folder_tokenizer(owner.path, base), Path(data_file), settings, False))
+        passing.append(PassOwner(owner.name, owner.files, batches, fingerprints[owner.name]))
+    shared = len({owner.label_set for owner in owners}) == 1
+    diagonal = needs_diagonal([method])
+
+    def unit_context(modules: Mapping) -> MergeContext:
+        return MergeContext(modules=dict(modules), diagonal=diagonal, device=device)
+
+    statistics = plusplus_statistics(model, passing, method, unit_context, head=set() if shared else owners[0].head,
+                                     settings=asdict(settings), progress=progress)
+    for owner in owners:
+        owner.statistics = statistics[owner.name]
+    del model
+    return {"data": [str(p) for p in data], "examples": {o.name: o.statistics.example_count for o in owners},
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 @contextlib.contextmanager

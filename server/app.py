@@ -29,6 +29,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fusion.errors import MergeError
 from fusion.methods import get_method, method_from_spec, option_names
 from fusion.secure.fixedpoint import BOUND_FACTOR
 from server.secure import SecureRegMeanStrategy
@@ -53,15 +54,20 @@ def methods_from(run_config) -> list:
     (``regmean:alpha=0.5,average``) to compare several methods from one round."""
     spec = str(run_config.get("method", "regmean"))
     if "," in spec or ":" in spec:
-        return [method_from_spec(item) for item in spec.split(",") if item.strip()]
-    name = spec
-    options = {}
-    for option in option_names(name):
-        value = run_config.get(option)
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
-            continue  # absent, or the "use the method's default" marker
-        options[option] = value
-    return [get_method(name, **options)]
+        methods = [method_from_spec(item) for item in spec.split(",") if item.strip()]
+    else:
+        options = {}
+        for option in option_names(spec):
+            value = run_config.get(option)
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
+                continue  # absent, or the "use the method's default" marker
+            options[option] = value
+        methods = [get_method(spec, **options)]
+    for method in methods:
+        if method.needs_data:  # RegMean++ is offline: a round per unit, only if it pays (README)
+            raise MergeError(f"method {method.name!r} needs the owners' data in the merging process; the federation "
+                             "does not offer it (run `gramfuse merge --method regmean++ ... --data ...` offline)")
+    return methods
 
 
 def workspace_owners(workspace) -> list[str]:

@@ -96,6 +96,8 @@ class MergeMethod:
     name: ClassVar[str] = ""
     needs_statistics: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
+    # The owners' data must be in the merging process (RegMean++: its statistics depend on the merge being built).
+    needs_data: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
     # Options that only ``combine`` reads: methods differing in them alone can share one set of sums.
     combine_only: ClassVar[tuple[str, ...]] = ()

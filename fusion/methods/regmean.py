@@ -33,7 +33,7 @@ def transposed(weight: torch.Tensor, kind: str) -> torch.Tensor:
 def needs_diagonal(methods) -> bool:
     """Whether the sums must hold ``diag(G) W^T``: only a RegMean with alpha < 1 reads it, and owners' sums of
     it are as large as their weights, so a federation or a merge that asks for none leaves it out."""
-    return any(method.name == "regmean" and method.alpha < 1.0 for method in methods)
+    return any(isinstance(method, RegMean) and method.alpha < 1.0 for method in methods)
 
 
 @register("regmean")

@@ -33,11 +33,20 @@ SETTINGS = DataSettings(max_length=16, batch_size=8)
 IDENTITY_OPTIONS = {"task-arithmetic": {"scaling": 0.5}, "ties": {"density": 1.0, "scaling": 1.0}}
 # Methods whose merge depends on the owners' data only through sums over examples (Grams, counts). Not Fisher: where
 # no owner's Fisher informs a parameter (a position no example reached) it falls back to a plain average of owners.
-COUNT_WEIGHTED = ["regmean", "weighted-average"]
+COUNT_WEIGHTED = ["regmean", "weighted-average", "regmean++"]
+DATA_FILES = {}  # owner folder -> the data file of its statistics
 
 
-def every_method():
-    return [*sorted(METHODS), "regmean:alpha=0.5", "regmean:weighting=equal"]
+def with_statistics(folder, data):
+    compute_statistics(folder, data, settings=SETTINGS, fisher=True, progress=False)
+    DATA_FILES[folder.resolve()] = data
+
+
+def every_method(federated: bool = False):
+    """Every registered method (and RegMean's variants); ``federated``: those the federation serves (RegMean++ runs
+    the owners' data through the merge, so it is offline only; the server's refusal is tested in tests/server)."""
+    names = [name for name in sorted(METHODS) if not (federated and METHODS[name].needs_data)]
+    return [*names, "regmean:alpha=0.5", "regmean:weighting=equal", *([] if federated else ["regmean++:alpha=0.5"])]
 
 
 def method_of(spec: str, **options):
@@ -61,13 +70,13 @@ def site(tmp_path_factory):
         model = perturbed(base, seed=70 + index)
         folders[f"owner{index}"] = save_owner(model, root / f"owner{index}")
         data = write_data(root / f"data{index}.jsonl", 24 + 8 * index, seed=index)
-        compute_statistics(folders[f"owner{index}"], data, settings=SETTINGS, fisher=True, progress=False)
+        with_statistics(folders[f"owner{index}"], data)
     lines = (root / "data0.jsonl").read_text().splitlines(keepends=True)
     for half, part in (("a", lines[:10]), ("b", lines[10:])):
         folder = root / f"half-{half}"
         shutil.copytree(folders["owner0"], folder)
         (root / f"half-{half}.jsonl").write_text("".join(part))
-        compute_statistics(folder, root / f"half-{half}.jsonl", settings=SETTINGS, fisher=True, progress=False)
+        with_statistics(folder, root / f"half-{half}.jsonl")
         folders[f"half-{half}"] = folder
     return root, folders
 
@@ -77,13 +86,20 @@ def merged(folders, method, out, base):
     Gram of condition c, c * 1e-14 (c = 1e12 where it is singular): rounding differences of the sums, at float64's
     1e-16, are amplified by the conditioning. The tiny random models' poolers and classifiers see nearly collapsed
     inputs (c up to 1e12)."""
-    report = merge_folders(folders, out, method, base_dir=base if method.needs_base else None)
+    data = [data_of(folder) for folder in folders] if method.needs_data else ()
+    report = merge_folders(folders, out, method, base_dir=base if method.needs_base else None, data=data,
+                           data_settings=SETTINGS)
     tolerance = {}
     for layer in report["layers"].values():
         condition = float(layer["condition"]) if layer["condition"] != "inf" else 1e12
         for module in layer["modules"]:
             tolerance[f"{module}.weight"] = max(1e-10, 1e-14 * condition)
     return read_outputs(out)["."], tolerance
+
+
+def data_of(folder):
+    """The data file a folder's statistics were made from (a method that needs data is given it instead)."""
+    return DATA_FILES[folder.resolve()]
 
 
 def assert_equal(got, expected, tolerance=None):
@@ -112,7 +128,7 @@ def test_owners_that_are_one_model_give_it_back(site, spec, tmp_path):
     name = spec.partition(":")[0]
     method = method_of(spec, **IDENTITY_OPTIONS.get(name, {}))
     twin = shutil.copytree(folders["owner1"], tmp_path / "twin")  # the same model at a site with other data
-    compute_statistics(twin, root / "data2.jsonl", settings=SETTINGS, fisher=True, progress=False)
+    with_statistics(twin, root / "data2.jsonl")
     result, tolerance = merged([folders["owner1"], twin], method, tmp_path / "out", root / "base")
     assert_equal(result, dict(CheckpointFiles(folders["owner1"])), tolerance)
 
@@ -129,7 +145,7 @@ def test_splitting_an_owners_data_in_two_changes_nothing(site, name, tmp_path):
     assert sum(counts) == load_statistics(folders["owner0"] / "gramfuse-stats.safetensors").example_count
 
 
-@pytest.mark.parametrize("spec", every_method())
+@pytest.mark.parametrize("spec", every_method(federated=True))
 def test_every_mode_forms_the_same_sums(site, spec, tmp_path):
     """Offline (streamed per group from folders) = plaintext server (whole owners folded) = secure (decoded)."""
     root, folders = site
