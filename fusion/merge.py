@@ -433,7 +433,7 @@ def plusplus_owners(owners: Sequence[FolderOwner], data: Sequence[str | Path], m
     """Give each owner its RegMean++ statistics (:mod:`fusion.plusplus`), its data run through the merge as it is
     built, on one working model; returns the pass's report."""
     from .plusplus import PassOwner, plusplus_statistics
-    from .workflows import DataSettings, task_batches
+    from .workflows import DataSettings, config_batches
 
     started = time.perf_counter()
     settings = settings or DataSettings(task=owners[0].task)
@@ -441,7 +441,9 @@ def plusplus_owners(owners: Sequence[FolderOwner], data: Sequence[str | Path], m
     model = model.to(device)
     passing = []
     for owner, data_file in zip(owners, data):
-        batches = list(task_batches(model, folder_tokenizer(owner.path, base), Path(data_file), settings, False))
+        # read as the owner's own model reads it (where label sets differ, its labels are its config's)
+        batches = list(config_batches(owner.config, folder_tokenizer(owner.path, base), Path(data_file), settings,
+                                      False))
         passing.append(PassOwner(owner.name, owner.files, batches, fingerprints[owner.name]))
     shared = len({owner.label_set for owner in owners}) == 1
     diagonal = needs_diagonal([method])

@@ -50,10 +50,15 @@ class DataSettings:
 
 def task_batches(model: Any, tokenizer: Any, data_file: Path, settings: DataSettings, labelled: bool):
     """Batches of the data file for the model's task; labels are always checked against the model where present."""
-    task = task_of(model.config, settings.task)
+    return config_batches(model.config, tokenizer, data_file, settings, labelled)
+
+
+def config_batches(config: Any, tokenizer: Any, data_file: Path, settings: DataSettings, labelled: bool):
+    """:func:`task_batches` for a model config (an owner's, whose labels its data holds, run on another's model)."""
+    task = task_of(config, settings.task)
     fields = task_fields(task, settings.text_field, settings.label_field, settings.pair_field)
     examples = read_examples(data_file, fields, require_labels=labelled and fields.label is not None)
-    encoder = Encoder(task, tokenizer, model.config, max_length=settings.max_length, path=data_file, labelled=labelled)
+    encoder = Encoder(task, tokenizer, config, max_length=settings.max_length, path=data_file, labelled=labelled)
     return batches(examples, encoder, batch_size=settings.batch_size, max_examples=settings.max_examples)
 
 

@@ -140,3 +140,45 @@ def test_forgetting_report_of_the_real_merge(federation, tmp_path):
         assert len(owner["cka"]) == 7 and all(0.0 <= c <= 1.0 + 1e-9 for c in owner["cka"])
         assert owner["cka"][0] > 0.99  # the embeddings' output: fine-tuning barely moves it
     assert (tmp_path / "chart.png").is_file()
+
+
+def test_regmean_plusplus_on_the_real_owners_sees_the_merged_models_inputs(federation, tmp_path, capsys):
+    """RegMean++ on the real owners and their training data: each unit's Grams are taken on the inputs the merge
+    before it produces, so every Gram of a unit's *input* (each block's query/key/value, the pooler, the classifier)
+    equals the Gram of that layer in the final merged model on the owner's data, which `gramfuse stats` computes
+    from the output folder with nothing of RegMean++; the merge itself serves both domains."""
+    from fusion.merge import open_owner, plusplus_owners
+    from fusion.methods import get_method
+    from fusion.statistics import load_statistics
+    from fusion.workflows import DataSettings
+
+    root, owners, tests = federation
+    trains = [root / f"{domain}-train.jsonl" for domain in DOMAINS]
+    out = tmp_path / "plusplus"
+    assert main(["merge", *map(str, owners), "-o", str(out), "--method", "regmean++", "--data", *map(str, trains),
+                 "--max-length", "64", "--quiet"]) == 0
+    report = json.loads((out / "gramfuse-merge.json").read_text())
+    assert report["method"] == "regmean++" and report["regmean++"]["examples"] == {"amazon": 320, "movies": 320}
+
+    opened = [open_owner(domain, owner, False) for domain, owner in zip(DOMAINS, owners)]
+    plusplus_owners(opened, trains, get_method("regmean++"), {o.name: o.files.fingerprint() for o in opened},
+                    DataSettings(max_length=64), None, "cpu", None)
+    inputs = ["bert.pooler.dense", "classifier"] + [f"bert.encoder.layer.{i}.attention.self.query" for i in range(6)]
+    for owner, train in zip(opened, trains):
+        merged_stats = tmp_path / f"merged-{owner.name}.safetensors"
+        assert main(["stats", str(out), str(train), "-o", str(merged_stats), "--max-length", "64", "--quiet"]) == 0
+        expected = load_statistics(merged_stats)
+        for layer in inputs:
+            got = owner.statistics.grams[owner.statistics.modules[layer].gram]
+            want = expected.grams[expected.modules[layer].gram]
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max())), (owner.name, layer)
+        inner = owner.statistics.modules["bert.encoder.layer.5.output.dense"].gram  # the owner's own block feeds it
+        assert not torch.allclose(owner.statistics.grams[inner], expected.grams[inner], rtol=1e-3)
+
+    capsys.readouterr()
+    for test_file in tests:
+        assert main(["evaluate", str(out), str(test_file), "--json", "--max-length", "64", "--quiet"]) == 0
+        scores = json.loads(capsys.readouterr().out)
+        print(test_file.name, "regmean++", scores)
+        assert scores["accuracy"] > 0.6  # both domains served (each owner's own model scores about 0.75 on its own)
+

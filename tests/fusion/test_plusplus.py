@@ -192,3 +192,23 @@ def test_the_federation_refuses_regmean_plusplus():
         with pytest.raises(MergeError, match="offline"):
             methods_from(config)
     assert [m.name for m in methods_from({"method": "regmean"})] == ["regmean"]
+
+
+def test_owners_of_different_label_sets_keep_their_heads(tmp_path):
+    """Each owner's data is read against its own labels, the heads are never merged, and each owner's folder holds
+    the merged body with its own head, as RegMean's."""
+    two, three = tiny_model("bert").double(), tiny_model("bert", num_labels=3).double()
+    three.load_state_dict({k: v for k, v in two.state_dict().items() if not k.startswith("classifier")},
+                          strict=False)
+    dirs = [str(save_owner(perturbed(model, seed=i), tmp_path / f"o{i}")) for i, model in enumerate((two, three))]
+    data = [str(write_data(tmp_path / f"d{i}.jsonl", 20, seed=i, num_labels=n)) for i, n in enumerate((2, 3))]
+    assert main(["merge", *dirs, "-o", str(tmp_path / "out"), "--method", "regmean++", "--data", *data,
+                 "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "gramfuse-merge.json").read_text())
+    assert report["outputs"] == {"o0": ["o0"], "o1": ["o1"]}  # every label set its own: a folder each
+    own = load_file(str(tmp_path / "o1" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "out" / "o1" / "model.safetensors"))
+    assert torch.equal(merged["classifier.weight"], own["classifier.weight"])
+    body = load_file(str(tmp_path / "out" / "o0" / "model.safetensors"))
+    assert torch.equal(merged["bert.encoder.layer.1.output.dense.weight"],
+                       body["bert.encoder.layer.1.output.dense.weight"])
