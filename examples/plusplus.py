@@ -7,7 +7,7 @@ given with its paired bootstrap standard error over the test examples (the same 
 a gain can be told from noise; the issue's bar for a federated RegMean++ is 0.02 accuracy (or Pearson) beyond the
 noise, or 5% perplexity.
 
-    python -m examples.plusplus [--setting domains|tasks|stsb|llm] [--alpha 0.5 1.0] [--workdir runs/compare]
+    python -m examples.plusplus [--setting domains|tasks|stsb|llm] [--full] [--alpha 0.5 1.0] [--workdir runs/compare]
 
 Owners come from ``examples.compare``'s work folders (fine-tuned there, or here on first use, and cached). Writes
 WORKDIR/plusplus-<setting>.json and .md and prints the table.
@@ -45,6 +45,10 @@ class Setting:
     scorer: Scorer | None  # per-example scores, for the bootstrap (None: perplexity, compared by its relative change)
     shared_labels: bool
 
+    @property
+    def in_domain(self) -> list[str]:
+        return [owner.domain for owner in self.owners]
+
 
 def correctness(folder: Path, test: Path) -> torch.Tensor:
     from examples.compare import probabilities
@@ -78,30 +82,32 @@ def paired_difference(metric: str, ours: torch.Tensor, theirs: torch.Tensor) -> 
             "standard_error": float(resampled.std())}
 
 
-def setting_of(name: str, workdir: Path) -> Setting:
-    """The owners and test splits ``examples.compare`` uses for ``name``, prepared (or taken from its cache)."""
+def setting_of(name: str, workdir: Path, full: bool = False) -> Setting:
+    """The owners and test splits ``examples.compare`` uses for ``name`` (its ``--full`` sizes with ``full``),
+    prepared or taken from its cache."""
     from examples import compare, llm, stsb
     from examples.assets import SENTIMENT_DOMAINS, SENTIMENT_LABELS, TASKS, sentiment, sts_benchmark
     from examples.assets import STS_GENRES
     from examples.owners import prepare_owner
 
+    label = "full" if full else "default"
     if name == "llm":
-        size = llm.SIZES["default"]
-        owners = llm.prepare_owners(workdir / "llm-default", size)
+        size = llm.SIZES[label]
+        owners = llm.prepare_owners(workdir / f"llm-{label}", size)
         return Setting(owners, {o.domain: o.test for o in owners}, llm.DATA, "perplexity", None, True)
-    size = compare.SIZES["default"]
+    size = compare.SIZES[label]
     classes = DataSettings(max_length=compare.MAX_LENGTH, batch_size=64)
     if name == "domains":
-        folder, labels = workdir / "domains-default", tuple(SENTIMENT_LABELS.values())
+        folder, labels = workdir / f"domains-{label}", tuple(SENTIMENT_LABELS.values())
         domains = [d for d in SENTIMENT_DOMAINS if d != HELD_OUT] + [HELD_OUT]  # in compare's order
         owners = [prepare_owner(d, d, sentiment(d), labels, folder, train=size.train, test=size.test,
                                 epochs=size.epochs) for d in domains]
         return Setting(owners[:-1], {o.domain: o.test for o in owners}, classes, "accuracy", correctness, True)
     if name == "tasks":
-        owners = [prepare_owner(task, task, load(), labels, workdir / "tasks-default", train=size.train,
+        owners = [prepare_owner(task, task, load(), labels, workdir / f"tasks-{label}", train=size.train,
                                 test=size.test, epochs=size.epochs) for task, (load, labels) in TASKS.items()]
         return Setting(owners, {o.domain: o.test for o in owners}, classes, "accuracy", correctness, False)
-    owners = [prepare_owner(genre, genre, sts_benchmark(genre), stsb.SCORE, workdir / "stsb-default",
+    owners = [prepare_owner(genre, genre, sts_benchmark(genre), stsb.SCORE, workdir / f"stsb-{label}",
                             train=size.train, test=size.test, epochs=stsb.EPOCHS, learning_rate=stsb.LEARNING_RATE)
               for genre in STS_GENRES]
     return Setting(owners, {o.domain: o.test for o in owners}, stsb.DATA, "pearson", prediction_pairs, True)
@@ -172,7 +178,13 @@ def verdicts(setting: Setting, results: dict[str, dict], alphas: list[float]) ->
                 per_split[split] = {"relative_change": relative}
             else:
                 per_split[split] = paired_difference(setting.metric, ours["rows"][split], theirs["rows"][split])
-        out[f"alpha={alpha:g}"] = {"splits": per_split, "time_ratio": ours["seconds"] / theirs["seconds"]}
+        entry = {"splits": per_split, "time_ratio": ours["seconds"] / theirs["seconds"]}
+        if setting.scorer is not None:  # the mean over the owners' own splits; splits are independent samples
+            inside = [per_split[split] for split in setting.in_domain]
+            entry["mean_in_domain"] = {
+                "difference": sum(c["difference"] for c in inside) / len(inside),
+                "standard_error": sum(c["standard_error"] ** 2 for c in inside) ** 0.5 / len(inside)}
+        out[f"alpha={alpha:g}"] = entry
     return out
 
 
@@ -191,6 +203,9 @@ def table(setting: Setting, results: dict[str, dict], compared: dict[str, dict])
                 cells.append(f"{split} {100 * change['relative_change']:+.1f}%")
             else:
                 cells.append(f"{split} {change['difference']:+.3f} ± {change['standard_error']:.3f}")
+        if "mean_in_domain" in entry:
+            mean = entry["mean_in_domain"]
+            cells.append(f"**mean in domain {mean['difference']:+.3f} ± {mean['standard_error']:.3f}**")
         lines.append(f"- {alpha}: " + ", ".join(cells) + f"; time {entry['time_ratio']:.1f}x")
     return "\n".join(lines)
 
@@ -198,21 +213,24 @@ def table(setting: Setting, results: dict[str, dict], compared: dict[str, dict])
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.plusplus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=("domains", "tasks", "stsb", "llm"), default="domains")
+    parser.add_argument("--full", action="store_true", help="compare's larger splits (1000 training and 500 test "
+                        "examples per owner; fine-tuned on first use)")
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    setting = setting_of(args.setting, workdir)
-    done = merges(setting, args.alpha, workdir / f"plusplus-{args.setting}")
+    setting = setting_of(args.setting, workdir, args.full)
+    name = f"plusplus-{args.setting}-{'full' if args.full else 'default'}"
+    done = merges(setting, args.alpha, workdir / name)
     results = evaluate(setting, done)
     compared = verdicts(setting, results, args.alpha)
     text = table(setting, results, compared)
-    record = {"setting": args.setting, "metric": setting.metric, "owners": [o.name for o in setting.owners],
+    record = {"setting": args.setting, "size": "full" if args.full else "default", "metric": setting.metric, "owners": [o.name for o in setting.owners],
               "tests": {s: str(p) for s, p in setting.tests.items()},
               "results": {label: {k: v for k, v in r.items() if k != "rows"} for label, r in results.items()},
               "regmean++_minus_regmean": compared}
-    (workdir / f"plusplus-{args.setting}.json").write_text(json.dumps(record, indent=2))
-    (workdir / f"plusplus-{args.setting}.md").write_text(text + "\n")
+    (workdir / f"{name}.json").write_text(json.dumps(record, indent=2))
+    (workdir / f"{name}.md").write_text(text + "\n")
     print(f"\nRegMean++ and RegMean, {args.setting}:\n")
     print(text)
     return 0

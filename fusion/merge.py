@@ -296,11 +296,15 @@ def streamed_sums(owners: Sequence[FolderOwner], head_owners: set[str], context:
         for owner in owners:
             if group.head and owner.name not in head_owners:
                 continue
-            params = Restricted(owner.files, group.tensors)
-            sums.add(method.contribute(OwnerState(owner.name, params, owner.statistics), context))
+            sums.add(group_contribution(method, owner, group, context))
         return sums
 
     return sums_of
+
+
+def group_contribution(method: MergeMethod, owner: FolderOwner, group: Group, context: MergeContext) -> dict:
+    """An owner folder's contribution to one group, reading only the group's tensors."""
+    return method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors), owner.statistics), context)
 
 
 def merge_folders(
@@ -576,13 +580,11 @@ def fresh_names(paths: Sequence[Path], taken: Sequence[str]) -> list[str]:
 def check_fits_sums(owner: FolderOwner, meta: SumsMeta) -> None:
     """An owner added to or removed from sums must be a model of their kind: task, model type, body shapes, label
     set, and the same Gram layout."""
-    if owner.task != meta.task or owner.config.model_type != meta.model_type:
-        raise CompatibilityError(f"owner {owner.name!r}: a {owner.config.model_type} {owner.task} model, but the sums "
-                                 f"are of {meta.model_type} {meta.task} models")
-    check_same_shapes(owner.name, owner.body_shapes(), "the sums", {n: tuple(v) for n, v in meta.shapes.items()})
-    if [list(item) for item in owner.label_set] != [list(item) for item in meta.label_set]:
-        raise CompatibilityError(f"owner {owner.name!r}: label set {[label for _, label in owner.label_set]} differs "
-                                 f"from the sums' {[label for _, label in meta.label_set]} (their heads are summed)")
+    if owner.task != meta.task:
+        raise CompatibilityError(f"owner {owner.name!r}: a {owner.task} model, but the sums are of {meta.task} models")
+    problem = meta.misfit(owner.config.model_type, owner.label_set, owner.body_shapes())
+    if problem:
+        raise CompatibilityError(f"owner {owner.name!r}: {problem}")
     if owner.statistics is not None:
         check_layout(owner.name, owner.statistics.modules, "the sums", meta.module_infos())
 
@@ -660,11 +662,9 @@ def updated_sums(sums: SumsFolder, added: Sequence[FolderOwner], removed: Sequen
     def sums_of(method: MergeMethod, group: Group) -> Sums:
         group_sums = sums.group_sums(group, context.device)
         for owner in added:
-            group_sums.add(method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors),
-                                                        owner.statistics), context))
+            group_sums.add(group_contribution(method, owner, group, context))
         for owner in removed:
-            group_sums.subtract(method.contribute(OwnerState(owner.name, Restricted(owner.files, group.tensors),
-                                                             owner.statistics), context))
+            group_sums.subtract(group_contribution(method, owner, group, context))
         return group_sums
 
     return sums_of

@@ -14,7 +14,7 @@ index; keys are the methods' sum keys, ``copied/<name>`` for integer buffers), `
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,24 @@ class SumsMeta:
 
     def module_infos(self) -> dict[str, ModuleInfo]:
         return {name: ModuleInfo(**info) for name, info in self.modules.items()}
+
+    def misfit(self, model_type: str, label_set: Sequence, body_shapes: Mapping[str, Sequence[int]]) -> str:
+        """Why a model of this type, label set and body (names and shapes, heads left out) cannot join or leave
+        these sums; '' where it can. One rule for ``merge --sums`` and the server's state-dir."""
+        if model_type != self.model_type:
+            return f"a {model_type} model, but the sums are of {self.model_type} models"
+        if [list(item) for item in label_set] != [list(item) for item in self.label_set]:
+            return (f"label set {[label for _, label in label_set]} differs from the sums' "
+                    f"{[label for _, label in self.label_set]} (their heads are summed)")
+        shapes = {name: list(shape) for name, shape in body_shapes.items()}
+        if shapes == self.shapes:
+            return ""
+        missing, extra = sorted(set(self.shapes) - set(shapes)), sorted(set(shapes) - set(self.shapes))
+        if missing or extra:
+            detail = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}"
+            return f"its weights' names differ from the sums' ({detail})"
+        name = next(name for name in shapes if shapes[name] != self.shapes[name])
+        return f"layer {name!r} has shape {tuple(shapes[name])}, the sums' {tuple(self.shapes[name])}"
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **asdict(self), "owners": [entry.to_json() for entry in self.owners]}

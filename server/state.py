@@ -128,16 +128,10 @@ class StateKeeper:
         """Why a joining site's model does not fit the stored sums ('' where it does)."""
         if self.stored is None:
             return ""
-        meta = self.stored.meta
-        if str(layout.get("model_type")) != meta.model_type:
-            return f"model type {layout.get('model_type')!r}, the server's sums are of {meta.model_type!r} models"
-        if [list(item) for item in layout.get("label_set", [])] != [list(item) for item in meta.label_set]:
-            return "its label set differs from the server's sums' (their heads are summed)"
         head = set(layout.get("head", []))
-        shapes = {name: list(shape) for name, shape in layout.get("shapes", {}).items() if name not in head}
-        if shapes != meta.shapes:
-            return "its weights' names or shapes differ from the server's sums'"
-        return ""
+        shapes = {name: shape for name, shape in layout.get("shapes", {}).items() if name not in head}
+        problem = self.stored.meta.misfit(str(layout.get("model_type")), layout.get("label_set", []), shapes)
+        return problem and f"{problem} (the server's sums)"
 
     def remaining(self) -> list[LedgerEntry]:
         leaving = {entry.identity() for entry in self.leaving.values()}

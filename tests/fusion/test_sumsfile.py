@@ -52,7 +52,8 @@ def assert_same_sums(actual: dict, expected: dict) -> None:
 METHOD_OPTIONS = {"regmean": {"alpha": 0.5}, "ties": {"density": 0.5}}
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# Every method with sums: RegMean++'s Grams depend on every owner, so it has none (its refusal: test_plusplus.py).
+@pytest.mark.parametrize("name", [name for name in sorted(METHODS) if not METHODS[name].needs_data])
 def test_removing_and_adding_an_owner_equals_merging_from_scratch(owners, tmp_path, name):
     root, paths = owners
     method = get_method(name, **METHOD_OPTIONS.get(name, {}))

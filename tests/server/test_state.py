@@ -67,7 +67,7 @@ def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
                6: {"model_type": "bert"}, 7: layout_of(folders["c"])}
     skipped = keeper.sort(layouts, lambda node: f"site{node}")
     assert skipped[1] == ("inside", "already inside the server's sums as 'a': not asked")
-    assert skipped[5][0] == "rejected" and "model type 'gpt2'" in skipped[5][1]
+    assert skipped[5][0] == "rejected" and "a gpt2 model, but the sums are of bert models" in skipped[5][1]
     assert skipped[6][0] == "rejected" and "names no statistics" in skipped[6][1]
     assert skipped[7] == ("rejected", "the same weights and statistics as node 3 in this run")  # counted once
     assert list(keeper.leaving) == [2] and keeper.leaving[2].name == "b"
@@ -104,5 +104,5 @@ def test_a_joining_site_with_a_weight_the_sums_lack_is_a_misfit(tmp_path, owners
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
     layout = layout_of(folders["c"])
     layout["shapes"]["extra.weight"] = [4, 4]
-    assert keeper.sort({1: layout}, str)[1] == ("rejected", "its weights' names or shapes differ from the server's "
-                                                            "sums'")
+    assert keeper.sort({1: layout}, str)[1] == ("rejected", "its weights' names differ from the sums' (has "
+                                                            "'extra.weight') (the server's sums)")
