@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +440,7 @@ def plusplus_owners(owners: Sequence[FolderOwner], data: Sequence[str | Path], m
     from .workflows import DataSettings, config_batches
 
     started = time.perf_counter()
-    settings = settings or DataSettings(task=owners[0].task)
+    settings = replace(settings or DataSettings(), task=(settings and settings.task) or owners[0].task)
     model, _ = load_model(owners[0].path, owners[0].task, base=base)
     model = model.to(device)
     passing = []

@@ -114,21 +114,35 @@ def unit_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
 
 
 def forward_units(model: nn.Module, batch: Any, aliases: Mapping[str, str]) -> list[Unit]:
-    """The units in the order one forward pass of ``batch`` first calls them (units it never calls last). A unit
-    with linear layers that runs twice in one pass (weights shared across depth, as ALBERT's) has no place in the
-    order: an error."""
+    """The units with linear layers in the order one forward pass of ``batch`` first calls them, after every unit
+    without (averaged: their merge needs no Grams, so it comes first, and a unit used without being called, as
+    DeBERTa's relative embeddings, or called at several depths, is merged before anything reads it). A unit with
+    linear layers the pass never calls is averaged with them (no Grams reach it). One that runs twice in one pass
+    (weights shared across depth, as ALBERT's) has no place in the order: an error. A list of blocks is replayed
+    (:class:`Replay`) only where the pass shows it is a chain: its blocks called once each, in order, back to back,
+    each fed the one before's output; any other list (XLM's attentions and feed-forwards, called in turn) runs."""
     candidates = unit_candidates(model)
     calls: dict[int, int] = {}
-    order: list[int] = []
+    sequence: list[int] = []
+    fed: dict[int, Any] = {}  # each block's first input and its output, to check that the list is a chain
+    made: dict[int, Any] = {}
 
-    def counter(index: int):
-        def hook(module: nn.Module, args: Any) -> None:
+    def before(index: int):
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             calls[index] = calls.get(index, 0) + 1
-            if calls[index] == 1:
-                order.append(index)
+            sequence.append(index)
+            fed.setdefault(index, args[0] if args else next(iter(kwargs.values()), None))
         return hook
 
-    handles = [candidate[1].register_forward_pre_hook(counter(i)) for i, candidate in enumerate(candidates)]
+    def after(index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            made.setdefault(index, output)
+        return hook
+
+    handles = []
+    for index, candidate in enumerate(candidates):
+        handles.append(candidate[1].register_forward_pre_hook(before(index), with_kwargs=True))
+        handles.append(candidate[1].register_forward_hook(after(index)))
     try:
         args, kwargs, _, _ = _split_batch(batch, next(model.parameters()).device)
         with torch.no_grad():
@@ -136,18 +150,46 @@ def forward_units(model: nn.Module, batch: Any, aliases: Mapping[str, str]) -> l
     finally:
         for handle in handles:
             handle.remove()
-    order += [i for i in range(len(candidates)) if i not in calls]
+    chains = _chains(candidates, sequence, fed, made)
     names = dict(model.named_parameters())
-    units = []
-    for index in order:
+    first_call = {index: sequence.index(index) for index in calls}
+    averaged, solved = [], []
+    for index in sorted(range(len(candidates)), key=lambda i: first_call.get(i, len(sequence))):
         name, module, stack, place = candidates[index]
         layers = [f"{name}.{layer}" if layer else name for layer, _, _ in linear_modules(module)]
         if layers and calls.get(index, 0) > 1:
             raise MergeError(f"regmean++: {name!r} runs {calls[index]} times in one forward pass (its weights serve "
                              "several depths); such a model has no order of units to merge in")
         params = {f"{name}.{p}": aliases.get(f"{name}.{p}", f"{name}.{p}") for p, _ in module.named_parameters()}
-        units.append(Unit(name, module, {p: s for p, s in params.items() if p in names}, layers, stack, place))
-    return units
+        params = {p: stored for p, stored in params.items() if p in names}
+        if layers and index in calls:
+            solved.append(Unit(name, module, params, layers, stack if stack in chains else "", place))
+        else:
+            averaged.append(Unit(name, module, params, []))
+    return averaged + solved
+
+
+def _chains(candidates: Sequence[tuple], sequence: list[int], fed: Mapping[int, Any],
+            made: Mapping[int, Any]) -> set[str]:
+    """The lists of blocks the pass ran as a chain: block k called right after block k-1 among the units, once,
+    on block k-1's output (itself, or the first item of the tuple it returned)."""
+    by_stack: dict[str, list[int]] = {}
+    for index, (_, _, stack, _) in enumerate(candidates):
+        if stack:
+            by_stack.setdefault(stack, []).append(index)
+    chains = set()
+    for stack, blocks in by_stack.items():
+        calls = [index for index in sequence if index in blocks]
+        start = sequence.index(blocks[0]) if blocks[0] in sequence else -1
+        if calls != blocks or sequence[start:start + len(blocks)] != blocks:
+            continue
+        if all(_output_tensor(made.get(previous)) is fed.get(block) for previous, block in zip(blocks, blocks[1:])):
+            chains.add(stack)
+    return chains
+
+
+def _output_tensor(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) and output else output
 
 
 def loose_parameters(model: nn.Module, units: Sequence[Unit], aliases: Mapping[str, str]) -> Unit | None:
@@ -196,8 +238,10 @@ class Replay:
     def active(self, owner: str, device: torch.device):
         replaced = []
         for stack, (last, outputs) in self.recorded.items():
-            for block in list(self.stacks[stack])[: last + 1]:
-                block.forward = self._recorded(outputs[owner], device)
+            blocks = list(self.stacks[stack])[: last + 1]
+            shared: dict[int, Any] = {}  # one copy per batch for the blocks whose output the next one ignores
+            for place, block in enumerate(blocks):
+                block.forward = self._recorded(outputs[owner], device, shared, fresh=place == last)
                 replaced.append(block)
         try:
             yield
@@ -205,9 +249,17 @@ class Replay:
             for block in replaced:
                 del block.forward
 
-    def _recorded(self, outputs: list[Any], device: torch.device):
+    def _recorded(self, outputs: list[Any], device: torch.device, shared: dict[int, Any], fresh: bool):
+        """Block j hands on a fresh copy of its recording (the model may change it in place); the blocks before it
+        are replayed too, but their outputs feed only replayed blocks, so they share one copy per batch."""
+
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return _copied(outputs[self.batch], device)
+            if fresh:
+                return _copied(outputs[self.batch], device)
+            if self.batch not in shared:
+                shared.clear()
+                shared[self.batch] = _copied(outputs[self.batch], device)
+            return shared[self.batch]
 
         return forward
 
@@ -296,6 +348,8 @@ def plusplus_statistics(
     units = forward_units(model, owners[0].batches[0], aliases)
     loose = loose_parameters(model, units, aliases)
     units = ([loose] if loose else []) + units
+    log.info("regmean++: %d units, %d with linear layers; lists replayed: %s", len(units),
+             sum(bool(unit.layers) for unit in units), ", ".join(sorted({u.stack for u in units if u.stack})) or "none")
     counts = {owner.name: sum(_split_batch(b, "cpu")[3] for b in owner.batches) for owner in owners}
     parts: dict[str, list[GramStatistics]] = {owner.name: [] for owner in owners}
     modules = dict(model.named_modules())

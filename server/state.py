@@ -131,7 +131,7 @@ class StateKeeper:
         head = set(layout.get("head", []))
         shapes = {name: shape for name, shape in layout.get("shapes", {}).items() if name not in head}
         problem = self.stored.meta.misfit(str(layout.get("model_type")), layout.get("label_set", []), shapes)
-        return problem and f"{problem} (the server's sums)"
+        return problem and f"against the server's sums: {problem}"
 
     def remaining(self) -> list[LedgerEntry]:
         leaving = {entry.identity() for entry in self.leaving.values()}

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from . import register
+from ..errors import MergeError
+from . import MergeContext, OwnerState, register
 from .regmean import RegMean
 
 
@@ -20,3 +21,9 @@ from .regmean import RegMean
 class RegMeanPlusPlus(RegMean):
     # The merge needs each owner's data in the merging process: its Grams depend on the merge itself.
     needs_data: ClassVar[bool] = True
+
+    def contribute(self, owner: OwnerState, context: MergeContext):
+        if not owner.statistics.settings.get("regmean++"):  # a statistics file's Grams: that would be plain RegMean
+            raise MergeError(f"owner {owner.name!r}: regmean++ needs the Grams of its own pass through the merge "
+                             "(merge_folders with the owners' data), not a statistics file's")
+        return super().contribute(owner, context)

@@ -174,7 +174,8 @@ def test_ties_on_tiny_models_moves_only_from_the_base_by_trimmed_entries(owners)
     assert 0.2 <= changed <= 0.4  # each owner keeps 20%; the union of two owners' entries is at most 40%
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# RegMean++ refuses statistics files' Grams (tests/fusion/test_plusplus.py); every other method takes them here.
+@pytest.mark.parametrize("method", [name for name in sorted(METHODS) if not METHODS[name].needs_data])
 def test_every_method_gives_finite_parameters_of_the_right_shapes(owners, method):
     base, states = owners
     context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()})

@@ -117,22 +117,71 @@ def test_regmean_plusplus_equals_an_independent_implementation(family, tmp_path)
     assert moved, "the last block merged as plain RegMean"
 
 
+AVERAGED = {"bert": ["bert.embeddings"], "gpt2-lm": ["transformer.wte", "transformer.wpe", "transformer.ln_f"],
+            "llama-lm": ["model.embed_tokens", "model.norm"]}
+
+
 @pytest.mark.parametrize("family", sorted(UNITS))
 def test_units_are_found_in_forward_order(family):
+    """Units without linear layers first (their merge needs no Grams), then the others in forward order; the lists
+    of blocks are chains, so their blocks are replayed."""
     model = tiny_model("bert").double() if family == "bert" else tiny_family(family)
     batch = tokenizer()(["a good film", "the plot"], return_tensors="pt", padding=True)
     units = forward_units(model, dict(batch), untie(model))
-    assert [unit.name for unit in units] == UNITS[family]
+    solved = [unit for unit in UNITS[family] if unit not in AVERAGED[family]]
+    assert [unit.name for unit in units] == AVERAGED[family] + solved
+    assert all(bool(unit.stack) == (unit.index >= 0) for unit in units)
+    assert sum(bool(unit.stack) for unit in units) == 2  # the two blocks
 
 
 def test_t5_units_run_the_encoder_then_the_decoder():
     model = tiny_family("t5-seq2seq")
     batch = dict(tokenizer()(["a good film"], return_tensors="pt"))
     batch["decoder_input_ids"] = batch["input_ids"]
-    names = [unit.name for unit in forward_units(model, batch, untie(model))]
-    assert names[:4] == ["encoder.embed_tokens", "encoder.block.0", "encoder.block.1", "encoder.final_layer_norm"]
-    assert names.index("decoder.block.0") > names.index("encoder.final_layer_norm")
-    assert names.index("lm_head") > names.index("decoder.final_layer_norm")
+    units = forward_units(model, batch, untie(model))
+    names = [unit.name for unit in units if unit.layers]
+    assert names == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1", "lm_head"]
+    assert {unit.stack for unit in units if unit.layers} == {"encoder.block", "decoder.block", ""}
+
+
+def xlm_classifier():
+    """XLM calls its two lists (attentions, feed-forwards) in turn: not chains, so nothing of it is replayed."""
+    from transformers import XLMConfig, XLMForSequenceClassification
+
+    torch.manual_seed(0)
+    config = XLMConfig(vocab_size=30522, emb_dim=16, n_layers=2, n_heads=2, max_position_embeddings=64, num_labels=2)
+    return XLMForSequenceClassification(config).double().eval()
+
+
+@pytest.mark.parametrize("family", ["t5-seq2seq", "llama-lm", "gpt2-lm", "xlm"])
+def test_owners_that_are_one_model_see_its_own_inputs(family, tmp_path):
+    """Two owners holding one model: the merge is that model, so every Gram of the pass must equal the model's
+    plain statistics (`gramfuse stats`). This holds the replay of merged blocks (T5's position biases handed from
+    block to block included) and the order of units to the plain forward pass."""
+    from fusion.merge import open_owner, plusplus_owners
+    from fusion.methods import get_method
+    from fusion.statistics import load_statistics
+    from fusion.workflows import compute_statistics
+
+    task = {"t5-seq2seq": "seq2seq", "xlm": "sequence-classification"}.get(family, "causal-lm")
+    model = xlm_classifier() if family == "xlm" else tiny_family(family)
+    folder = save_owner(model, tmp_path / "one")
+    data = write_task_data(tmp_path / "data.jsonl", task, random.Random(3), 20)
+    compute_statistics(folder, data, settings=SETTINGS, progress=False)
+    plain = load_statistics(folder / "gramfuse-stats.safetensors")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for item in folder.iterdir():
+        (twin / item.name).write_bytes(item.read_bytes())
+    owners = [open_owner(name, path, False) for name, path in (("one", folder), ("twin", twin))]
+    plusplus_owners(owners, [data, data], get_method("regmean++", tied="embedding"),
+                    {o.name: o.files.fingerprint() for o in owners}, SETTINGS, None, "cpu", None)
+    for owner in owners:
+        stats = owner.statistics
+        assert set(stats.modules) == set(plain.modules)
+        for layer, info in stats.modules.items():
+            got, want = stats.grams[info.gram], plain.grams[plain.modules[layer].gram]
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max())), (family, layer)
 
 
 def test_every_task_type_merges_and_loads(tmp_path):

@@ -104,5 +104,5 @@ def test_a_joining_site_with_a_weight_the_sums_lack_is_a_misfit(tmp_path, owners
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
     layout = layout_of(folders["c"])
     layout["shapes"]["extra.weight"] = [4, 4]
-    assert keeper.sort({1: layout}, str)[1] == ("rejected", "its weights' names differ from the sums' (has "
-                                                            "'extra.weight') (the server's sums)")
+    assert keeper.sort({1: layout}, str)[1] == ("rejected", "against the server's sums: its weights' names differ "
+                                                            "from the sums' (has 'extra.weight')")
