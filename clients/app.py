@@ -15,6 +15,10 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
   (:mod:`federation.ledger`);
 - ``require-secure`` (false): refuse any plaintext request for weights and statistics (in a secure run a site
   refuses them anyway);
+- ``dp-epsilon`` (0: off), ``dp-delta`` (0: ``1 / N^2`` for ``N`` examples), ``dp-clip`` (1.0), ``dp-budget``
+  (``dp-epsilon``): differentially private statistics (:mod:`fusion.privacy`); every noise draw is recorded in
+  ``<model-path>/gramfuse-dp-budget.json`` (or ``dp-budget-path``) and a draw that would take the composed epsilon
+  past ``dp-budget`` is refused. A drawn statistics file is reused across runs at no further cost;
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 
@@ -38,7 +42,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from federation.crypto import SecureProtocolError
-from federation.ledger import LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, contribution_of
+from federation.ledger import BUDGET_FILENAME, LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, PrivacyBudget, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
@@ -50,7 +54,8 @@ from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
 from fusion.adapters import checkpoint_files
 from fusion.statistics import STATS_FILENAME, load_statistics
-from fusion.workflows import DataSettings, compute_statistics
+from fusion.privacy import PrivacySpec
+from fusion.workflows import DataSettings, compute_statistics, expected_settings
 
 log = logging.getLogger("gramfuse.client")
 app = ClientApp()
@@ -119,8 +124,34 @@ def data_settings(context: Context) -> DataSettings:
     )
 
 
-def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool, base: Path | None = None):
-    """The model and its statistics: the site's statistics file when it fits, else freshly computed."""
+def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | None]:
+    """The site's differential-privacy request and budget record, from its node config (none where it is off)."""
+    node = context.node_config
+    epsilon = float(node.get("dp-epsilon", 0.0))
+    if epsilon <= 0.0:
+        return None, None
+    delta = float(node.get("dp-delta", 0.0))
+    spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
+    path = node.get("dp-budget-path")
+    budget = PrivacyBudget(Path(str(path)) if path else site_paths(context)[0] / BUDGET_FILENAME,
+                           float(node.get("dp-budget", epsilon)))
+    return spec, budget
+
+
+def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool, base: Path | None = None,
+                    privacy: tuple[PrivacySpec | None, PrivacyBudget | None] = (None, None)):
+    """The model and its statistics: the site's statistics file when it fits, else freshly computed. Under DP, a
+    file drawn with the same request fits, and the draw is charged to the budget once, before anything is sent."""
+    spec, budget = privacy
+    model, stats = _fitting_statistics(model_dir, data_file, settings, fisher, base, spec)
+    if budget is not None and stats.privacy:
+        spent = budget.spend(stats.privacy)
+        log.info("differentially private statistics: epsilon %.3g spent in all of this site's budget %.3g", spent,
+                 budget.epsilon_budget)
+    return model, stats
+
+
+def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec):
     model, _ = load_model(model_dir, settings.task, base=base)
     stats_file = model_dir / STATS_FILENAME
     if stats_file.is_file():
@@ -131,14 +162,14 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
         else:
             fits = (
                 stats.fingerprint == checkpoint_files(model_dir, base).fingerprint()
-                and stats.settings == asdict(settings)
+                and stats.settings == expected_settings(settings, spec)
                 and (stats.fisher is not None or not fisher)
             )
             if fits:
                 log.info("reusing %s", stats_file)
                 return model, stats
     stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model,
-                                  base=base)
+                                  base=base, privacy=spec)
     return model, stats
 
 
@@ -176,7 +207,7 @@ def contribute(msg: Message, context: Context) -> Message:
     model_dir, data_file = site_paths(context)
     if needs_statistics:
         model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher,
-                                       adapter_base(context))
+                                       adapter_base(context), site_privacy(context))
     else:
         model, stats = load_model(model_dir, data_settings(context).task, base=adapter_base(context))[0], None
     part = Part.from_config(request)  # the server may ask for a few layers at a time (and first for the layout)
@@ -222,7 +253,8 @@ def _site_contribution(context: Context, request) -> tuple:
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
-    model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher, adapter_base(context))
+    model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher, adapter_base(context),
+                                   site_privacy(context))
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference

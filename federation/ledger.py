@@ -1,4 +1,5 @@
-"""A data site's ledger of the secure releases it contributed to, against differencing across runs.
+"""A data site's ledgers: the secure releases it contributed to, against differencing across runs; and the
+differential-privacy budget it has spent (:class:`PrivacyBudget`).
 
 Statistics are deterministic and each secure run decodes its sums exactly, so two runs whose rosters differ by one
 site give that site's contribution as their difference (to 1e-12). A site therefore records, for every secure sum it
@@ -18,6 +19,8 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from fusion.privacy import PrivacyError, gaussian_epsilon
 
 from .crypto import SecureProtocolError
 
@@ -65,13 +68,65 @@ class Ledger:
                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if any(r.get("contribution") == contribution and r.get("sites") == entry["sites"] for r in releases):
             return  # the same release again
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps([*releases, entry], indent=1))
-        os.replace(partial, self.path)
+        _write_list(self.path, [*releases, entry])
+
+
+def _write_list(path: Path, entries: list[dict]) -> None:
+    """Written atomically: a crash leaves the old record or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(entries, indent=1))
+    os.replace(partial, path)
 
 
 def contribution_of(fingerprint: str, settings: dict) -> str:
     """What identifies a site's contribution across runs: the weights and how the statistics were made (every
     method's sums come from these, so the methods asked for do not matter)."""
     return json.dumps({"weights": fingerprint, "statistics": settings}, sort_keys=True)
+
+
+BUDGET_FILENAME = "gramfuse-dp-budget.json"
+
+
+class PrivacyBudget:
+    """A site's differential-privacy spending as JSON: one entry per noise draw over its data, ``[{"draw": ...,
+    "noise_multiplier": ..., "delta": ..., "epsilon": ..., "time": ...}, ...]``.
+
+    A draw is spent once: every release computed from one noisy statistics file (any number of runs, plaintext or
+    secure, joining or leaving) is post-processing of it. A new draw over the same data composes with the earlier
+    ones (:func:`fusion.privacy.gaussian_epsilon`), and is refused where the total would pass ``epsilon_budget``.
+    """
+
+    def __init__(self, path: str | Path, epsilon_budget: float) -> None:
+        self.path, self.epsilon_budget = Path(path), float(epsilon_budget)
+
+    def draws(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        try:
+            draws = json.loads(self.path.read_text())
+        except (OSError, ValueError) as error:
+            # An unreadable record cannot say what was spent: refuse rather than spend again.
+            raise PrivacyError(f"the site's privacy budget record {self.path} is unreadable ({error}); DP releases "
+                               "are refused until it is repaired") from error
+        if not isinstance(draws, list):
+            raise PrivacyError(f"the site's privacy budget record {self.path} is not a list of draws")
+        return draws
+
+    def spend(self, release: dict) -> float:
+        """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the
+        epsilon spent in all, at the release's delta. Raises, recording nothing, where it would pass the budget."""
+        draws = self.draws()
+        multipliers = [float(d["noise_multiplier"]) for d in draws if d.get("draw") != release["draw"]]
+        spent = gaussian_epsilon([*multipliers, float(release["noise_multiplier"])], float(release["delta"]))
+        if any(d.get("draw") == release["draw"] for d in draws):
+            return spent
+        if spent > self.epsilon_budget * (1.0 + 1e-9):
+            raise PrivacyError(
+                f"this site's statistics would spend epsilon {spent:.3g} in all (at delta {float(release['delta']):.3g}) "
+                f"over {len(draws) + 1} noise draws, past its budget of {self.epsilon_budget:g} (node config "
+                f"dp-budget); reuse the statistics file already drawn, or raise the budget knowingly")
+        entry = {"draw": release["draw"], "noise_multiplier": release["noise_multiplier"], "delta": release["delta"],
+                 "epsilon": release["epsilon"], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_list(self.path, [*draws, entry])
+        return spent

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--device", default="auto", help="auto (a GPU when there is one, default), cpu, cuda, cuda:N")
     stats.add_argument("--base", metavar="BASE_DIR", help="a LoRA adapter's base model folder (default: the one its "
                        "adapter_config.json names)")
+    private = stats.add_argument_group(
+        "differential privacy", "clip each example's share of the Grams and add Gaussian noise (Analyze Gauss), so "
+        "that everything computed from the file is (epsilon, delta)-DP for the data's examples (not for the weights)")
+    private.add_argument("--dp-epsilon", type=float, metavar="EPSILON", help="turn DP on at this epsilon")
+    private.add_argument("--dp-delta", type=float, metavar="DELTA", help="default: 1 / N^2 for N examples")
+    private.add_argument("--dp-clip", type=float, default=1.0, metavar="TOKENS", help="an example counts as at most "
+                         "this many unit-norm token rows in each Gram (default 1: the mean of its tokens)")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -190,15 +197,26 @@ def _settings(args: argparse.Namespace):
 
 
 def run_stats(args: argparse.Namespace) -> None:
+    from .privacy import PrivacyError, PrivacySpec
     from .workflows import compute_statistics
 
+    privacy = None
+    if args.dp_epsilon is not None:
+        privacy = PrivacySpec(args.dp_epsilon, args.dp_delta, args.dp_clip)
+    elif args.dp_delta is not None:
+        raise PrivacyError("--dp-delta without --dp-epsilon: give the epsilon to turn differential privacy on")
     stats, path = compute_statistics(
         args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
-        progress=not args.quiet, device=args.device, base=args.base,
+        progress=not args.quiet, device=args.device, base=args.base, privacy=privacy,
     )
     tokens = max(stats.token_counts.values(), default=0)
     print(f"{path}: {stats.example_count} examples, {tokens} tokens, {len(stats.modules)} layers, "
           f"{len(stats.grams)} Grams")
+    if stats.privacy:
+        release = stats.privacy
+        print(f"differentially private: ({release['epsilon']:g}, {release['delta']:.3g})-DP, noise multiplier "
+              f"{release['noise_multiplier']:.3g} over {release['grams']} Grams (noise std {release['noise_std']:.3g} "
+              f"per entry), {release['clipped_fraction']:.0%} of examples clipped to {release['clip']:g} token(s)")
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import tied_aliases
+from .privacy import PrivacySpec, add_noise, clipped_rows
 from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
 
 LINEAR = "linear"
@@ -109,8 +110,10 @@ class GramCollector:
     """
 
     def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float64,
-                 only: set[str] | None = None) -> None:
+                 only: set[str] | None = None, clip: float | None = None) -> None:
         self.model = model
+        self.clip = clip  # per-example clipping for differential privacy (fusion.privacy), in the statistics only
+        self.clipped: dict[str, int] = {}  # gram key -> examples scaled down
         self.compute_dtype = compute_dtype
         self.modules = [m for m in linear_modules(model) if only is None or m[0] in only]
         self.kind = {name: kind for name, _, kind in self.modules}
@@ -120,6 +123,7 @@ class GramCollector:
         self.pads_excluded: dict[str, bool] = {}
         self.example_count = 0
         self._masks: list[torch.Tensor] = []
+        self._batch_examples = 0
         self._batch_inputs: dict[str, torch.Tensor] = {}  # gram key -> this batch's input, kept for identity checks
         self._handles: list[Any] = []
         self._learnt = False
@@ -144,6 +148,7 @@ class GramCollector:
         masks = [] if mask is None else [mask] if isinstance(mask, torch.Tensor) else list(mask)
         self._masks = [m.bool() for m in masks]
         self.example_count += example_count
+        self._batch_examples = example_count
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -167,7 +172,12 @@ class GramCollector:
                 )
             return
         self._batch_inputs[key] = inputs
-        rows, pads_excluded = _real_rows(inputs.detach(), self._masks)
+        if self.clip is None:
+            rows, pads_excluded = _real_rows(inputs.detach(), self._masks)
+        else:
+            rows, clipped = clipped_rows(inputs.detach(), self._masks, self._batch_examples, self.clip, key)
+            pads_excluded = True
+            self.clipped[key] = self.clipped.get(key, 0) + clipped
         accumulator = self.accumulators.get(key)
         if accumulator is None:
             accumulator = self.accumulators[key] = GramAccumulator(rows.shape[-1], self._dtype_for(rows), device=rows.device)
@@ -225,6 +235,7 @@ def collect_statistics(
     progress: Any = None,
     fingerprint: str | None = None,
     only: set[str] | None = None,
+    privacy: PrivacySpec | None = None,
 ) -> GramStatistics:
     """Gram statistics of ``model`` over ``batches``.
 
@@ -233,13 +244,16 @@ def collect_statistics(
     (exact, the default) or float32 (about twice as fast, ~1e-7 relative error). ``progress`` is an optional tqdm-like object updated per example.
     ``fingerprint`` names the weights when the caller knows it (a folder's), saving a hash of the whole model.
     ``only``: hook these layers alone (an adapter's: the others are the base's, the same for every owner).
+    ``privacy``: clip each example's rows and noise the Grams (:mod:`fusion.privacy`); the release is recorded in
+    the statistics' ``privacy`` and the request in their settings.
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
     device = next(model.parameters()).device  # batches go where the model is: the GPU, when it was put there
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), GramCollector(model, compute_dtype, only) as collector:
+        clip = privacy.clip if privacy is not None else None
+        with torch.no_grad(), GramCollector(model, compute_dtype, only, clip) as collector:
             for batch in batches:
                 args, kwargs, mask, size = _split_batch(batch, device)
                 collector.set_mask(mask, size)
@@ -250,5 +264,12 @@ def collect_statistics(
         model.train(was_training)
     if collector.example_count == 0:
         raise ValueError("no batches: statistics need at least one example")
-    return collector.statistics(settings, fingerprint)
+    stats = collector.statistics(settings, fingerprint)
+    if privacy is not None:
+        # The token layers of one stack see the same lengths, so the largest count is the examples clipped anywhere
+        # (a lower bound for an encoder-decoder, whose decoder lengths differ).
+        clipped = max(collector.clipped.values(), default=0)
+        stats.privacy = add_noise(stats.grams, privacy, stats.example_count, clipped).as_dict()
+        stats.settings["privacy"] = privacy.request()
+    return stats
 

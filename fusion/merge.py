@@ -383,7 +383,7 @@ def merge_folders(
     if save_sums is not None and not shared:
         raise SumsFileError("--save-sums needs owners that share a label set (their heads are summed); these "
                             "differ, so each keeps its own head")
-    common = {"owners": [{"name": o.name, "path": str(o.path)} for o in owners], "shared_label_set": shared}
+    common = {"owners": [owner_summary(o) for o in owners], "shared_label_set": shared}
     dtypes = {name: reference.files.dtype(name) for name in names}
     tokenizer = tokenizer_or_none(reference.path, base_path)
     copied = reference.files.read(n for n in reference.files if not reference.files.is_float(n))
@@ -587,6 +587,12 @@ def check_fits_sums(owner: FolderOwner, meta: SumsMeta) -> None:
         raise CompatibilityError(f"owner {owner.name!r}: {problem}")
     if owner.statistics is not None:
         check_layout(owner.name, owner.statistics.modules, "the sums", meta.module_infos())
+
+
+def owner_summary(owner: FolderOwner) -> dict[str, Any]:
+    """An owner in the report: its name and folder, and the noise of its statistics where they are DP."""
+    privacy = owner.statistics.privacy if owner.statistics is not None else None
+    return {"name": owner.name, "path": str(owner.path), **({"privacy": privacy} if privacy else {})}
 
 
 def owner_entry(owner: FolderOwner) -> LedgerEntry:

@@ -21,6 +21,9 @@ GRAM_PRECISION = {"float64": 1e-12, "float32": 1e-6}
 RIDGE_TRIES = 3
 
 
+NOISY_SOLVER = "cholesky+noise-ridge"
+NOISY_TRIES = 20  # doublings: a million times the rule's ridge before giving up
+
 ESTIMATE_STEPS = 10
 CONDITION_ESTIMATE = f"lower bound: {ESTIMATE_STEPS} power steps on G and on G^-1 (through its Cholesky factor)"
 
@@ -68,14 +71,20 @@ def condition_estimate(gram: torch.Tensor, factor: torch.Tensor, largest: float)
 
 
 def solve_gram(
-    gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, precision: float = GRAM_PRECISION["float64"]
+    gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, precision: float = GRAM_PRECISION["float64"],
+    noise_ridge: float = 0.0,
 ) -> tuple[torch.Tensor, SolveReport]:
     """``X`` minimising ``tr(X^T G X) - 2 tr(X^T R)``, regularised towards ``prior`` where ``G`` is singular.
 
     ``gram`` is d x d, ``rhs`` and ``prior`` d x k; all float64. ``precision`` is the Gram's relative precision
     (see ``GRAM_PRECISION``). Returns X (d x k) and how it was solved. No eigendecomposition: one Cholesky
     factorisation (two or three where a ridge is needed) and a few matrix-vector products.
+
+    ``noise_ridge`` > 0: the Gram carries differential-privacy noise (:func:`fusion.privacy.noise_ridge`); it is
+    solved with that ridge towards the prior, doubled until the factorisation succeeds.
     """
+    if noise_ridge > 0.0:
+        return _solve_noisy(gram, rhs, prior, noise_ridge)
     largest = largest_eigenvalue(gram)
     if largest <= 0.0:  # no data reached this layer at all: nothing to regress on
         return prior.clone(), SolveReport(math.inf, 0.0, "none")
@@ -100,3 +109,21 @@ def solve_gram(
     # gelsd (minimum norm, rank-revealing) is a CPU driver: the rare fallback runs there whatever the device.
     delta = torch.linalg.lstsq(gram.cpu(), residual.cpu(), rcond=precision, driver="gelsd").solution
     return prior + delta.to(prior.device), SolveReport(condition, 0.0, "lstsq")
+
+
+def _solve_noisy(gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor,
+                 ridge: float) -> tuple[torch.Tensor, SolveReport]:
+    """``prior + (G + ridge I)^-1 (R - G prior)``: a noisy Gram may be indefinite, so the ridge is raised until
+    ``G + ridge I`` factorises. The report's condition is that of the regularised Gram."""
+    residual = rhs - gram @ prior
+    diagonal = gram.diagonal()
+    for _ in range(NOISY_TRIES):
+        diagonal += ridge  # in place: no second d x d copy of the Gram
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:
+            condition = condition_estimate(gram, factor, largest_eigenvalue(gram))
+            diagonal -= ridge
+            return prior + torch.cholesky_solve(residual, factor), SolveReport(condition, ridge, NOISY_SOLVER)
+        diagonal -= ridge
+        ridge *= 2.0
+    return prior.clone(), SolveReport(math.inf, ridge, "none")

@@ -10,6 +10,7 @@ token and example counts, and the settings used. By default it lives in the mode
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import StatisticsError
+from .privacy import TAIL_SIGMAS
 
 FORMAT_VERSION = 1
 STATS_FILENAME = "gramfuse-stats.safetensors"
@@ -102,6 +104,12 @@ class GramStatistics:
     fisher: dict[str, torch.Tensor] | None = None  # parameter -> sum over examples of squared score
     fisher_example_count: int = 0
     gram_dtype: str = "float64"  # dtype of the per-batch products; sums are float64 either way
+    privacy: dict[str, Any] | None = None  # a differentially private release: its noise (fusion.privacy.Release)
+
+    @property
+    def noise_std(self) -> float:
+        """The standard deviation of the noise on each packed Gram entry (0.0 for exact statistics)."""
+        return float(self.privacy["noise_std"]) if self.privacy else 0.0
 
     def full_gram(self, key: str) -> torch.Tensor:
         return unpack_upper(self.grams[key], self.dims[key])
@@ -125,6 +133,7 @@ class GramStatistics:
             },
             "modules": {name: asdict(info) for name, info in self.modules.items()},
             "settings": self.settings,
+            **({"privacy": self.privacy} if self.privacy else {}),
         }
 
 
@@ -258,7 +267,7 @@ def open_statistics(path: str | Path, owner: str | None = None) -> GramStatistic
     stats = statistics_from(source, meta, placeholders, check_values=False)
 
     def check_gram(key: str, gram: torch.Tensor) -> None:
-        _check_gram(source, key, gram, meta["grams"][key])
+        _check_gram(source, key, gram, meta["grams"][key], noise_std=stats.noise_std)
 
     def check_fisher(name: str, value: torch.Tensor) -> None:
         _check_fisher(source, name, value)
@@ -278,11 +287,15 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
     """
     try:
         grams = {}
+        privacy = meta.get("privacy")
+        noise_std = float(privacy["noise_std"]) if privacy else 0.0
+        if not (math.isfinite(noise_std) and noise_std >= 0.0):
+            raise StatisticsError(f"{source}: the privacy record's noise standard deviation is {noise_std}")
         for key, info in meta["grams"].items():
             gram = tensors.get(GRAM_PREFIX + key)
             if gram is None:
                 raise StatisticsError(f"{source}: layer {key!r}: Gram listed in the metadata but missing")
-            _check_gram(source, key, gram, info, check_values)
+            _check_gram(source, key, gram, info, check_values, noise_std)
             grams[key] = gram.to(torch.float64) if check_values else gram
         fisher = {name[len(FISHER_PREFIX) :]: value for name, value in tensors.items() if name.startswith(FISHER_PREFIX)}
         for name, value in fisher.items() if check_values else ():
@@ -306,6 +319,7 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
             fisher=fisher or None,
             fisher_example_count=int(meta.get("fisher_example_count", 0)),
             gram_dtype=_gram_dtype(source, meta.get("gram_dtype", "float64")),
+            privacy=privacy,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise StatisticsError(f"{source}: malformed statistics metadata ({type(error).__name__}: {error})") from error
@@ -356,7 +370,8 @@ def _check_fisher(source: str, name: str, value: torch.Tensor) -> None:
         raise StatisticsError(f"{source}: parameter {name!r}: Fisher holds NaN or Inf")
 
 
-def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any], check_values: bool = True) -> None:
+def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, Any], check_values: bool = True,
+                noise_std: float = 0.0) -> None:
     dim = int(info["dim"])
     if check_values and gram.dtype not in (torch.float32, torch.float64):
         raise StatisticsError(f"{source}: layer {key!r}: Gram stored as {str(gram.dtype).removeprefix('torch.')}; "
@@ -368,6 +383,7 @@ def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, An
         )
     if check_values and not torch.isfinite(gram).all():
         raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
-    if check_values and bool((packed_diagonal(gram, dim) < 0).any()):
+    # A differentially private Gram carries Gaussian noise, its diagonal too; beyond TAIL_SIGMAS it is not noise.
+    if check_values and bool((packed_diagonal(gram, dim) < -TAIL_SIGMAS * noise_std).any()):
         raise StatisticsError(f"{source}: layer {key!r}: Gram has negative diagonal entries (sums of squares "
                               "cannot be negative: not a Gram of real inputs)")

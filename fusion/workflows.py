@@ -24,6 +24,7 @@ from .evaluate import scores
 from .fisher import collect_fisher
 from .forgetting import owner_report, pooled_hidden_states
 from .gram import collect_statistics
+from .privacy import PrivacyError, PrivacySpec
 from .statistics import STATS_FILENAME, GramStatistics, save_statistics
 from .tasks import example_log_likelihood, task_of
 
@@ -69,6 +70,11 @@ def _bar(data_file: Path, settings: DataSettings, description: str, enabled: boo
     return tqdm(total=total, desc=description, unit="ex", disable=not enabled, leave=False)
 
 
+def expected_settings(settings: DataSettings, privacy: PrivacySpec | None) -> dict:
+    """The settings a statistics file computed with these reading settings and this DP request holds."""
+    return {**asdict(settings), **({"privacy": privacy.request()} if privacy is not None else {})}
+
+
 def compute_statistics(
     model_dir: str | Path,
     data_file: str | Path,
@@ -81,15 +87,19 @@ def compute_statistics(
     model: Any = None,
     device: str = "cpu",
     base: str | Path | None = None,
+    privacy: PrivacySpec | None = None,
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
 
     ``model`` is the folder's model when the caller has already loaded it. ``device``: ``cpu``, ``cuda`` (or
     ``cuda:N``), or ``auto`` (a GPU when there is one) runs the forward pass and the Gram products; sums come back
     to the CPU. A LoRA adapter folder (``base`` overrides the base model its config names) has statistics of the
-    layers it adapts only: every other layer is the base's, the same for every owner.
+    layers it adapts only: every other layer is the base's, the same for every owner. ``privacy`` makes the
+    statistics differentially private (:mod:`fusion.privacy`).
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
+    if privacy is not None and fisher:
+        raise PrivacyError("the Fisher is not clipped or noised: differentially private statistics hold Grams only")
     if model is None:
         model, _ = load_model(model_dir, settings.task, base=base)
     check_finite(str(model_dir), float_state(model))
@@ -103,7 +113,7 @@ def compute_statistics(
         stats = collect_statistics(
             model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
             progress=bar, fingerprint=fingerprint,
-            only=files.adapter.modules if isinstance(files, AdapterFiles) else None,
+            only=files.adapter.modules if isinstance(files, AdapterFiles) else None, privacy=privacy,
         )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:

@@ -15,7 +15,8 @@ import torch
 from ..errors import MergeError
 from ..gram import CONV1D
 from ..statistics import unpack_upper
-from ..solve import GRAM_PRECISION, solve_gram
+from ..privacy import noise_ridge
+from ..solve import GRAM_PRECISION, NOISY_SOLVER, solve_gram
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
 
 GRAM = "gram/"
@@ -23,6 +24,10 @@ GRAM_WEIGHT = "gram-weight/"  # G_i W_i^T per layer
 DIAG_WEIGHT = "diag-weight/"  # diag(G_i) W_i^T per layer
 COVERED = "covered/"  # how many owners had statistics for the layer
 OWNERS = "owners"
+# Differentially private statistics (fusion.privacy): how many owners' are, and the summed noise variance per Gram
+# entry. Sums like the rest, so every mode (offline, plaintext, secure) knows the noise it solves under.
+PRIVATE = "private-owners"
+NOISE_VARIANCE = "noise-variance/"
 
 
 def transposed(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -68,6 +73,7 @@ class RegMean(MergeMethod):
         weight = owner.example_count if self.weighting == "sum" else 1.0
         contribution = weighted(owner.params, weight)  # averaged tensors, and the fallback of every layer
         contribution[OWNERS] = torch.tensor(1.0, dtype=torch.float64)
+        contribution[PRIVATE] = torch.tensor(1.0 if stats.privacy else 0.0, dtype=torch.float64)
         for key, modules in stats.modules_by_gram().items():
             hooked = [m for m in modules if stats.modules[m].weight in owner.params]
             if not hooked:
@@ -78,6 +84,9 @@ class RegMean(MergeMethod):
                 packed = packed / max(tokens, 1)
             gram = unpack_upper(packed, stats.dims[key])
             contribution[GRAM + key] = packed
+            if stats.noise_std > 0.0:
+                scale = 1.0 / max(tokens, 1) if self.weighting == "equal" else 1.0
+                contribution[NOISE_VARIANCE + key] = torch.tensor((stats.noise_std * scale) ** 2, dtype=torch.float64)
             diagonal = gram.diagonal().unsqueeze(1)
             for module in hooked:
                 info = stats.modules[module]
@@ -92,6 +101,11 @@ class RegMean(MergeMethod):
         merged = weighted_means(sums)
         outcome = MergeOutcome(merged)
         owners = float(sums[OWNERS])
+        private = float(sums.get(PRIVATE, 0.0))
+        if 0.0 < private < owners:
+            raise MergeError(f"{private:.0f} of {owners:.0f} owners' statistics are differentially private and the "
+                             "others' are not: their Grams are on different scales (unit-norm rows against raw "
+                             "ones); give every owner DP statistics (gramfuse stats --dp-epsilon) or none")
         groups: dict[str, list[str]] = {}
         for module, info in context.modules.items():
             if info.weight not in merged or not self.solves(module, info):
@@ -120,12 +134,16 @@ class RegMean(MergeMethod):
                                  "(aggregated for alpha = 1 only)")
             diag_rhs = torch.cat([sums[DIAG_WEIGHT + m] for m in modules], dim=1)
             rhs = self.alpha * rhs + (1.0 - self.alpha) * diag_rhs
-        solution, report = solve_gram(gram, rhs, prior, GRAM_PRECISION[context.gram_dtype])
+        noise_variance = float(sums.get(NOISE_VARIANCE + key, 0.0))
+        ridge = noise_ridge(noise_variance, prior.shape[0])
+        solution, report = solve_gram(gram, rhs, prior, GRAM_PRECISION[context.gram_dtype], ridge)
         widths = [sums[GRAM_WEIGHT + m].shape[1] for m in modules]
         for info, part in zip(infos, torch.split(solution, widths, dim=1)):
             outcome.params[info.weight] = transposed(part, info.kind).contiguous().cpu()
         outcome.layers[key] = {"modules": modules, **report.as_dict()}
-        if report.solver != "cholesky":
+        if noise_variance > 0.0:
+            outcome.layers[key]["noise_std"] = noise_variance ** 0.5
+        if report.solver not in ("cholesky", NOISY_SOLVER):
             outcome.warnings.append(
                 f"layer {key!r}: summed Gram is ill-conditioned (condition {report.condition:.3g}); "
                 f"solved by {report.solver}, regularised towards the average"

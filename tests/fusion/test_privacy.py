@@ -1,0 +1,286 @@
+"""Differential privacy of released statistics: clipping bounds every example's share, the noise is the calibrated
+Gaussian, the accountant agrees with the analytic Gaussian mechanism, the noisy solve is sound, and two releases one
+owner apart give that owner's Gram only to the noise level."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import layer_inputs, perturbed, save_owner, tiny_model, tokenizer, write_data
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForSequenceClassification
+
+from federation.ledger import PrivacyBudget
+from fusion.cli import main
+from fusion.errors import StatisticsError
+from fusion.gram import GramCollector, collect_statistics
+from fusion.methods import MergeContext, OwnerState, Sums
+from fusion.methods.regmean import GRAM, RegMean
+from fusion.privacy import (PrivacyError, PrivacySpec, add_noise, clipped_rows, gaussian_delta, gaussian_epsilon,
+                            noise_multiplier, noise_ridge)
+from fusion.solve import NOISY_SOLVER, solve_gram
+from fusion.statistics import load_statistics, pack_upper, save_statistics, unpack_upper
+
+SENTENCES = ["good movie", "the plot was slow and boring and the actor never smiled at all in it", "fine",
+             "quite a great story", "a b c d e f g"]
+
+
+def encode(texts):
+    return dict(tokenizer()(texts, padding=True, return_tensors="pt"))
+
+
+def clipped_grams(model, batches, clip):
+    """Grams with per-example clipping and no noise, through the collector."""
+    model.eval()
+    with torch.no_grad(), GramCollector(model, clip=clip) as collector:
+        for batch in batches:
+            collector.set_mask([batch["attention_mask"]], batch["input_ids"].shape[0])
+            model(**batch)
+    return collector, collector.statistics()
+
+
+@pytest.mark.parametrize("clip", [0.5, 3.0, 100.0])
+def test_clipping_equals_an_example_by_example_reference(clip):
+    """Each example alone through the model; its rows scaled to unit norm and weighted min(1, clip / tokens)."""
+    model = tiny_model("bert")
+    collector, stats = clipped_grams(model, [encode(SENTENCES[:3]), encode(SENTENCES[3:])], clip)
+    expected: dict[str, torch.Tensor] = {}
+    for sentence in SENTENCES:
+        for layer, rows in layer_inputs(model, [encode([sentence])]).items():
+            units = rows / rows.norm(dim=1, keepdim=True)
+            share = min(1.0, clip / rows.shape[0]) * units.T @ units
+            assert torch.linalg.matrix_norm(share) <= clip + 1e-9  # the bound the noise is calibrated to
+            expected[layer] = expected.get(layer, 0) + share
+    for layer, info in stats.modules.items():
+        if info.gram == layer:
+            torch.testing.assert_close(stats.full_gram(layer), expected[layer], rtol=1e-5, atol=1e-6)  # float32 forwards
+    longest = max(len(tokenizer()(s)["input_ids"]) for s in SENTENCES)
+    assert max(collector.clipped.values()) == sum(len(tokenizer()(s)["input_ids"]) > clip for s in SENTENCES)
+    assert (max(collector.clipped.values()) == 0) == (clip >= longest)
+
+
+@settings(deadline=None, max_examples=40)
+@given(examples=st.integers(1, 5), tokens=st.integers(1, 7), features=st.integers(1, 6),
+       clip=st.floats(0.1, 10.0), seed=st.integers(0, 10_000))
+def test_no_example_moves_a_gram_by_more_than_clip(examples, tokens, features, clip, seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(examples, tokens, features, generator=generator) * 10
+    mask = torch.rand(examples, tokens, generator=generator) < 0.7
+    mask[:, 0] = True
+    rows, _ = clipped_rows(inputs, [mask], examples, clip, "layer")
+    owners = mask.nonzero()[:, 0]
+    for example in range(examples):
+        mine = rows[owners == example]
+        assert float(torch.linalg.matrix_norm(mine.T @ mine)) <= clip * (1 + 1e-9)
+
+
+def test_an_input_that_cannot_be_split_by_example_is_refused():
+    with pytest.raises(PrivacyError, match="layer 'odd'"):
+        clipped_rows(torch.ones(6, 4), [torch.ones(2, 5, dtype=torch.bool)], 2, 1.0, "odd")
+
+
+@pytest.mark.parametrize("epsilon,delta", [(0.5, 1e-5), (1.0, 1e-6), (4.0, 1e-8), (8.0, 2.5e-7)])
+def test_the_accountant_agrees_with_dp_accounting(epsilon, delta):
+    """Google's dp-accounting (privacy loss distributions, an independent implementation) as the oracle: our
+    calibrated multiplier is the one it calibrates, one draw costs epsilon and composed draws cost what it says."""
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    z = noise_multiplier(epsilon, delta)
+    theirs = dp_accounting.calibrate_dp_mechanism(PLDAccountant, dp_accounting.GaussianDpEvent, epsilon, delta)
+    assert z == pytest.approx(theirs, rel=0.005)
+    assert gaussian_epsilon([z], delta) == pytest.approx(epsilon, rel=1e-9)
+    accountant = PLDAccountant()
+    accountant.compose(dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z),
+                                                      dp_accounting.GaussianDpEvent(2 * z)]))
+    assert gaussian_epsilon([z, 2 * z], delta) == pytest.approx(accountant.get_epsilon(delta), rel=0.005)
+    assert gaussian_epsilon([z, z], delta) > 1.3 * epsilon  # two draws cost more than one
+    assert gaussian_delta(1 / (0.97 * z), epsilon) > delta  # 3% less noise would break the guarantee
+
+
+def test_noise_is_the_calibrated_gaussian_on_each_packed_entry():
+    grams = {"a": torch.zeros(200 * 201 // 2, dtype=torch.float64), "b": torch.zeros(50 * 51 // 2, dtype=torch.float64)}
+    spec = PrivacySpec(epsilon=2.0, delta=1e-6, clip=3.0, seed=7)
+    release = add_noise(grams, spec, example_count=1000, clipped_examples=250)
+    assert release.noise_std == pytest.approx(noise_multiplier(2.0, 1e-6) * 3.0 * math.sqrt(2))
+    assert release.clipped_fraction == 0.25 and release.grams == 2
+    noise = torch.cat(list(grams.values()))
+    assert float(noise.std()) == pytest.approx(release.noise_std, rel=0.02)
+    assert abs(float(noise.mean())) < 0.02 * release.noise_std
+    # The symmetric matrix mirrors the triangle: each off-diagonal pair carries one draw, as Analyze Gauss asks.
+    full = unpack_upper(grams["a"], 200)
+    assert torch.equal(full, full.T)
+    assert PrivacySpec(1.0).delta_for(100) == 1e-4
+
+
+def test_differencing_two_releases_recovers_an_owner_only_to_the_noise_level(tmp_path):
+    """The attack SECURITY.md describes: sums over owners {0, 1, 2} minus sums over {0, 1}. Without noise it gives
+    owner 2's Gram to 1e-12; with DP statistics it gives that Gram plus noise of the calibrated size."""
+    base = tiny_model("bert")
+    owners = [perturbed(base, seed=20 + i) for i in range(3)]
+    batches = [[encode(SENTENCES[i:i + 3])] for i in range(3)]
+    method = RegMean()
+    context = MergeContext(modules=None)
+    for spec in (None, PrivacySpec(epsilon=4.0, delta=1e-5)):
+        states = []
+        for i, (model, owner_batches) in enumerate(zip(owners, batches)):
+            stats = collect_statistics(model, owner_batches, privacy=spec)
+            context.modules = stats.modules
+            states.append(OwnerState(f"o{i}", {k: v for k, v in model.state_dict().items()}, stats))
+        three, two = Sums(), Sums()
+        for state in states:
+            three.add(method.contribute(state, context))
+        for state in states[:2]:
+            two.add(method.contribute(state, context))
+        key = next(iter(states[2].statistics.grams))
+        recovered = three[GRAM + key] - two[GRAM + key]
+        clean = clipped_grams(owners[2], batches[2], spec.clip if spec else None)[1].grams[key] if spec else \
+            states[2].statistics.grams[key]
+        error = float((recovered - clean).pow(2).mean().sqrt())
+        if spec is None:
+            assert error <= 1e-12 * float(clean.abs().max())
+        else:
+            noise_std = states[2].statistics.noise_std
+            assert 0.9 * noise_std < error < 1.1 * noise_std  # the noise, all of it, and nothing less
+            assert error > float(clean.abs().max())  # here it drowns the Gram itself
+
+
+def test_noisy_solve_factorises_an_indefinite_gram_and_keeps_the_prior_where_data_is_weak():
+    generator = torch.Generator().manual_seed(3)
+    dim = 30
+    inputs = torch.randn(500, dim, generator=generator, dtype=torch.float64)
+    inputs[:, -5:] *= 1e-3  # directions the data barely reaches
+    truth = torch.randn(dim, 4, generator=generator, dtype=torch.float64)
+    prior = truth + 0.5 * torch.randn(dim, 4, generator=generator, dtype=torch.float64)
+    noise_std = 2.0
+    noise = unpack_upper(noise_std * torch.randn(dim * (dim + 1) // 2, generator=generator, dtype=torch.float64), dim)
+    gram = inputs.T @ inputs + noise
+    assert float(torch.linalg.eigvalsh(gram)[0]) < 0  # indefinite: a plain Cholesky fails
+    ridge = noise_ridge(noise_std ** 2, dim)
+    solution, report = solve_gram(gram.clone(), (inputs.T @ inputs + noise) @ truth, prior, noise_ridge=ridge)
+    assert report.solver == NOISY_SOLVER and report.ridge >= ridge
+    strong, weak = slice(0, dim - 5), slice(dim - 5, dim)
+    assert float((solution[strong] - truth[strong]).norm()) < 0.1 * float((prior[strong] - truth[strong]).norm())
+    # Where the data is weaker than the noise the prior is mostly kept, where a plain solve of the noisy Gram runs wild.
+    assert float((solution[weak] - prior[weak]).norm()) < 0.3 * float((prior[weak] - truth[weak]).norm())
+    plain = torch.linalg.solve(gram, (inputs.T @ inputs + noise) @ truth + 0.0 * prior)
+    assert torch.allclose(plain, truth)  # the noise cancels only because rhs was made from the same noisy Gram
+    unlucky = torch.linalg.solve(gram, inputs.T @ inputs @ truth)  # the clean right-hand side: a wild solve
+    assert float((unlucky[weak] - truth[weak]).norm()) > 3 * float((solution[weak] - truth[weak]).norm())
+
+
+def make_owners(tmp_path, count=2):
+    base = tiny_model("bert")
+    dirs, data = [], []
+    for i in range(count):
+        dirs.append(save_owner(perturbed(base, seed=10 + i), tmp_path / f"o{i}"))
+        data.append(write_data(tmp_path / f"d{i}.jsonl", 40, seed=i))
+    return dirs, data
+
+
+def test_cli_dp_statistics_merge_loads_and_reports_the_noise(tmp_path, capsys):
+    dirs, data = make_owners(tmp_path)
+    for folder, data_file in zip(dirs, data):
+        assert main(["stats", str(folder), str(data_file), "--dp-epsilon", "4", "--dp-clip", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "(4, 0.000625)-DP" in printed and "clipped to 2 token(s)" in printed
+    stats = load_statistics(dirs[0] / "gramfuse-stats.safetensors")
+    assert stats.settings["privacy"] == {"epsilon": 4.0, "delta": None, "clip": 2.0}
+    assert stats.privacy["delta"] == 1 / 40 ** 2 and stats.noise_std > 0
+    assert main(["merge", *map(str, dirs), "-o", str(tmp_path / "m"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "m" / "gramfuse-merge.json").read_text())
+    layers = report["methods"]["regmean"]["layers"] if "methods" in report else report["layers"]
+    solved = [entry for entry in layers.values() if entry.get("solver")]
+    assert solved and all(entry["solver"] == NOISY_SOLVER for entry in solved)
+    assert all(entry["noise_std"] == pytest.approx(math.sqrt(2) * stats.noise_std, rel=0.05) for entry in solved)
+    assert [o.get("privacy", {}).get("epsilon") for o in report["owners"]] == [4.0, 4.0]
+
+
+def test_dp_merge_of_identical_owners_gives_their_model_back(tmp_path):
+    """Two sites of one model, on other data, each with its own noise: RegMean gives the model back."""
+    dirs, data = make_owners(tmp_path, count=2)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        if (dirs[0] / name).is_file():
+            (twin / name).write_bytes((dirs[0] / name).read_bytes())
+    for folder, data_file in zip((dirs[0], twin), data):
+        assert main(["stats", str(folder), str(data_file), "--dp-epsilon", "1", "--quiet"]) == 0
+    assert main(["merge", str(dirs[0]), str(twin), "-o", str(tmp_path / "m"), "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    merged, own = load_file(tmp_path / "m" / "model.safetensors"), load_file(dirs[0] / "model.safetensors")
+    for name, value in own.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_merge_tends_to_the_clipped_merge_as_the_noise_vanishes(tmp_path):
+    """With a vanishing noise (and so ridge) the noisy solve is RegMean on the clipped statistics."""
+    dirs, data = make_owners(tmp_path)
+    batches = [[encode([json.loads(line)["text"] for line in path.read_text().splitlines()])] for path in data]
+    method, context = RegMean(), MergeContext()
+    noisy, clean = Sums(), Sums()
+    for folder, owner_batches in zip(dirs, batches):
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+        exact = clipped_grams(model, owner_batches, 1.0)[1]
+        private = replace(exact, privacy={"noise_std": 1e-14})
+        context.modules = exact.modules
+        params = dict(model.state_dict())
+        noisy.add(method.contribute(OwnerState(folder.name, params, private), context))
+        clean.add(method.contribute(OwnerState(folder.name, params, exact), context))
+    noisy_merge, clean_merge = method.combine(noisy, context), method.combine(clean, context)
+    assert all(entry["solver"] == NOISY_SOLVER for entry in noisy_merge.layers.values())
+    for name, value in clean_merge.params.items():
+        torch.testing.assert_close(noisy_merge.params[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_mixing_private_and_exact_statistics_is_refused(tmp_path, capsys):
+    dirs, data = make_owners(tmp_path)
+    assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "2", "--quiet"]) == 0
+    assert main(["stats", str(dirs[1]), str(data[1]), "--quiet"]) == 0
+    assert main(["merge", *map(str, dirs), "-o", str(tmp_path / "m"), "--quiet"]) != 0
+    assert "1 of 2 owners' statistics are differentially private" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_statistics_file_checks_a_noisy_diagonal_against_the_noise(tmp_path):
+    stats = collect_statistics(tiny_model("bert"), [encode(SENTENCES)], privacy=PrivacySpec(epsilon=1.0, seed=1))
+    key = next(iter(stats.grams))
+    save_statistics(stats, tmp_path / "ok.safetensors")
+    assert load_statistics(tmp_path / "ok.safetensors").privacy == stats.privacy
+    full = stats.full_gram(key)
+    full[0, 0] = -20 * stats.noise_std  # no Gaussian draw goes this far
+    stats.grams[key] = pack_upper(full)
+    save_statistics(stats, tmp_path / "bad.safetensors")
+    with pytest.raises(StatisticsError, match="negative diagonal"):
+        load_statistics(tmp_path / "bad.safetensors")
+
+
+def test_cli_refuses_what_it_cannot_make_private(tmp_path, capsys):
+    dirs, data = make_owners(tmp_path, count=1)
+    assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "1", "--fisher", "--quiet"]) != 0
+    assert "Fisher is not clipped" in capsys.readouterr().err
+    assert main(["stats", str(dirs[0]), str(data[0]), "--dp-delta", "1e-5", "--quiet"]) != 0
+    assert "--dp-delta without --dp-epsilon" in capsys.readouterr().err
+    assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "-1", "--quiet"]) != 0
+    assert "epsilon must be a positive number" in capsys.readouterr().err
+    assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
+
+
+def test_the_budget_charges_each_draw_once_and_refuses_past_it(tmp_path):
+    z = noise_multiplier(1.0, 1e-6)
+    draw = {"draw": "a", "noise_multiplier": z, "delta": 1e-6, "epsilon": 1.0}
+    budget = PrivacyBudget(tmp_path / "budget.json", epsilon_budget=1.7)
+    assert budget.spend(draw) == pytest.approx(1.0, rel=0.01)
+    assert budget.spend(draw) == pytest.approx(1.0, rel=0.01)  # the same noisy statistics again: free
+    second = budget.spend({**draw, "draw": "b"})
+    assert 1.4 < second < 1.5  # Gaussian composition: mu grows as sqrt(2), epsilon less than doubles
+    with pytest.raises(PrivacyError, match="past its budget of 1.7"):  # a third draw would spend 1.81
+        budget.spend({**draw, "draw": "c"})
+    assert [d["draw"] for d in json.loads((tmp_path / "budget.json").read_text())] == ["a", "b"]
+    (tmp_path / "budget.json").write_text("{not json")
+    with pytest.raises(PrivacyError, match="unreadable"):
+        budget.spend(draw)
