@@ -125,16 +125,19 @@ def data_settings(context: Context) -> DataSettings:
 
 
 def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | None]:
-    """The site's differential-privacy request and budget record, from its node config (none where it is off)."""
-    node = context.node_config
+    """The site's differential-privacy request and budget record, from its node config (none where it is off).
+
+    Where the node config says nothing of DP the run config's ``dp-*`` keys apply (a simulation's sites have no
+    node config of their own); a site that sets ``dp-epsilon``, even to 0, decides for itself."""
+    node = context.node_config if "dp-epsilon" in context.node_config else context.run_config
     epsilon = float(node.get("dp-epsilon", 0.0))
     if epsilon <= 0.0:
         return None, None
     delta = float(node.get("dp-delta", 0.0))
     spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
-    path = node.get("dp-budget-path")
+    path = context.node_config.get("dp-budget-path")
     budget = PrivacyBudget(Path(str(path)) if path else site_paths(context)[0] / BUDGET_FILENAME,
-                           float(node.get("dp-budget", epsilon)))
+                           float(node.get("dp-budget", 0.0)) or epsilon)
     return spec, budget
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from fusion.privacy import TAIL_SIGMAS
+
 SCALE_FACTOR = 100.0  # how far above the other sites' weights or Gram traces per token a site may be
 DOMINANT_SHARE = 0.9  # a site holding more of a summed Gram's trace than this is named in a warning
 NEAR_FACTOR = 0.1  # a merge this much closer to one owner than to any other is named in a warning
@@ -44,12 +46,22 @@ def outliers(declared: Mapping[int, Mapping[str, float]], what: str, factor: flo
 
 
 def per_token_traces(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
-    """Each site's Gram traces divided by its token counts: the mean squared input norm, alike across sites."""
+    """Each site's Gram traces divided by its token counts: the mean squared input norm, alike across sites.
+
+    A differentially private Gram's trace carries noise of ``noise_std * sqrt(d)`` and may dip below zero: a trace
+    within ``TAIL_SIGMAS`` of that noise below zero counts as zero; one further below stays negative (rejected)."""
     out = {}
     for node, layout in layouts.items():
-        grams = layout.get("statistics", {}).get("grams", {})
-        out[node] = {key: float(trace) / max(int(grams[key]["tokens"]), 1)
-                     for key, trace in layout.get("traces", {}).items() if key in grams}
+        statistics = layout.get("statistics", {})
+        grams, noise_std = statistics.get("grams", {}), float((statistics.get("privacy") or {}).get("noise_std", 0.0))
+        out[node] = {}
+        for key, trace in layout.get("traces", {}).items():
+            if key not in grams:
+                continue
+            trace = float(trace)
+            if -TAIL_SIGMAS * noise_std * math.sqrt(int(grams[key]["dim"])) <= trace < 0.0:
+                trace = 0.0
+            out[node][key] = trace / max(int(grams[key]["tokens"]), 1)
     return out
 
 
@@ -62,7 +74,8 @@ def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
     all_examples = sum(examples.values())
     report = {}
     for node in layouts:
-        shares = [float(traces[node].get(key, 0.0)) / totals[key] for key in keys if totals[key] > 0]
+        # max(0, ·): a differentially private trace may be a little negative (per_token_traces)
+        shares = [max(float(traces[node].get(key, 0.0)), 0.0) / totals[key] for key in keys if totals[key] > 0]
         report[node] = {"examples_share": examples[node] / all_examples if all_examples else 0.0,
                         "largest_gram_share": max(shares, default=0.0),
                         "mean_gram_share": sum(shares) / len(shares) if shares else 0.0}

@@ -1,0 +1,58 @@
+"""Differential privacy through Flower: the sites draw noisy statistics once (run config dp-*, as a simulation's
+sites have no node config), a plaintext and then a secure run over them both equal the offline merge of the same
+drawn files, and the second run spends no more of any site's budget."""
+
+import json
+
+import pytest
+from helpers import assert_same_tensors, perturbed, save_owner, simulate, tiny_model, write_data
+from safetensors.torch import load_file
+
+from fusion.cli import main as gramfuse
+from fusion.statistics import load_statistics
+
+OWNERS = 3
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp")
+    base = tiny_model("bert")
+    for i in range(OWNERS):
+        save_owner(perturbed(base, seed=60 + i), root / "workspace" / f"owner{i}" / "model")
+        write_data(root / "workspace" / f"owner{i}" / "data.jsonl", 30, seed=i)
+    return root
+
+
+def budgets(workspace):
+    return [json.loads((workspace / f"owner{i}" / "model" / "gramfuse-dp-budget.json").read_text())
+            for i in range(OWNERS)]
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "secure"])  # in this order: the secure run reuses the draws
+def test_dp_federation_equals_the_offline_merge_of_the_drawn_statistics(workspace, mode):
+    root, sites = workspace, workspace / "workspace"
+    secure = "secure=true" if mode == "secure" else ""
+    report = simulate(root / mode, sites, f"method='regmean' dp-epsilon=2.0 dp-clip=2.0 {secure}", OWNERS)
+    models = [str(sites / f"owner{i}" / "model") for i in range(OWNERS)]
+    for model in models:
+        stats = load_statistics(f"{model}/gramfuse-stats.safetensors")
+        assert stats.settings["privacy"] == {"epsilon": 2.0, "delta": None, "clip": 2.0}
+        assert stats.privacy["delta"] == 1 / 30 ** 2
+    spent = budgets(sites)
+    assert [len(draws) for draws in spent] == [1] * OWNERS  # one draw per site, however many runs
+    assert assert_drawn_once(spent)
+    offline = root / f"offline-{mode}"
+    assert gramfuse(["merge", *models, "-o", str(offline), "--quiet"]) == 0
+    assert_same_tensors(load_file(str(root / mode / "out" / "model.safetensors")),
+                        load_file(str(offline / "model.safetensors")), mode)
+    layers = report["layers"]
+    offline_layers = json.loads((offline / "gramfuse-merge.json").read_text())["layers"]
+    for key, entry in offline_layers.items():
+        assert entry["solver"] == "cholesky+noise-ridge"
+        assert layers[key]["noise_std"] == pytest.approx(entry["noise_std"], rel=1e-6)  # secure: summed, masked
+
+
+def assert_drawn_once(spent):
+    draws = [draws[0]["draw"] for draws in spent]
+    return len(set(draws)) == OWNERS and all(d[0]["epsilon"] == 2.0 for d in spent)
