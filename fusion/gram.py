@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import tied_aliases
-from .privacy import PrivacySpec, add_noise, clipped_rows
+from .privacy import PrivacySpec, clipped_record, clipped_rows, privatise
 from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
 
 LINEAR = "linear"
@@ -236,6 +236,7 @@ def collect_statistics(
     fingerprint: str | None = None,
     only: set[str] | None = None,
     privacy: PrivacySpec | None = None,
+    draw_noise: bool = True,
 ) -> GramStatistics:
     """Gram statistics of ``model`` over ``batches``.
 
@@ -245,7 +246,8 @@ def collect_statistics(
     ``fingerprint`` names the weights when the caller knows it (a folder's), saving a hash of the whole model.
     ``only``: hook these layers alone (an adapter's: the others are the base's, the same for every owner).
     ``privacy``: clip each example's rows and noise the Grams (:mod:`fusion.privacy`); the release is recorded in
-    the statistics' ``privacy`` and the request in their settings.
+    the statistics' ``privacy`` and the request in their settings. ``draw_noise=False`` stops after clipping (noise
+    standard deviation 0): what a trusted curator holds, from which experiments draw many noises (:func:`privatise`).
     Memory stays at one model plus one set of Grams, whatever the number of batches.
     """
     device = next(model.parameters()).device  # batches go where the model is: the GPU, when it was put there
@@ -268,8 +270,9 @@ def collect_statistics(
     if privacy is not None:
         # The token layers of one stack see the same lengths, so the largest count is the examples clipped anywhere
         # (a lower bound for an encoder-decoder, whose decoder lengths differ).
-        clipped = max(collector.clipped.values(), default=0)
-        stats.privacy = add_noise(stats.grams, privacy, stats.example_count, clipped).as_dict()
+        stats.privacy = clipped_record(privacy.clip, max(collector.clipped.values(), default=0))
         stats.settings["privacy"] = privacy.request()
+        if draw_noise:
+            privatise(stats, privacy)
     return stats
 

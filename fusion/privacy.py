@@ -169,9 +169,26 @@ class Release:
             raise PrivacyError(f"malformed privacy record in the statistics ({error})") from error
 
 
+def clipped_record(clip: float, clipped_examples: int) -> dict[str, Any]:
+    """The ``privacy`` record of clipped statistics before any noise (noise standard deviation 0)."""
+    return {"clip": clip, "clipped_examples": clipped_examples, "noise_std": 0.0}
+
+
+def privatise(stats: Any, spec: PrivacySpec) -> Release:
+    """Noise the packed Grams of clipped statistics (:class:`fusion.statistics.GramStatistics` whose ``privacy`` is a
+    :func:`clipped_record` of ``spec.clip``) in place, calibrated to ``spec`` over all of them at once."""
+    record = stats.privacy or {}
+    if record.get("noise_std") != 0.0 or record.get("clip") != spec.clip:
+        raise PrivacyError(f"statistics clipped to {record.get('clip')} token(s), noise std "
+                           f"{record.get('noise_std')}: only noise-free statistics clipped to {spec.clip} can be noised")
+    release = add_noise(stats.grams, spec, stats.example_count, int(record["clipped_examples"]))
+    stats.privacy = release.as_dict()
+    return release
+
+
 def add_noise(grams: dict[str, torch.Tensor], spec: PrivacySpec, example_count: int,
               clipped_examples: int) -> Release:
-    """Noise every packed Gram in place, calibrated to ``spec`` over all of them at once; returns the release."""
+    """Noise every packed Gram (clipped to ``spec.clip``) in place, calibrated to ``spec`` over all of them."""
     delta = spec.delta_for(example_count)
     multiplier = noise_multiplier(spec.epsilon, delta)
     std = multiplier * spec.clip * math.sqrt(len(grams))

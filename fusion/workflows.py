@@ -88,6 +88,7 @@ def compute_statistics(
     device: str = "cpu",
     base: str | Path | None = None,
     privacy: PrivacySpec | None = None,
+    draw_noise: bool = True,
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
 
@@ -95,7 +96,7 @@ def compute_statistics(
     ``cuda:N``), or ``auto`` (a GPU when there is one) runs the forward pass and the Gram products; sums come back
     to the CPU. A LoRA adapter folder (``base`` overrides the base model its config names) has statistics of the
     layers it adapts only: every other layer is the base's, the same for every owner. ``privacy`` makes the
-    statistics differentially private (:mod:`fusion.privacy`).
+    statistics differentially private (:mod:`fusion.privacy`); ``draw_noise=False`` clips them only.
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
     if privacy is not None and fisher:
@@ -114,6 +115,7 @@ def compute_statistics(
             model, make_batches(labelled=False), compute_dtype=getattr(torch, gram_dtype), settings=asdict(settings),
             progress=bar, fingerprint=fingerprint,
             only=files.adapter.modules if isinstance(files, AdapterFiles) else None, privacy=privacy,
+            draw_noise=draw_noise,
         )
     if fisher:
         with _bar(data_file, settings, "fisher", progress) as bar:

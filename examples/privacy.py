@@ -1,0 +1,186 @@
+"""Differentially private RegMean against epsilon and owner size, on the sentiment-domain owners (issue 13).
+
+The comparison's four domain owners (fine-tuned there on 400 examples each, cached) release DP statistics at
+epsilon in {inf, 8, 4, 1, 0.5}, delta = 1 / N^2, over N examples of their domain: the 400 they were fine-tuned on,
+or N = 3000 of the domain's rows (none from the test split). Each site's statistics are clipped once (one pass per
+owner and size); every epsilon then draws its noise on them, as ``gramfuse stats --dp-epsilon`` would (the same
+function), ``--seeds`` times. RegMean on the noisy statistics is scored on each owner's own test split and on the
+held-out NYT domain, against averaging (needs no statistics: the floor DP RegMean falls back to) and RegMean on
+exact statistics.
+
+    python -m examples.privacy [--sizes 400 3000] [--epsilons 8 4 1 0.5] [--seeds 2] [--workdir runs/compare]
+
+Writes WORKDIR/privacy-domains.json, .md and .png (accuracy against epsilon, one line per size) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from examples.owners import Owner, say
+from examples.plusplus import HELD_OUT, correctness, metric_of, setting_of
+from fusion.finish import MERGED
+from fusion.merge import merge_folders
+from fusion.methods import get_method
+from fusion.privacy import PrivacySpec, privatise
+from fusion.statistics import STATS_FILENAME, save_statistics
+from fusion.workflows import compute_statistics
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.txt")
+
+
+def site_folder(owner: Owner, root: Path) -> Path:
+    """A folder of links to the owner's model, where this experiment's statistics files go (the cached owner's own
+    statistics stay as they are)."""
+    folder = root / owner.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        source, link = owner.model / name, folder / name
+        if source.is_file() and not link.exists():
+            link.symlink_to(source.resolve())
+    return folder
+
+
+def statistics_rows(owner: Owner, size: int, root: Path) -> Path:
+    """``size`` rows of the owner's domain for its statistics: its training file when that is the size, else the
+    domain's rows outside the test split."""
+    from examples.assets import sentiment
+
+    train_rows = owner.train.read_text().splitlines()
+    if size == len(train_rows):
+        return owner.train
+    tests = {json.loads(line)["text"] for line in owner.test.read_text().splitlines()}
+    rows = [row for row in sentiment(owner.domain) if row["text"] not in tests][:size]
+    if len(rows) < size:
+        raise SystemExit(f"{owner.domain}: only {len(rows)} rows outside the test split, fewer than {size}")
+    path = root / f"{owner.domain}-{size}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def scores(folder: Path, tests: dict[str, Path]) -> dict[str, float]:
+    return {split: float(metric_of("accuracy", correctness(folder, test))) for split, test in tests.items()}
+
+
+def summary(per_split: dict[str, float], owners: list[Owner]) -> dict[str, float]:
+    inside = [per_split[o.domain] for o in owners]
+    return {"mean_in_domain": sum(inside) / len(inside), "held_out": per_split[HELD_OUT]}
+
+
+def merge_and_score(folders: list[Path], method: str, out: Path, tests: dict[str, Path], owners: list[Owner]) -> dict:
+    report = merge_folders(folders, out, get_method(method), overwrite=True)
+    result = summary(scores(out / MERGED, tests), owners)
+    layers = [layer for layer in report.get("layers", {}).values() if layer.get("ridge") is not None]
+    if layers:
+        result["mean_ridge"] = sum(layer["ridge"] for layer in layers) / len(layers)
+    return result
+
+
+def run(sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> dict:
+    setting = setting_of("domains", workdir)
+    owners, tests = setting.owners, setting.tests
+    root = workdir / "privacy-domains"
+    folders = [site_folder(owner, root / "sites") for owner in owners]
+    results: dict = {"sizes": {}}
+    say("averaging (no statistics)")
+    results["average"] = merge_and_score(folders, "average", root / "average", tests, owners)
+    for size in sizes:
+        data = [statistics_rows(owner, size, root) for owner in owners]
+        by_size: dict = {}
+        for folder, data_file in zip(folders, data):  # exact RegMean: the ceiling at this size
+            compute_statistics(folder, data_file, settings=setting.data, progress=False)
+        by_size["exact"] = merge_and_score(folders, "regmean", root / f"exact-{size}", tests, owners)
+        say(f"N={size}: exact RegMean {by_size['exact']}")
+        clipped = []
+        for owner, folder, data_file in zip(owners, folders, data):
+            stats, _ = compute_statistics(folder, data_file, settings=setting.data, progress=False,
+                                          privacy=PrivacySpec(epsilon=1.0), draw_noise=False)
+            clipped.append(stats)
+            say(f"N={size}: {owner.name} clipped, {stats.privacy['clipped_examples'] / stats.example_count:.0%} of "
+                "examples scaled down")
+        for stats, folder in zip(clipped, folders):
+            save_statistics(stats, folder / STATS_FILENAME)
+        by_size["inf"] = merge_and_score(folders, "regmean", root / f"clipped-{size}", tests, owners)
+        say(f"N={size}: clipped, no noise {by_size['inf']}")
+        for epsilon in epsilons:
+            draws = []
+            for seed in range(seeds):
+                for index, (stats, folder) in enumerate(zip(clipped, folders)):
+                    noisy = replace(stats, grams={k: v.clone() for k, v in stats.grams.items()},
+                                    settings=dict(stats.settings))
+                    release = privatise(noisy, PrivacySpec(epsilon=epsilon, seed=1000 * seed + index))
+                    save_statistics(noisy, folder / STATS_FILENAME)
+                draws.append(merge_and_score(folders, "regmean", root / f"dp-{size}-{epsilon:g}", tests, owners))
+            by_size[f"{epsilon:g}"] = {
+                key: sum(d[key] for d in draws) / len(draws) for key in draws[0]} | {
+                "draws": draws, "delta": release.delta, "noise_std": release.noise_std,
+                "noise_multiplier": release.noise_multiplier}
+            say(f"N={size}: epsilon {epsilon:g}: {by_size[f'{epsilon:g}']['mean_in_domain']:.3f} in domain")
+        results["sizes"][str(size)] = by_size
+    return results
+
+
+def table(results: dict, epsilons: list[float]) -> str:
+    columns = ["exact", "inf", *[f"{e:g}" for e in epsilons]]
+    header = ["N", "exact RegMean", "clipped, epsilon inf", *[f"epsilon {c}" for c in columns[2:]]]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for size, by_size in results["sizes"].items():
+        cells = [f"{by_size[c]['mean_in_domain']:.3f} / {by_size[c]['held_out']:.3f}" for c in columns]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    average = results["average"]
+    lines += ["", f"Cells: mean accuracy on the owners' own test splits / on held-out NYT. Averaging (the floor): "
+              f"{average['mean_in_domain']:.3f} / {average['held_out']:.3f}."]
+    return "\n".join(lines)
+
+
+def chart(results: dict, epsilons: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    finite = sorted(epsilons)
+    positions = [*finite, max(finite) * 4]  # "inf" drawn to the right of the largest epsilon
+    for size, by_size in results["sizes"].items():
+        values = [by_size[f"{e:g}"]["mean_in_domain"] for e in finite] + [by_size["inf"]["mean_in_domain"]]
+        axis.plot(positions, values, marker="o", label=f"DP RegMean, N = {size} per owner")
+        axis.axhline(by_size["exact"]["mean_in_domain"], linestyle=":", linewidth=1, color=axis.lines[-1].get_color())
+    axis.axhline(results["average"]["mean_in_domain"], color="black", linestyle="--", label="averaging (no statistics)")
+    axis.set_xscale("log")
+    axis.set_xticks(positions, [f"{e:g}" for e in finite] + ["inf"])
+    axis.set_xlabel("epsilon (delta = 1/N^2, per owner)")
+    axis.set_ylabel("accuracy, mean over the owners' test splits")
+    axis.set_title("Sentiment domains, 4 owners: DP RegMean against epsilon\n(dotted: RegMean on exact statistics)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.privacy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 3000])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0, 0.5])
+    parser.add_argument("--seeds", type=int, default=2, help="noise draws per epsilon (scores are their mean)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    args = parser.parse_args(argv)
+    if any(not math.isfinite(e) or e <= 0 for e in args.epsilons):
+        parser.error("epsilons are positive numbers (infinity is always run)")
+    workdir = args.workdir.resolve()
+    results = run(args.sizes, args.epsilons, args.seeds, workdir)
+    text = table(results, args.epsilons)
+    (workdir / "privacy-domains.json").write_text(json.dumps(results, indent=2))
+    (workdir / "privacy-domains.md").write_text(text + "\n")
+    chart(results, args.epsilons, workdir / "privacy-domains.png")
+    print("\nDP RegMean on the sentiment domains:\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
