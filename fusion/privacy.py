@@ -161,13 +161,6 @@ class Release:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Release:
-        try:
-            return cls(**values)
-        except TypeError as error:
-            raise PrivacyError(f"malformed privacy record in the statistics ({error})") from error
-
 
 def clipped_record(clip: float, clipped_examples: int) -> dict[str, Any]:
     """The ``privacy`` record of clipped statistics before any noise (noise standard deviation 0)."""

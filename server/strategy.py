@@ -102,6 +102,7 @@ class OwnerRecord:
     site_seconds: float = 0.0
     arrived_after_seconds: float = 0.0
     weights_from_base: int = 0  # a LoRA adapter site's untouched weights, taken from the server's base, not sent
+    privacy: dict | None = None  # a site with differentially private statistics: their release (fusion.privacy)
 
 
 class RegMeanStrategy(Strategy):
@@ -257,6 +258,7 @@ class RegMeanStrategy(Strategy):
         if owner.statistics is not None:
             record.examples = owner.statistics.example_count
             record.tokens = max(owner.statistics.token_counts.values(), default=0)
+            record.privacy = owner.statistics.privacy
         log.info("owner node %d (%s) merged into the sums: %d examples, %.1f MB received", node_id, record.site,
                  record.examples, record.bytes_received / 1e6)
 

@@ -182,3 +182,30 @@ def test_regmean_plusplus_on_the_real_owners_sees_the_merged_models_inputs(feder
         print(test_file.name, "regmean++", scores)
         assert scores["accuracy"] > 0.6  # both domains served (each owner's own model scores about 0.75 on its own)
 
+
+
+def test_differentially_private_statistics_of_the_real_owners(federation, tmp_path, capsys):
+    """(4, 1/N^2)-DP statistics of the real owners (clipped, noised once at each site) merge into a model that still
+    serves both domains; every solved layer is regularised by the noise's ridge, and the noise is what was promised."""
+    root, owners, tests = federation
+    sites = []
+    for domain, owner in zip(DOMAINS, owners):
+        site = tmp_path / domain  # the owner's model, linked, so its exact statistics stay for the other tests
+        site.mkdir()
+        for item in owner.iterdir():
+            if item.name != "gramfuse-stats.safetensors":
+                (site / item.name).symlink_to(item)
+        assert main(["stats", str(site), str(root / f"{domain}-train.jsonl"), "--max-length", "64",
+                     "--dp-epsilon", "4", "--quiet"]) == 0
+        stats = load_statistics(site / "gramfuse-stats.safetensors")
+        assert stats.privacy["delta"] == 1 / 320 ** 2 and stats.privacy["grams"] == 6 * 4 + 2
+        assert stats.privacy["clipped_fraction"] == 1.0  # every snippet has more than one token
+        sites.append(site)
+    assert main(["merge", *map(str, sites), "-o", str(tmp_path / "dp"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "dp" / "gramfuse-merge.json").read_text())
+    assert {layer["solver"] for layer in report["layers"].values()} == {"cholesky+noise-ridge"}
+    capsys.readouterr()
+    for test_file in tests:
+        assert main(["evaluate", str(tmp_path / "dp"), str(test_file), "--json", "--quiet"]) == 0
+        scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert scores["accuracy"] > 0.6, test_file.name

@@ -124,7 +124,7 @@ def test_differencing_two_releases_recovers_an_owner_only_to_the_noise_level(tmp
     batches = [[encode(SENTENCES[i:i + 3])] for i in range(3)]
     method = RegMean()
     context = MergeContext(modules=None)
-    for spec in (None, PrivacySpec(epsilon=4.0, delta=1e-5)):
+    for spec in (None, PrivacySpec(epsilon=4.0, delta=1e-5, seed=5)):
         states = []
         for i, (model, owner_batches) in enumerate(zip(owners, batches)):
             stats = collect_statistics(model, owner_batches, privacy=spec)
@@ -135,16 +135,16 @@ def test_differencing_two_releases_recovers_an_owner_only_to_the_noise_level(tmp
             three.add(method.contribute(state, context))
         for state in states[:2]:
             two.add(method.contribute(state, context))
-        key = next(iter(states[2].statistics.grams))
-        recovered = three[GRAM + key] - two[GRAM + key]
-        clean = clipped_grams(owners[2], batches[2], spec.clip if spec else None)[1].grams[key] if spec else \
-            states[2].statistics.grams[key]
+        keys = sorted(states[2].statistics.grams)  # every Gram: thousands of entries for the noise's size
+        recovered = torch.cat([three[GRAM + key] - two[GRAM + key] for key in keys])
+        exact = clipped_grams(owners[2], batches[2], spec.clip)[1] if spec else states[2].statistics
+        clean = torch.cat([exact.grams[key] for key in keys])
         error = float((recovered - clean).pow(2).mean().sqrt())
         if spec is None:
             assert error <= 1e-12 * float(clean.abs().max())
         else:
             noise_std = states[2].statistics.noise_std
-            assert 0.9 * noise_std < error < 1.1 * noise_std  # the noise, all of it, and nothing less
+            assert 0.95 * noise_std < error < 1.05 * noise_std  # the noise, all of it, and nothing less
             assert error > float(clean.abs().max())  # here it drowns the Gram itself
 
 

@@ -47,6 +47,8 @@ def test_dp_federation_equals_the_offline_merge_of_the_drawn_statistics(workspac
     assert_same_tensors(load_file(str(root / mode / "out" / "model.safetensors")),
                         load_file(str(offline / "model.safetensors")), mode)
     layers = report["layers"]
+    if mode == "plaintext":  # the server saw each site's release; in secure mode only the summed noise
+        assert sorted(o["privacy"]["epsilon"] for o in report["federation"]["owners"].values()) == [2.0] * OWNERS
     offline_layers = json.loads((offline / "gramfuse-merge.json").read_text())["layers"]
     for key, entry in offline_layers.items():
         assert entry["solver"] == "cholesky+noise-ridge"
