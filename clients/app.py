@@ -17,7 +17,7 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
   refuses them anyway);
 - ``dp-epsilon`` (0: off), ``dp-delta`` (0: ``1 / N^2`` for ``N`` examples), ``dp-clip`` (1.0), ``dp-budget``
   (``dp-epsilon``): differentially private statistics (:mod:`fusion.privacy`); every noise draw is recorded in
-  ``<model-path>/gramfuse-dp-budget.json`` (or ``dp-budget-path``) and a draw that would take the composed epsilon
+  ``<data-path>.gramfuse-dp-budget.json`` (or ``dp-budget-path``) and a draw that would take the composed epsilon
   past ``dp-budget`` is refused. A drawn statistics file is reused across runs at no further cost;
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
@@ -136,7 +136,8 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
     delta = float(node.get("dp-delta", 0.0))
     spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
     path = context.node_config.get("dp-budget-path")
-    budget = PrivacyBudget(Path(str(path)) if path else site_paths(context)[0] / BUDGET_FILENAME,
+    data_file = site_paths(context)[1]  # the budget is the data's: every model folder over it spends from it
+    budget = PrivacyBudget(Path(str(path)) if path else data_file.with_name(f"{data_file.name}.{BUDGET_FILENAME}"),
                            float(node.get("dp-budget", 0.0)) or epsilon)
     return spec, budget
 

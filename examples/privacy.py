@@ -101,7 +101,7 @@ def run(sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> d
             stats, _ = compute_statistics(folder, data_file, settings=setting.data, progress=False,
                                           privacy=PrivacySpec(epsilon=1.0), draw_noise=False)
             clipped.append(stats)
-            say(f"N={size}: {owner.name} clipped, {stats.privacy['clipped_examples'] / stats.example_count:.0%} of "
+            say(f"N={size}: {owner.name} clipped, {stats.clipped_examples / stats.example_count:.0%} of "
                 "examples scaled down")
         for stats, folder in zip(clipped, folders):
             save_statistics(stats, folder / STATS_FILENAME)

@@ -35,17 +35,7 @@ class Ledger:
         self.path = Path(path)
 
     def releases(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        try:
-            releases = json.loads(self.path.read_text())
-        except (OSError, ValueError) as error:
-            # An unreadable ledger cannot vouch for anything: refuse rather than forget what was released.
-            raise SecureProtocolError(f"the site's ledger {self.path} is unreadable ({error}); secure runs are "
-                                      "refused until it is repaired") from error
-        if not isinstance(releases, list):
-            raise SecureProtocolError(f"the site's ledger {self.path} is not a list of releases")
-        return releases
+        return _read_list(self.path, SecureProtocolError, "ledger", "releases", "secure runs")
 
     def check(self, contribution: str, sites: Iterable[int], min_difference: int = MIN_DIFFERENCE) -> None:
         """Refuse a release over ``sites`` that differs from an earlier one of the same contribution by at least one
@@ -71,6 +61,21 @@ class Ledger:
         _write_list(self.path, [*releases, entry])
 
 
+def _read_list(path: Path, error: type[Exception], record: str, entries: str, refused: str) -> list[dict]:
+    """A JSON list of entries (none where the file does not exist yet)."""
+    if not path.is_file():
+        return []
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as problem:
+        # An unreadable record cannot vouch for what was released or spent: refuse rather than forget it.
+        raise error(f"the site's {record} {path} is unreadable ({problem}); {refused} are refused until it is "
+                    "repaired") from problem
+    if not isinstance(values, list):
+        raise error(f"the site's {record} {path} is not a list of {entries}")
+    return values
+
+
 def _write_list(path: Path, entries: list[dict]) -> None:
     """Written atomically: a crash leaves the old record or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,8 @@ BUDGET_FILENAME = "gramfuse-dp-budget.json"
 
 
 class PrivacyBudget:
-    """A site's differential-privacy spending as JSON: one entry per noise draw over its data, ``[{"draw": ...,
+    """A site's differential-privacy spending as JSON: one entry per noise draw over its data (kept beside the data
+    file: a new model folder over the same data spends from the same budget), ``[{"draw": ...,
     "noise_multiplier": ..., "delta": ..., "epsilon": ..., "time": ...}, ...]``.
 
     A draw is spent once: every release computed from one noisy statistics file (any number of runs, plaintext or
@@ -101,29 +107,25 @@ class PrivacyBudget:
         self.path, self.epsilon_budget = Path(path), float(epsilon_budget)
 
     def draws(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        try:
-            draws = json.loads(self.path.read_text())
-        except (OSError, ValueError) as error:
-            # An unreadable record cannot say what was spent: refuse rather than spend again.
-            raise PrivacyError(f"the site's privacy budget record {self.path} is unreadable ({error}); DP releases "
-                               "are refused until it is repaired") from error
-        if not isinstance(draws, list):
-            raise PrivacyError(f"the site's privacy budget record {self.path} is not a list of draws")
-        return draws
+        return _read_list(self.path, PrivacyError, "privacy budget record", "draws", "DP releases")
 
     def spend(self, release: dict) -> float:
         """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the
-        epsilon spent in all, at the release's delta. Raises, recording nothing, where it would pass the budget."""
+        epsilon spent in all, at the smallest delta of any draw (a draw cannot buy room with a larger delta).
+        Raises, recording nothing, where it would pass the budget."""
         draws = self.draws()
-        multipliers = [float(d["noise_multiplier"]) for d in draws if d.get("draw") != release["draw"]]
-        spent = gaussian_epsilon([*multipliers, float(release["noise_multiplier"])], float(release["delta"]))
+        try:
+            multipliers = [float(d["noise_multiplier"]) for d in draws if d.get("draw") != release["draw"]]
+            delta = min([float(d["delta"]) for d in draws] + [float(release["delta"])])
+            spent = gaussian_epsilon([*multipliers, float(release["noise_multiplier"])], delta)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+            raise PrivacyError(f"the site's privacy budget record {self.path} or the statistics' privacy record is "
+                               f"malformed ({type(error).__name__}: {error}); DP releases are refused") from error
         if any(d.get("draw") == release["draw"] for d in draws):
             return spent
         if spent > self.epsilon_budget * (1.0 + 1e-9):
             raise PrivacyError(
-                f"this site's statistics would spend epsilon {spent:.3g} in all (at delta {float(release['delta']):.3g}) "
+                f"this site's statistics would spend epsilon {spent:.3g} in all (at delta {delta:.3g}) "
                 f"over {len(draws) + 1} noise draws, past its budget of {self.epsilon_budget:g} (node config "
                 f"dp-budget); reuse the statistics file already drawn, or raise the budget knowingly")
         entry = {"draw": release["draw"], "noise_multiplier": release["noise_multiplier"], "delta": release["delta"],

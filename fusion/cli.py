@@ -94,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "adapter_config.json names)")
     private = stats.add_argument_group(
         "differential privacy", "clip each example's share of the Grams and add Gaussian noise (Analyze Gauss), so "
-        "that everything computed from the file is (epsilon, delta)-DP for the data's examples (not for the weights)")
+        "that the Grams and everything computed from them are (epsilon, delta)-DP for each example of the data, against "
+        "its replacement (the example count is public; the weights are not covered)")
     private.add_argument("--dp-epsilon", type=float, metavar="EPSILON", help="turn DP on at this epsilon")
     private.add_argument("--dp-delta", type=float, metavar="DELTA", help="default: 1 / N^2 for N examples")
-    private.add_argument("--dp-clip", type=float, default=1.0, metavar="TOKENS", help="an example counts as at most "
-                         "this many unit-norm token rows in each Gram (default 1: the mean of its tokens)")
+    private.add_argument("--dp-clip", type=float, metavar="TOKENS", help="an example counts as at most this many "
+                         "unit-norm token rows in each Gram (default 1: the mean of its tokens)")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -202,9 +203,10 @@ def run_stats(args: argparse.Namespace) -> None:
 
     privacy = None
     if args.dp_epsilon is not None:
-        privacy = PrivacySpec(args.dp_epsilon, args.dp_delta, args.dp_clip)
-    elif args.dp_delta is not None:
-        raise PrivacyError("--dp-delta without --dp-epsilon: give the epsilon to turn differential privacy on")
+        privacy = PrivacySpec(args.dp_epsilon, args.dp_delta, 1.0 if args.dp_clip is None else args.dp_clip)
+    elif args.dp_delta is not None or args.dp_clip is not None:
+        raise PrivacyError("--dp-delta or --dp-clip without --dp-epsilon: give the epsilon to turn differential "
+                           "privacy on")
     stats, path = compute_statistics(
         args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
         progress=not args.quiet, device=args.device, base=args.base, privacy=privacy,
@@ -216,7 +218,8 @@ def run_stats(args: argparse.Namespace) -> None:
         release = stats.privacy
         print(f"differentially private: ({release['epsilon']:g}, {release['delta']:.3g})-DP, noise multiplier "
               f"{release['noise_multiplier']:.3g} over {release['grams']} Grams (noise std {release['noise_std']:.3g} "
-              f"per entry), {release['clipped_fraction']:.0%} of examples clipped to {release['clip']:g} token(s)")
+              f"per entry); here only: {stats.clipped_examples / stats.example_count:.0%} of examples clipped to "
+              f"{release['clip']:g} token(s)")
 
 
 def run_merge(args: argparse.Namespace) -> None:

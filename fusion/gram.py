@@ -175,8 +175,8 @@ class GramCollector:
         if self.clip is None:
             rows, pads_excluded = _real_rows(inputs.detach(), self._masks)
         else:
-            rows, clipped = clipped_rows(inputs.detach(), self._masks, self._batch_examples, self.clip, key)
-            pads_excluded = True
+            rows, clipped, pads_excluded = clipped_rows(inputs.detach(), self._masks, self._batch_examples,
+                                                        self.clip, key)
             self.clipped[key] = self.clipped.get(key, 0) + clipped
         accumulator = self.accumulators.get(key)
         if accumulator is None:
@@ -270,7 +270,10 @@ def collect_statistics(
     if privacy is not None:
         # The token layers of one stack see the same lengths, so the largest count is the examples clipped anywhere
         # (a lower bound for an encoder-decoder, whose decoder lengths differ).
-        stats.privacy = clipped_record(privacy.clip, max(collector.clipped.values(), default=0))
+        stats.clipped_examples = max(collector.clipped.values(), default=0)  # stays at the site: not in the file
+        # A Gram's token count would tell how long the examples are: under DP each counts its examples only.
+        stats.token_counts = {key: stats.example_count for key in stats.token_counts}
+        stats.privacy = clipped_record(privacy.clip)
         stats.settings["privacy"] = privacy.request()
         if draw_noise:
             privatise(stats, privacy)

@@ -47,7 +47,8 @@ from .methods import MergeContext, MergeMethod, MergeOutcome, OwnerState, Sums
 from .methods.regmean import needs_diagonal
 from .gram import linear_modules
 from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
-from .sumsfile import LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits
+from .sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits,
+                       contribution_settings)
 
 log = logging.getLogger("gramfuse")
 
@@ -213,7 +214,7 @@ def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str
     without statistics cannot be told from a copy, and merge with a warning."""
     stats = owner.statistics
     counts = None if stats is None else (stats.example_count, tuple(sorted(stats.token_counts.items())),
-                                         json.dumps(stats.settings, sort_keys=True))
+                                         contribution_settings(stats.settings, stats.privacy))
     key = (fingerprint, counts)
     if key in seen and counts is not None:
         raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "

@@ -1,7 +1,7 @@
 """Differential privacy for released statistics: per-example clipping, the Gaussian mechanism, and its accounting.
 
-What is protected: every example of a site's data, in everything computed from that site's statistics. What is not:
-the weights. A fine-tuned model memorises its training data unless it was trained with DP-SGD, and RegMean needs the
+What is protected: every example of a site's data, in the Grams and everything computed from them, against the
+*replacement* of that example by any other (the number of examples is public, below). What is not: the weights. A fine-tuned model memorises its training data unless it was trained with DP-SGD, and RegMean needs the
 weights, so a site that sends them (plaintext mode) or products with them (secure mode) releases what they hold.
 
 The mechanism, per site (local noise; every release made from the noisy file is post-processing, so re-sending it in
@@ -14,12 +14,14 @@ any number of runs, or taking the site out of a merge, spends nothing more):
    Grams, and unit rows only reweight tokens against each other; with the default ``clip = 1`` every example adds
    the mean of its tokens' outer products.
 2. **Analyze Gauss** (Dwork, Talwar, Thakurta, Zhang, STOC 2014): i.i.d. Gaussian noise on each packed upper
-   triangle (the symmetric matrix mirrors it). The triangle's L2 norm is at most the matrix's Frobenius norm, so one
-   example moves the vector of all ``K`` released triangles by at most ``clip * sqrt(K)``; the noise's standard
-   deviation is ``noise_multiplier * clip * sqrt(K)``, the multiplier calibrated to ``(epsilon, delta)`` exactly
-   (the analytic Gaussian mechanism; see :func:`gaussian_epsilon`).
-3. **Counts are public by policy**: a site's example and token counts are released as they are (the number of
-   examples a site holds is seldom a secret; noising them is not built).
+   triangle (the symmetric matrix mirrors it). The triangle's L2 norm is at most the matrix's Frobenius norm, and
+   replacing one example by another changes a Gram by ``A - B``, both positive semi-definite of norm at most
+   ``clip``, so by at most ``sqrt(2) clip`` (``<A, B> >= 0``); over all ``K`` released triangles the sensitivity is
+   ``sqrt(2 K) clip``, and the noise's standard deviation ``noise_multiplier * sqrt(2 K) * clip``, the multiplier
+   calibrated to ``(epsilon, delta)`` exactly (the analytic Gaussian mechanism; see :func:`gaussian_epsilon`).
+3. **The example count is public by policy** (the number of examples a site holds is seldom a secret; noising it
+   is not built). Token counts are not: under DP every Gram's count is released as the example count, and how many
+   examples were clipped stays at the site (:attr:`fusion.statistics.GramStatistics.clipped_examples`).
 
 The merge regularises the noisy sum: see :func:`noise_ridge`.
 """
@@ -38,6 +40,7 @@ from .errors import GramfuseError
 
 ACCOUNTANT = "analytic Gaussian mechanism (Balle & Wang 2018), composed as Gaussian DP (Dong, Roth & Su 2019)"
 MAX_EPSILON = 100.0  # beyond it a guarantee means nothing, and e^epsilon leaves floating point
+MIN_EPSILON = 1e-3  # below it the calibrated noise passes a million times the sensitivity (the bisection's range)
 # Far beyond any Gaussian draw: a noisy Gram's diagonal entry below -TAIL_SIGMAS standard deviations is not noise.
 TAIL_SIGMAS = 10.0
 # Wigner: a symmetric d x d matrix of N(0, s^2) entries has spectral norm about 2 s sqrt(d), and above it with
@@ -62,8 +65,8 @@ class PrivacySpec:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.epsilon <= MAX_EPSILON:
-            raise PrivacyError(f"DP epsilon must be a positive number up to {MAX_EPSILON:g}, not {self.epsilon}")
+        if not MIN_EPSILON <= self.epsilon <= MAX_EPSILON:
+            raise PrivacyError(f"DP epsilon must be between {MIN_EPSILON:g} and {MAX_EPSILON:g}, not {self.epsilon}")
         if self.delta is not None and not 0.0 < self.delta < 1.0:
             raise PrivacyError(f"DP delta must be in (0, 1), not {self.delta}")
         if not (self.clip > 0.0 and math.isfinite(self.clip)):
@@ -74,7 +77,13 @@ class PrivacySpec:
         return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip}
 
     def delta_for(self, example_count: int) -> float:
-        return self.delta if self.delta is not None else 1.0 / max(example_count, 2) ** 2
+        """``delta``, or ``1 / N^2``; a delta above ``1 / N`` is refused: it allows giving away one example whole."""
+        if self.delta is None:
+            return 1.0 / max(example_count, 2) ** 2
+        if self.delta > 1.0 / example_count:
+            raise PrivacyError(f"DP delta {self.delta:g} is above 1/N = {1.0 / example_count:.3g} for N = "
+                               f"{example_count} examples: such a delta allows releasing one example outright")
+        return self.delta
 
 
 def _normal_cdf(value: float) -> float:
@@ -113,19 +122,21 @@ def gaussian_epsilon(noise_multipliers: Iterable[float], delta: float) -> float:
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
     """The smallest noise multiplier of one Gaussian mechanism that is ``(epsilon, delta)``-DP (exact, as above)."""
+    if gaussian_delta(1e-6, epsilon) > delta:  # even a million times the sensitivity would not do
+        raise PrivacyError(f"no noise multiplier up to 1e6 gives ({epsilon:g}, {delta:g})-DP")
     return _bisect(lambda z: gaussian_delta(1.0 / z, epsilon) <= delta, 1e-6, 1e6)
 
 
 def clipped_rows(inputs: torch.Tensor, masks: Sequence[torch.Tensor], example_count: int, clip: float,
-                 layer: str) -> tuple[torch.Tensor, int]:
+                 layer: str) -> tuple[torch.Tensor, int, bool]:
     """A layer input's real-token rows, each scaled to unit norm and weighted so that an example counts as at most
-    ``clip`` tokens; and how many examples were scaled down. Rows are attributed to examples by the attention mask
+    ``clip`` tokens; how many examples were scaled down; and whether pads are surely excluded. Rows are attributed to examples by the attention mask
     (token inputs) or by the leading dimension (one row per example); any other layout cannot be clipped."""
     features = inputs.shape[-1]
     for mask in masks:
         if inputs.dim() >= 2 and tuple(inputs.shape[:-1]) == tuple(mask.shape):
             rows, example_of_row = inputs[mask], mask.nonzero()[:, 0]
-            tokens = mask.sum(dim=1)
+            tokens, pads_excluded = mask.sum(dim=1), True
             break
     else:
         if inputs.dim() < 2 or inputs.shape[0] != example_count:
@@ -135,13 +146,14 @@ def clipped_rows(inputs: torch.Tensor, masks: Sequence[torch.Tensor], example_co
         rows = per_example.reshape(-1, features)
         example_of_row = torch.arange(example_count, device=inputs.device).repeat_interleave(per_example.shape[1])
         tokens = torch.full((example_count,), per_example.shape[1], device=inputs.device)
+        pads_excluded = inputs.dim() == 2  # one row per example; else every position, pads (if any) too
     rows = rows.to(torch.float64)
     weights = (clip / tokens.clamp(min=1).to(torch.float64)).clamp(max=1.0)
     norms = rows.norm(dim=1)
     scale = weights[example_of_row].sqrt() / torch.where(norms > 0, norms, torch.ones_like(norms))
     scale = torch.where(norms > 0, scale, torch.zeros_like(scale))
     clipped = int((tokens > clip).sum())
-    return rows * scale.unsqueeze(1), clipped
+    return rows * scale.unsqueeze(1), clipped, pads_excluded
 
 
 @dataclass(frozen=True)
@@ -154,7 +166,6 @@ class Release:
     noise_multiplier: float  # of the whole release: noise std / L2 sensitivity of all its Grams together
     noise_std: float  # of each packed Gram entry
     grams: int  # how many Grams the release holds (K)
-    clipped_fraction: float  # of the examples, scaled down in at least one Gram
     draw: str  # a random id of this noise draw: the budget ledger counts draws, not files
     accountant: str = ACCOUNTANT
 
@@ -162,9 +173,9 @@ class Release:
         return asdict(self)
 
 
-def clipped_record(clip: float, clipped_examples: int) -> dict[str, Any]:
+def clipped_record(clip: float) -> dict[str, Any]:
     """The ``privacy`` record of clipped statistics before any noise (noise standard deviation 0)."""
-    return {"clip": clip, "clipped_examples": clipped_examples, "noise_std": 0.0}
+    return {"clip": clip, "noise_std": 0.0}
 
 
 def privatise(stats: Any, spec: PrivacySpec) -> Release:
@@ -174,30 +185,30 @@ def privatise(stats: Any, spec: PrivacySpec) -> Release:
     if record.get("noise_std") != 0.0 or record.get("clip") != spec.clip:
         raise PrivacyError(f"statistics clipped to {record.get('clip')} token(s), noise std "
                            f"{record.get('noise_std')}: only noise-free statistics clipped to {spec.clip} can be noised")
-    release = add_noise(stats.grams, spec, stats.example_count, int(record["clipped_examples"]))
+    release = add_noise(stats.grams, spec, stats.example_count)
     stats.privacy = release.as_dict()
+    stats.settings["privacy"] = spec.request()
     return release
 
 
-def add_noise(grams: dict[str, torch.Tensor], spec: PrivacySpec, example_count: int,
-              clipped_examples: int) -> Release:
+def add_noise(grams: dict[str, torch.Tensor], spec: PrivacySpec, example_count: int) -> Release:
     """Noise every packed Gram (clipped to ``spec.clip``) in place, calibrated to ``spec`` over all of them."""
     delta = spec.delta_for(example_count)
     multiplier = noise_multiplier(spec.epsilon, delta)
-    std = multiplier * spec.clip * math.sqrt(len(grams))
+    std = multiplier * spec.clip * math.sqrt(2 * len(grams))  # replacement of one example: sqrt(2) clip per Gram
     generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else secrets.randbits(63))
     for key in sorted(grams):
         packed = grams[key]
         packed += std * torch.randn(packed.shape, dtype=torch.float64, generator=generator).to(packed.device)
     return Release(epsilon=spec.epsilon, delta=delta, clip=spec.clip, noise_multiplier=multiplier, noise_std=std,
-                   grams=len(grams), clipped_fraction=clipped_examples / max(example_count, 1),
-                   draw=secrets.token_hex(8))
+                   grams=len(grams), draw=secrets.token_hex(8))
 
 
 def noise_ridge(noise_variance: float, dim: int) -> float:
     """The ridge a noisy summed Gram is solved with: ``2 s sqrt(d)``, ``s^2`` the summed noise variance per entry.
 
-    AdaSSP-style (Wang, 2018): the noise matrix's spectral norm is about ``2 s sqrt(d)``, so adding that to the
-    diagonal makes the noisy Gram positive definite with high probability (it is then at least the clean one), and
-    directions where the owners' data is weaker than the noise are pulled towards the prior (the average)."""
+    AdaSSP-style (Wang, 2018): the noise matrix's spectral norm is about ``2 s sqrt(d)`` (Wigner), so adding that
+    to the diagonal mostly makes the noisy Gram positive definite (it is then at least the clean one; where a draw's
+    extreme eigenvalue goes beyond, the solve doubles the ridge until it factorises), and directions where the
+    owners' data is weaker than the noise are pulled towards the prior (the average)."""
     return SPECTRAL_FACTOR * math.sqrt(max(noise_variance, 0.0) * dim)

@@ -105,6 +105,7 @@ class GramStatistics:
     fisher_example_count: int = 0
     gram_dtype: str = "float64"  # dtype of the per-batch products; sums are float64 either way
     privacy: dict[str, Any] | None = None  # a differentially private release: its noise (fusion.privacy.Release)
+    clipped_examples: int = 0  # under DP, the examples scaled down by clipping: for the site's eyes, never saved
 
     @property
     def noise_std(self) -> float:
@@ -291,6 +292,8 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
         noise_std = float(privacy["noise_std"]) if privacy else 0.0
         if not (math.isfinite(noise_std) and noise_std >= 0.0):
             raise StatisticsError(f"{source}: the privacy record's noise standard deviation is {noise_std}")
+        if noise_std > 0.0:
+            _check_release(source, privacy)
         for key, info in meta["grams"].items():
             gram = tensors.get(GRAM_PREFIX + key)
             if gram is None:
@@ -323,6 +326,19 @@ def statistics_from(source: str, meta: Mapping[str, Any], tensors: Mapping[str, 
         )
     except (KeyError, TypeError, ValueError) as error:
         raise StatisticsError(f"{source}: malformed statistics metadata ({type(error).__name__}: {error})") from error
+
+
+def _check_release(source: str, release: Mapping[str, Any]) -> None:
+    """A noisy file's privacy record must say what its draw cost (the site's budget charges it)."""
+    problems = [name for name, ok in (
+        ("draw", isinstance(release.get("draw"), str) and bool(release.get("draw"))),
+        ("noise_multiplier", isinstance(release.get("noise_multiplier"), (int, float))
+         and release["noise_multiplier"] > 0),
+        ("delta", isinstance(release.get("delta"), (int, float)) and 0 < release["delta"] < 1),
+        ("epsilon", isinstance(release.get("epsilon"), (int, float)) and release["epsilon"] > 0),
+    ) if not ok]
+    if problems:
+        raise StatisticsError(f"{source}: the privacy record lacks a valid {', '.join(problems)}")
 
 
 def _count(source: str, what: str, value: Any, minimum: int) -> int:

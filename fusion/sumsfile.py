@@ -37,6 +37,13 @@ class SumsFileError(GramfuseError):
     """A sums folder that cannot be read, or an owner that cannot be added to or removed from it."""
 
 
+def contribution_settings(settings: dict, privacy: dict | None) -> str:
+    """Statistics settings as a ledger keeps them, sorted JSON; a DP file's noise draw is part of its contribution
+    (the same request drawn again is another contribution, whose subtraction would leave the old noise behind)."""
+    draw = (privacy or {}).get("draw")
+    return json.dumps({**settings, **({"privacy-draw": draw} if draw else {})}, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     """One owner inside the sums: what identifies its contribution (weights and statistics), not where it lives."""
@@ -54,7 +61,7 @@ class LedgerEntry:
             return LedgerEntry(name, fingerprint, path=str(path))
         return LedgerEntry(name, fingerprint, statistics.example_count,
                            tuple(sorted((k, int(v)) for k, v in statistics.token_counts.items())),
-                           json.dumps(statistics.settings, sort_keys=True), str(path))
+                           contribution_settings(statistics.settings, statistics.privacy), str(path))
 
     def identity(self) -> tuple:
         """Equal for the same contribution: the same weights with the same statistics."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from fusion.privacy import TAIL_SIGMAS
-
 SCALE_FACTOR = 100.0  # how far above the other sites' weights or Gram traces per token a site may be
 DOMINANT_SHARE = 0.9  # a site holding more of a summed Gram's trace than this is named in a warning
 NEAR_FACTOR = 0.1  # a merge this much closer to one owner than to any other is named in a warning
@@ -48,21 +46,35 @@ def outliers(declared: Mapping[int, Mapping[str, float]], what: str, factor: flo
 def per_token_traces(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
     """Each site's Gram traces divided by its token counts: the mean squared input norm, alike across sites.
 
-    A differentially private Gram's trace carries noise of ``noise_std * sqrt(d)`` and may dip below zero: a trace
-    within ``TAIL_SIGMAS`` of that noise below zero counts as zero; one further below stays negative (rejected)."""
+    Sites with differentially private statistics are left out: their rows have unit norm (the trace per example is
+    at most the clip), and the noise, comparable to the trace itself for small sites, would make honest sites look
+    implausible."""
     out = {}
     for node, layout in layouts.items():
         statistics = layout.get("statistics", {})
-        grams, noise_std = statistics.get("grams", {}), float((statistics.get("privacy") or {}).get("noise_std", 0.0))
-        out[node] = {}
-        for key, trace in layout.get("traces", {}).items():
-            if key not in grams:
-                continue
-            trace = float(trace)
-            if -TAIL_SIGMAS * noise_std * math.sqrt(int(grams[key]["dim"])) <= trace < 0.0:
-                trace = 0.0
-            out[node][key] = trace / max(int(grams[key]["tokens"]), 1)
+        if is_private(statistics):
+            continue
+        grams = statistics.get("grams", {})
+        out[node] = {key: float(trace) / max(int(grams[key]["tokens"]), 1)
+                     for key, trace in layout.get("traces", {}).items() if key in grams}
     return out
+
+
+def is_private(statistics: Mapping) -> bool:
+    """Whether a layout's statistics metadata is that of differentially private statistics."""
+    return bool(statistics.get("privacy"))
+
+
+def privacy_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
+    """Where some sites' statistics are differentially private and others' are not (their Grams are on different
+    scales: unit rows against raw ones), the minority, each with the reason; ties reject the private ones."""
+    private = {node for node, layout in layouts.items() if is_private(layout.get("statistics", {}))}
+    exact = set(layouts) - private
+    if not private or not exact:
+        return {}
+    minority, kind = (private, "differentially private") if len(private) <= len(exact) else (exact, "exact")
+    return {node: f"its statistics are {kind}, unlike those of most sites (Grams on different scales; every site "
+                  "must release DP statistics, or none)" for node in minority}
 
 
 def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
@@ -74,7 +86,7 @@ def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:
     all_examples = sum(examples.values())
     report = {}
     for node in layouts:
-        # max(0, ·): a differentially private trace may be a little negative (per_token_traces)
+        # max(0, ·): a differentially private trace may be negative
         shares = [max(float(traces[node].get(key, 0.0)), 0.0) / totals[key] for key in keys if totals[key] > 0]
         report[node] = {"examples_share": examples[node] / all_examples if all_examples else 0.0,
                         "largest_gram_share": max(shares, default=0.0),

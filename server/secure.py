@@ -28,6 +28,7 @@ from fusion.finish import method_roots
 from fusion.finish import reference_label_set as majority_label_set
 from fusion.merge import check_layout
 from fusion.methods import MEAN, WEIGHT, MergeContext
+from fusion.methods.regmean import NOISE_VARIANCE
 from fusion.secure import (
     BODY,
     bands_layout,
@@ -200,6 +201,10 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     def _layout_misfit(expected: dict, layout: dict, adapters: bool) -> str | None:
         """Why a site's layout does not fit the reference's, or None: a shape differs, or (unless both are adapter
         sites, which hook different layers) a sum is missing on either side."""
+        noise = [key for key in set(expected) ^ set(layout) if f"/{NOISE_VARIANCE}" in key]
+        if noise:  # only sites with differentially private statistics sum their noise's variance
+            return (f"{'its' if noise[0] in layout else 'the reference'} statistics are differentially private and "
+                    "the other's are not (Grams on different scales; every site must release DP statistics, or none)")
         for key in sorted(set(expected) | set(layout)):
             mine, theirs = layout.get(key), expected.get(key)
             if mine != theirs and (mine is not None and theirs is not None or not adapters):

@@ -9,7 +9,6 @@ inside are not asked for anything.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,8 @@ from fusion.errors import GramfuseError
 from fusion.finish import Group, restrict
 from fusion.methods import MergeContext, MergeMethod, Sums
 from fusion.methods.regmean import needs_diagonal
-from fusion.sumsfile import LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits
+from fusion.sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits,
+                             contribution_settings)
 
 CURRENT = "CURRENT"
 VERSION = re.compile(r"^sums-(\d{4,})$")
@@ -60,7 +60,7 @@ def entry_from_layout(name: str, layout: dict, where: str) -> LedgerEntry:
     stats = layout["statistics"]
     return LedgerEntry(name, str(stats["fingerprint"]), int(stats["example_count"]),
                        tuple(sorted((str(key), int(info["tokens"])) for key, info in stats["grams"].items())),
-                       json.dumps(stats.get("settings", {}), sort_keys=True), where)
+                       contribution_settings(stats.get("settings", {}), stats.get("privacy")), where)
 
 
 class StateKeeper:

@@ -42,7 +42,8 @@ from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo, packed_diagonal
 from fusion.sumsfile import SumsWriter
 from fusion.distance import OwnerDistances
-from server.plausibility import DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces
+from server.plausibility import (DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces,
+                                 privacy_misfits)
 from server.state import StateKeeper
 
 log = logging.getLogger("gramfuse.server")
@@ -397,6 +398,8 @@ class RegMeanStrategy(Strategy):
         found = outliers({node: layout.get("scales", {}) for node, layout in self.layouts.items()},
                          "the largest weight magnitude")
         for node, reason in outliers(per_token_traces(self.layouts), "the Gram trace per token").items():
+            found.setdefault(node, reason)
+        for node, reason in privacy_misfits(self.layouts).items():
             found.setdefault(node, reason)
         for node, reason in found.items():
             record = self.records[node]

@@ -70,7 +70,8 @@ def test_no_example_moves_a_gram_by_more_than_clip(examples, tokens, features, c
     inputs = torch.randn(examples, tokens, features, generator=generator) * 10
     mask = torch.rand(examples, tokens, generator=generator) < 0.7
     mask[:, 0] = True
-    rows, _ = clipped_rows(inputs, [mask], examples, clip, "layer")
+    rows, _, pads_excluded = clipped_rows(inputs, [mask], examples, clip, "layer")
+    assert pads_excluded
     owners = mask.nonzero()[:, 0]
     for example in range(examples):
         mine = rows[owners == example]
@@ -104,9 +105,10 @@ def test_the_accountant_agrees_with_dp_accounting(epsilon, delta):
 def test_noise_is_the_calibrated_gaussian_on_each_packed_entry():
     grams = {"a": torch.zeros(200 * 201 // 2, dtype=torch.float64), "b": torch.zeros(50 * 51 // 2, dtype=torch.float64)}
     spec = PrivacySpec(epsilon=2.0, delta=1e-6, clip=3.0, seed=7)
-    release = add_noise(grams, spec, example_count=1000, clipped_examples=250)
-    assert release.noise_std == pytest.approx(noise_multiplier(2.0, 1e-6) * 3.0 * math.sqrt(2))
-    assert release.clipped_fraction == 0.25 and release.grams == 2
+    release = add_noise(grams, spec, example_count=1000)
+    # Replacing one example moves each Gram by up to sqrt(2) clip; two Grams: sqrt(2 * 2) clip in all.
+    assert release.noise_std == pytest.approx(noise_multiplier(2.0, 1e-6) * 3.0 * math.sqrt(4))
+    assert release.grams == 2 and release.noise_multiplier == noise_multiplier(2.0, 1e-6)
     noise = torch.cat(list(grams.values()))
     assert float(noise.std()) == pytest.approx(release.noise_std, rel=0.02)
     assert abs(float(noise.mean())) < 0.02 * release.noise_std
@@ -114,6 +116,26 @@ def test_noise_is_the_calibrated_gaussian_on_each_packed_entry():
     full = unpack_upper(grams["a"], 200)
     assert torch.equal(full, full.T)
     assert PrivacySpec(1.0).delta_for(100) == 1e-4
+    with pytest.raises(PrivacyError, match="above 1/N"):  # a delta that allows giving one example away
+        PrivacySpec(1.0, delta=0.05).delta_for(100)
+    with pytest.raises(PrivacyError, match="between"):
+        PrivacySpec(1e-6)
+
+
+def test_replacement_moves_a_clipped_gram_by_at_most_root_two_clip():
+    """The sensitivity the noise is sized for: two examples' clipped shares A and B (each of norm at most clip, both
+    positive semi-definite) differ by at most sqrt(2) clip, and nearly that for orthogonal examples."""
+    clip = 2.0
+    first = torch.zeros(1, 3, 4)
+    first[0, :, 0] = 1.0
+    second = torch.zeros(1, 3, 4)
+    second[0, :, 1] = 1.0
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    shares = []
+    for inputs in (first, second):
+        rows, _, _ = clipped_rows(inputs, [mask], 1, clip, "layer")
+        shares.append(rows.T @ rows)
+    assert float(torch.linalg.matrix_norm(shares[0] - shares[1])) == pytest.approx(math.sqrt(2) * clip)
 
 
 def test_differencing_two_releases_recovers_an_owner_only_to_the_noise_level(tmp_path):
@@ -190,6 +212,8 @@ def test_cli_dp_statistics_merge_loads_and_reports_the_noise(tmp_path, capsys):
     stats = load_statistics(dirs[0] / "gramfuse-stats.safetensors")
     assert stats.settings["privacy"] == {"epsilon": 4.0, "delta": None, "clip": 2.0}
     assert stats.privacy["delta"] == 1 / 40 ** 2 and stats.noise_std > 0
+    # Nothing in the file tells the examples' lengths: no token counts, no count of clipped examples.
+    assert set(stats.token_counts.values()) == {40} and "clipped" not in json.dumps(stats.privacy)
     assert main(["merge", *map(str, dirs), "-o", str(tmp_path / "m"), "--quiet"]) == 0
     report = json.loads((tmp_path / "m" / "gramfuse-merge.json").read_text())
     layers = report["methods"]["regmean"]["layers"] if "methods" in report else report["layers"]
@@ -264,9 +288,11 @@ def test_cli_refuses_what_it_cannot_make_private(tmp_path, capsys):
     assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "1", "--fisher", "--quiet"]) != 0
     assert "Fisher is not clipped" in capsys.readouterr().err
     assert main(["stats", str(dirs[0]), str(data[0]), "--dp-delta", "1e-5", "--quiet"]) != 0
-    assert "--dp-delta without --dp-epsilon" in capsys.readouterr().err
+    assert "--dp-delta or --dp-clip without --dp-epsilon" in capsys.readouterr().err
+    assert main(["stats", str(dirs[0]), str(data[0]), "--dp-clip", "4", "--quiet"]) != 0
+    assert "without --dp-epsilon" in capsys.readouterr().err
     assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "-1", "--quiet"]) != 0
-    assert "epsilon must be a positive number" in capsys.readouterr().err
+    assert "epsilon must be between" in capsys.readouterr().err
     assert not (dirs[0] / "gramfuse-stats.safetensors").exists()
 
 
@@ -281,6 +307,53 @@ def test_the_budget_charges_each_draw_once_and_refuses_past_it(tmp_path):
     with pytest.raises(PrivacyError, match="past its budget of 1.7"):  # a third draw would spend 1.81
         budget.spend({**draw, "draw": "c"})
     assert [d["draw"] for d in json.loads((tmp_path / "budget.json").read_text())] == ["a", "b"]
+    # A larger delta buys no room: the total is taken at the smallest delta of any draw.
+    with pytest.raises(PrivacyError, match="at delta 1e-06"):
+        budget.spend({**draw, "draw": "d", "delta": 0.2})
+    with pytest.raises(PrivacyError, match="malformed"):
+        budget.spend({"draw": "e"})
     (tmp_path / "budget.json").write_text("{not json")
     with pytest.raises(PrivacyError, match="unreadable"):
         budget.spend(draw)
+
+
+def test_a_noisy_file_must_say_what_its_draw_cost(tmp_path):
+    stats = collect_statistics(tiny_model("bert"), [encode(SENTENCES)], privacy=PrivacySpec(epsilon=1.0, seed=1))
+    del stats.privacy["draw"]
+    save_statistics(stats, tmp_path / "odd.safetensors")
+    with pytest.raises(StatisticsError, match="privacy record lacks a valid draw"):
+        load_statistics(tmp_path / "odd.safetensors")
+
+
+def test_privatise_records_the_request_it_was_drawn_for():
+    from fusion.privacy import privatise
+
+    stats = collect_statistics(tiny_model("bert"), [encode(SENTENCES)], privacy=PrivacySpec(epsilon=1.0),
+                               draw_noise=False)
+    assert stats.noise_std == 0.0 and stats.clipped_examples == len(SENTENCES)
+    privatise(stats, PrivacySpec(epsilon=8.0))
+    assert stats.settings["privacy"]["epsilon"] == 8.0 and stats.privacy["epsilon"] == 8.0
+    with pytest.raises(PrivacyError, match="only noise-free statistics"):
+        privatise(stats, PrivacySpec(epsilon=8.0))  # noise on noise would be charged as one draw
+
+
+def test_a_redrawn_owner_is_another_contribution_in_the_sums_ledger():
+    from fusion.sumsfile import LedgerEntry
+
+    model = tiny_model("bert")
+    draws = [collect_statistics(model, [encode(SENTENCES)], privacy=PrivacySpec(epsilon=1.0)) for _ in range(2)]
+    first, second = (LedgerEntry.of("o", "o", "weights", stats) for stats in draws)
+    assert first.identity() != second.identity()  # subtracting one for the other would leave its noise behind
+
+
+def test_the_server_refuses_to_mix_private_and_exact_sites():
+    from server.plausibility import per_token_traces, privacy_misfits
+
+    exact = {"statistics": {"grams": {"g": {"tokens": 10, "dim": 4}}}, "traces": {"g": 50.0}}
+    private = {"statistics": {"grams": {"g": {"tokens": 10, "dim": 4}}, "privacy": {"noise_std": 3.0}},
+               "traces": {"g": -20.0}}  # noise can take a small site's trace below zero
+    assert set(privacy_misfits({1: exact, 2: exact, 3: private})) == {3}
+    assert "differentially private, unlike" in privacy_misfits({1: exact, 2: exact, 3: private})[3]
+    assert "exact, unlike" in privacy_misfits({1: private, 2: private, 3: exact})[3]
+    assert privacy_misfits({1: private, 2: private}) == {}
+    assert per_token_traces({1: exact, 2: private}) == {1: {"g": 5.0}}  # a DP trace is not judged

@@ -25,7 +25,7 @@ def workspace(tmp_path_factory):
 
 
 def budgets(workspace):
-    return [json.loads((workspace / f"owner{i}" / "model" / "gramfuse-dp-budget.json").read_text())
+    return [json.loads((workspace / f"owner{i}" / "data.jsonl.gramfuse-dp-budget.json").read_text())
             for i in range(OWNERS)]
 
 
