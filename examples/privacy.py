@@ -1,16 +1,19 @@
-"""Differentially private RegMean against epsilon and owner size, on the sentiment-domain owners (issue 13).
+"""Differentially private RegMean against epsilon and owner size, on the comparison's real owners (issue 13).
 
-The comparison's four domain owners (fine-tuned there on 400 examples each, cached) release DP statistics at
-epsilon in {inf, 8, 4, 1, 0.5}, delta = 1 / N^2, over N examples of their domain: the 400 they were fine-tuned on,
-or N = 3000 of the domain's rows (none from the test split). Each site's statistics are clipped once (one pass per
+``--setting domains``: the four sentiment-domain owners (fine-tuned there on 400 examples each, cached) release DP
+statistics at epsilon in {inf, 8, 4, 1, 0.5}, delta = 1 / N^2, over N examples of their domain: the 400 they were
+fine-tuned on, or N = 3000 of the domain's rows (none from the test split). ``--setting llm``: the three SmolLM2
+owners, over their 200 training passages, scored by perplexity. Each site's statistics are clipped once (one pass per
 owner and size); every epsilon then draws its noise on them, as ``gramfuse stats --dp-epsilon`` would (the same
 function), ``--seeds`` times. RegMean on the noisy statistics is scored on each owner's own test split and on the
 held-out NYT domain, against averaging (needs no statistics: the floor DP RegMean falls back to) and RegMean on
 exact statistics.
 
-    python -m examples.privacy [--sizes 400 3000] [--epsilons 8 4 1 0.5] [--seeds 2] [--workdir runs/compare]
+    python -m examples.privacy [--setting domains|llm] [--sizes 400 3000] [--epsilons 8 4 1 0.5] [--seeds 2]
+                               [--workdir runs/compare]
 
-Writes WORKDIR/privacy-domains.json, .md and .png (accuracy against epsilon, one line per size) and prints the table.
+Writes WORKDIR/privacy-<setting>.json, .md and .png (the score against epsilon, one line per size) and prints the
+table.
 """
 
 from __future__ import annotations
@@ -22,16 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from examples.owners import Owner, say
-from examples.plusplus import HELD_OUT, correctness, metric_of, setting_of
+from examples.plusplus import HELD_OUT, Setting, correctness, metric_of, setting_of
 from fusion.finish import MERGED
 from fusion.merge import merge_folders
 from fusion.methods import get_method
 from fusion.privacy import PrivacySpec, privatise
 from fusion.statistics import STATS_FILENAME, save_statistics
-from fusion.workflows import compute_statistics
+from fusion.workflows import compute_statistics, evaluate_folder
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "vocab.txt")
+SENTIMENT = ("tweets", "movies", "amazon", "nyt", "rotten")
 
 
 def site_folder(owner: Owner, root: Path) -> Path:
@@ -39,9 +41,9 @@ def site_folder(owner: Owner, root: Path) -> Path:
     statistics stay as they are)."""
     folder = root / owner.name
     folder.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        source, link = owner.model / name, folder / name
-        if source.is_file() and not link.exists():
+    for source in owner.model.iterdir():
+        link = folder / source.name
+        if source.is_file() and source.name != STATS_FILENAME and not link.exists():
             link.symlink_to(source.resolve())
     return folder
 
@@ -54,6 +56,9 @@ def statistics_rows(owner: Owner, size: int, root: Path) -> Path:
     train_rows = owner.train.read_text().splitlines()
     if size == len(train_rows):
         return owner.train
+    if owner.domain not in SENTIMENT:
+        raise SystemExit(f"{owner.domain}: statistics over other rows than the training file are for the sentiment "
+                         f"domains only; give --sizes {len(train_rows)}")
     tests = {json.loads(line)["text"] for line in owner.test.read_text().splitlines()}
     rows = [row for row in sentiment(owner.domain) if row["text"] not in tests][:size]
     if len(rows) < size:
@@ -63,38 +68,42 @@ def statistics_rows(owner: Owner, size: int, root: Path) -> Path:
     return path
 
 
-def scores(folder: Path, tests: dict[str, Path]) -> dict[str, float]:
-    return {split: float(metric_of("accuracy", correctness(folder, test))) for split, test in tests.items()}
+def scores(folder: Path, setting: Setting) -> dict[str, float]:
+    if setting.metric == "perplexity":
+        return {split: evaluate_folder(folder, test, settings=setting.data, progress=False)["perplexity"]
+                for split, test in setting.tests.items()}
+    return {split: float(metric_of("accuracy", correctness(folder, test))) for split, test in setting.tests.items()}
 
 
 def summary(per_split: dict[str, float], owners: list[Owner]) -> dict[str, float]:
     inside = [per_split[o.domain] for o in owners]
-    return {"mean_in_domain": sum(inside) / len(inside), "held_out": per_split[HELD_OUT]}
+    return {"mean_in_domain": sum(inside) / len(inside),
+            **({"held_out": per_split[HELD_OUT]} if HELD_OUT in per_split else {})}
 
 
-def merge_and_score(folders: list[Path], method: str, out: Path, tests: dict[str, Path], owners: list[Owner]) -> dict:
+def merge_and_score(folders: list[Path], method: str, out: Path, setting: Setting) -> dict:
     report = merge_folders(folders, out, get_method(method), overwrite=True)
-    result = summary(scores(out / MERGED, tests), owners)
+    result = summary(scores(out / MERGED, setting), setting.owners)
     layers = [layer for layer in report.get("layers", {}).values() if layer.get("ridge") is not None]
     if layers:
         result["mean_ridge"] = sum(layer["ridge"] for layer in layers) / len(layers)
     return result
 
 
-def run(sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> dict:
-    setting = setting_of("domains", workdir)
-    owners, tests = setting.owners, setting.tests
-    root = workdir / "privacy-domains"
+def run(name: str, sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> dict:
+    setting = setting_of(name, workdir)
+    owners = setting.owners
+    root = workdir / f"privacy-{name}"
     folders = [site_folder(owner, root / "sites") for owner in owners]
-    results: dict = {"sizes": {}}
+    results: dict = {"setting": name, "metric": setting.metric, "sizes": {}}
     say("averaging (no statistics)")
-    results["average"] = merge_and_score(folders, "average", root / "average", tests, owners)
+    results["average"] = merge_and_score(folders, "average", root / "average", setting)
     for size in sizes:
         data = [statistics_rows(owner, size, root) for owner in owners]
         by_size: dict = {}
         for folder, data_file in zip(folders, data):  # exact RegMean: the ceiling at this size
             compute_statistics(folder, data_file, settings=setting.data, progress=False)
-        by_size["exact"] = merge_and_score(folders, "regmean", root / f"exact-{size}", tests, owners)
+        by_size["exact"] = merge_and_score(folders, "regmean", root / f"exact-{size}", setting)
         say(f"N={size}: exact RegMean {by_size['exact']}")
         clipped = []
         for owner, folder, data_file in zip(owners, folders, data):
@@ -105,7 +114,7 @@ def run(sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> d
                 "examples scaled down")
         for stats, folder in zip(clipped, folders):
             save_statistics(stats, folder / STATS_FILENAME)
-        by_size["inf"] = merge_and_score(folders, "regmean", root / f"clipped-{size}", tests, owners)
+        by_size["inf"] = merge_and_score(folders, "regmean", root / f"clipped-{size}", setting)
         say(f"N={size}: clipped, no noise {by_size['inf']}")
         for epsilon in epsilons:
             draws = []
@@ -115,12 +124,13 @@ def run(sizes: list[int], epsilons: list[float], seeds: int, workdir: Path) -> d
                                     settings=dict(stats.settings))
                     release = privatise(noisy, PrivacySpec(epsilon=epsilon, seed=1000 * seed + index))
                     save_statistics(noisy, folder / STATS_FILENAME)
-                draws.append(merge_and_score(folders, "regmean", root / f"dp-{size}-{epsilon:g}", tests, owners))
+                draws.append(merge_and_score(folders, "regmean", root / f"dp-{size}-{epsilon:g}", setting))
             by_size[f"{epsilon:g}"] = {
                 key: sum(d[key] for d in draws) / len(draws) for key in draws[0]} | {
                 "draws": draws, "delta": release.delta, "noise_std": release.noise_std,
                 "noise_multiplier": release.noise_multiplier}
-            say(f"N={size}: epsilon {epsilon:g}: {by_size[f'{epsilon:g}']['mean_in_domain']:.3f} in domain")
+            say(f"N={size}: epsilon {epsilon:g}: {by_size[f'{epsilon:g}']['mean_in_domain']:.3f} in domain "
+                f"({setting.metric})")
         results["sizes"][str(size)] = by_size
     return results
 
@@ -130,12 +140,16 @@ def table(results: dict, epsilons: list[float]) -> str:
     header = ["N", "exact RegMean", "clipped, epsilon inf", *[f"epsilon {c}" for c in columns[2:]]]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for size, by_size in results["sizes"].items():
-        cells = [f"{by_size[c]['mean_in_domain']:.3f} / {by_size[c]['held_out']:.3f}" for c in columns]
-        lines.append(f"| {size} | " + " | ".join(cells) + " |")
-    average = results["average"]
-    lines += ["", f"Cells: mean accuracy on the owners' own test splits / on held-out NYT. Averaging (the floor): "
-              f"{average['mean_in_domain']:.3f} / {average['held_out']:.3f}."]
+        lines.append(f"| {size} | " + " | ".join(cell(by_size[c]) for c in columns) + " |")
+    held_out = " / on held-out NYT" if "held_out" in results["average"] else ""
+    lines += ["", f"Cells: mean {results['metric']} on the owners' own test splits{held_out}. Averaging (the floor): "
+              f"{cell(results['average'])}."]
     return "\n".join(lines)
+
+
+def cell(result: dict) -> str:
+    values = [result["mean_in_domain"]] + ([result["held_out"]] if "held_out" in result else [])
+    return " / ".join(f"{value:.3f}" if value < 10 else f"{value:.2f}" for value in values)
 
 
 def chart(results: dict, epsilons: list[float], path: Path) -> None:
@@ -155,8 +169,9 @@ def chart(results: dict, epsilons: list[float], path: Path) -> None:
     axis.set_xscale("log")
     axis.set_xticks(positions, [f"{e:g}" for e in finite] + ["inf"])
     axis.set_xlabel("epsilon (delta = 1/N^2, per owner)")
-    axis.set_ylabel("accuracy, mean over the owners' test splits")
-    axis.set_title("Sentiment domains, 4 owners: DP RegMean against epsilon\n(dotted: RegMean on exact statistics)")
+    axis.set_ylabel(f"{results['metric']}, mean over the owners' test splits")
+    title = {"domains": "Sentiment domains, 4 owners", "llm": "SmolLM2-135M, 3 owners"}[results["setting"]]
+    axis.set_title(f"{title}: DP RegMean against epsilon\n(dotted: RegMean on exact statistics)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -164,7 +179,9 @@ def chart(results: dict, epsilons: list[float], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.privacy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[400, 3000])
+    parser.add_argument("--setting", choices=("domains", "llm"), default="domains")
+    parser.add_argument("--sizes", type=int, nargs="+", help="examples per owner's statistics (default: 400 3000 "
+                        "for the domains, the 200 training passages for the LLM)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0, 0.5])
     parser.add_argument("--seeds", type=int, default=2, help="noise draws per epsilon (scores are their mean)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
@@ -172,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(not math.isfinite(e) or e <= 0 for e in args.epsilons):
         parser.error("epsilons are positive numbers (infinity is always run)")
     workdir = args.workdir.resolve()
-    results = run(args.sizes, args.epsilons, args.seeds, workdir)
+    sizes = args.sizes or ([400, 3000] if args.setting == "domains" else [200])
+    results = run(args.setting, sizes, args.epsilons, args.seeds, workdir)
     text = table(results, args.epsilons)
-    (workdir / "privacy-domains.json").write_text(json.dumps(results, indent=2))
-    (workdir / "privacy-domains.md").write_text(text + "\n")
-    chart(results, args.epsilons, workdir / "privacy-domains.png")
-    print("\nDP RegMean on the sentiment domains:\n")
+    name = f"privacy-{args.setting}"
+    (workdir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (workdir / f"{name}.md").write_text(text + "\n")
+    chart(results, args.epsilons, workdir / f"{name}.png")
+    print(f"\nDP RegMean, {args.setting}:\n")
     print(text)
     return 0
 

@@ -58,3 +58,15 @@ def test_dp_federation_equals_the_offline_merge_of_the_drawn_statistics(workspac
 def assert_drawn_once(spent):
     draws = [draws[0]["draw"] for draws in spent]
     return len(set(draws)) == OWNERS and all(d[0]["epsilon"] == 2.0 for d in spent)
+
+
+
+def test_secure_mode_names_a_site_whose_privacy_differs_from_the_reference():
+    """In secure mode the server sees layouts only: a DP site sums its noise's variance, an exact one does not."""
+    from server.secure import SecureRegMeanStrategy
+
+    exact = {"0/body/gram/g": (10,), "0/body/owners": ()}
+    private = {**exact, "0/body/noise-variance/g": ()}
+    assert "its statistics are differentially private" in SecureRegMeanStrategy._layout_misfit(exact, private, False)
+    assert "the reference statistics are" in SecureRegMeanStrategy._layout_misfit(private, exact, False)
+    assert SecureRegMeanStrategy._layout_misfit(private, dict(private), False) is None
