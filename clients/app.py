@@ -54,7 +54,7 @@ from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
 from fusion.adapters import checkpoint_files
 from fusion.statistics import STATS_FILENAME, load_statistics
-from fusion.privacy import PrivacySpec
+from fusion.privacy import PrivacyError, PrivacySpec
 from fusion.workflows import DataSettings, compute_statistics, expected_settings
 
 log = logging.getLogger("gramfuse.client")
@@ -129,6 +129,11 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
 
     Where the node config says nothing of DP the run config's ``dp-*`` keys apply (a simulation's sites have no
     node config of their own); a site that sets ``dp-epsilon``, even to 0, decides for itself."""
+    stray = sorted(key for key in ("dp-delta", "dp-clip", "dp-budget", "dp-budget-path") if key in context.node_config)
+    if stray and "dp-epsilon" not in context.node_config:
+        # An operator who set a clip or a budget meant DP on; releasing exact statistics instead would be silent.
+        raise PrivacyError(f"node config sets {', '.join(stray)} but not dp-epsilon: set dp-epsilon to turn "
+                           "differential privacy on (or dp-epsilon=0 to release exact statistics knowingly)")
     node = context.node_config if "dp-epsilon" in context.node_config else context.run_config
     epsilon = float(node.get("dp-epsilon", 0.0))
     if epsilon <= 0.0:

@@ -71,8 +71,9 @@ def _read_list(path: Path, error: type[Exception], record: str, entries: str, re
         # An unreadable record cannot vouch for what was released or spent: refuse rather than forget it.
         raise error(f"the site's {record} {path} is unreadable ({problem}); {refused} are refused until it is "
                     "repaired") from problem
-    if not isinstance(values, list):
-        raise error(f"the site's {record} {path} is not a list of {entries}")
+    if not isinstance(values, list) or not all(isinstance(value, dict) for value in values):
+        raise error(f"the site's {record} {path} is not a list of {entries}; {refused} are refused until it is "
+                    "repaired")
     return values
 
 

@@ -211,9 +211,9 @@ def run_stats(args: argparse.Namespace) -> None:
         args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
         progress=not args.quiet, device=args.device, base=args.base, privacy=privacy,
     )
-    tokens = max(stats.token_counts.values(), default=0)
-    print(f"{path}: {stats.example_count} examples, {tokens} tokens, {len(stats.modules)} layers, "
-          f"{len(stats.grams)} Grams")
+    # Under DP the token counts are withheld (the file holds the example count in their place)
+    tokens = "token counts withheld" if stats.privacy else f"{max(stats.token_counts.values(), default=0)} tokens"
+    print(f"{path}: {stats.example_count} examples, {tokens}, {len(stats.modules)} layers, {len(stats.grams)} Grams")
     if stats.privacy:
         release = stats.privacy
         print(f"differentially private: ({release['epsilon']:g}, {release['delta']:.3g})-DP, noise multiplier "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import tied_aliases
-from .privacy import PrivacySpec, clipped_record, clipped_rows, privatise
+from .privacy import PrivacyError, PrivacySpec, clipped_record, clipped_rows, privatise
 from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
 
 LINEAR = "linear"
@@ -171,6 +171,12 @@ class GramCollector:
                     "a model whose layers share inputs only sometimes is not supported"
                 )
             return
+        if self.clip is not None and key in self._batch_inputs:
+            # A layer run twice per pass (ALBERT's shared blocks) adds each example's rows twice: its share of the
+            # Gram is then up to twice the clip, and the noise calibrated to one clip would not cover it.
+            raise PrivacyError(f"layer {name!r} runs more than once per forward pass (shared weights); clipping "
+                               "bounds one pass per example, so differentially private statistics of this model "
+                               "are not supported")
         self._batch_inputs[key] = inputs
         if self.clip is None:
             rows, pads_excluded = _real_rows(inputs.detach(), self._masks)

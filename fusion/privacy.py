@@ -40,7 +40,11 @@ from .errors import GramfuseError
 
 ACCOUNTANT = "analytic Gaussian mechanism (Balle & Wang 2018), composed as Gaussian DP (Dong, Roth & Su 2019)"
 MAX_EPSILON = 100.0  # beyond it a guarantee means nothing, and e^epsilon leaves floating point
-MIN_EPSILON = 1e-3  # below it the calibrated noise passes a million times the sensitivity (the bisection's range)
+# Below it the noise multiplier runs into the thousands (about 5e3 at delta 1e-10): the Grams would be all noise.
+MIN_EPSILON = 1e-3
+# Versions the calibration: "replacement-2" is replacement adjacency with N public, sensitivity sqrt(2) clip per
+# Gram, token counts withheld (files drawn before it had no version and must be redrawn, not reused).
+MECHANISM = "analyze-gauss/replacement-2"
 # Far beyond any Gaussian draw: a noisy Gram's diagonal entry below -TAIL_SIGMAS standard deviations is not noise.
 TAIL_SIGMAS = 10.0
 # Wigner: a symmetric d x d matrix of N(0, s^2) entries has spectral norm about 2 s sqrt(d), and above it with
@@ -73,8 +77,10 @@ class PrivacySpec:
             raise PrivacyError(f"DP clip must be a positive number of tokens, not {self.clip}")
 
     def request(self) -> dict[str, Any]:
-        """What identifies the request in the statistics' settings (the seed does not: it is not a setting)."""
-        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip}
+        """What identifies the request in the statistics' settings (the seed does not: it is not a setting). The
+        mechanism's version is part of it, so a file drawn under an earlier calibration is not reused as if it
+        were this one's."""
+        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip, "mechanism": MECHANISM}
 
     def delta_for(self, example_count: int) -> float:
         """``delta``, or ``1 / N^2``; a delta above ``1 / N`` is refused: it allows giving away one example whole."""

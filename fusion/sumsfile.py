@@ -40,7 +40,8 @@ class SumsFileError(GramfuseError):
 def contribution_settings(settings: dict, privacy: dict | None) -> str:
     """Statistics settings as a ledger keeps them, sorted JSON; a DP file's noise draw is part of its contribution
     (the same request drawn again is another contribution, whose subtraction would leave the old noise behind)."""
-    draw = (privacy or {}).get("draw")
+    # A hostile site's layout can carry anything as its privacy record: only a mapping names a draw.
+    draw = privacy.get("draw") if isinstance(privacy, Mapping) else None
     return json.dumps({**settings, **({"privacy-draw": draw} if draw else {})}, sort_keys=True)
 
 

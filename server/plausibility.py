@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from fusion.privacy import TAIL_SIGMAS
+
 SCALE_FACTOR = 100.0  # how far above the other sites' weights or Gram traces per token a site may be
 DOMINANT_SHARE = 0.9  # a site holding more of a summed Gram's trace than this is named in a warning
 NEAR_FACTOR = 0.1  # a merge this much closer to one owner than to any other is named in a warning
@@ -75,6 +77,33 @@ def privacy_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
     minority, kind = (private, "differentially private") if len(private) <= len(exact) else (exact, "exact")
     return {node: f"its statistics are {kind}, unlike those of most sites (Grams on different scales; every site "
                   "must release DP statistics, or none)" for node in minority}
+
+
+def private_trace_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
+    """Differentially private sites whose declared Gram traces no honest release can have, each with the reason.
+
+    Clipping bounds a DP Gram's trace absolutely: unit-norm rows, each example weighing at most ``clip``, give a
+    trace between 0 and ``clip * N``; the noise moves it by a Gaussian of deviation ``noise_std * sqrt(d)`` (the
+    diagonal's ``d`` entries). Beyond ``TAIL_SIGMAS`` deviations of that interval the trace is not noise but
+    scaling, which the per-token comparison (left out for DP sites) would otherwise have caught."""
+    found: dict[int, str] = {}
+    for node, layout in layouts.items():
+        statistics = layout.get("statistics", {})
+        if not is_private(statistics):
+            continue
+        try:
+            release, grams = statistics["privacy"], statistics["grams"]
+            ceiling = float(release["clip"]) * int(statistics["example_count"])
+            for key, trace in sorted(layout.get("traces", {}).items()):
+                slack = TAIL_SIGMAS * float(release["noise_std"]) * math.sqrt(int(grams[key]["dim"]))
+                if not -slack <= float(trace) <= ceiling + slack:
+                    found[node] = (f"the trace of its DP Gram {key!r} is {float(trace):.4g}, outside the "
+                                   f"[{-slack:.4g}, {ceiling + slack:.4g}] that clipping to {release['clip']} "
+                                   f"over {statistics['example_count']} examples and its noise allow")
+                    break
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            found[node] = f"its DP statistics metadata is malformed ({type(error).__name__}: {error})"
+    return found
 
 
 def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:

@@ -201,9 +201,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     def _layout_misfit(expected: dict, layout: dict, adapters: bool) -> str | None:
         """Why a site's layout does not fit the reference's, or None: a shape differs, or (unless both are adapter
         sites, which hook different layers) a sum is missing on either side."""
-        noise = [key for key in set(expected) ^ set(layout) if f"/{NOISE_VARIANCE}" in key]
-        if noise:  # only sites with differentially private statistics sum their noise's variance
-            return (f"{'its' if noise[0] in layout else 'the reference'} statistics are differentially private and "
+        # Only sites with differentially private statistics sum their noise's variance. Compare whether each side
+        # has any such key, not the key sets: DP adapter sites that adapted different layers differ in which.
+        mine_private, reference_private = (any(f"/{NOISE_VARIANCE}" in key for key in side)
+                                           for side in (layout, expected))
+        if mine_private != reference_private:
+            return (f"{'its' if mine_private else 'the reference'} statistics are differentially private and "
                     "the other's are not (Grams on different scales; every site must release DP statistics, or none)")
         for key in sorted(set(expected) | set(layout)):
             mine, theirs = layout.get(key), expected.get(key)

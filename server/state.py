@@ -99,7 +99,7 @@ class StateKeeper:
         for node, layout in sorted(layouts.items()):
             try:
                 entry = entry_from_layout(name_of(node), layout, f"node {node}")
-            except (KeyError, TypeError, ValueError) as error:
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
             known = inside.get(entry.identity())

@@ -43,7 +43,7 @@ from fusion.statistics import ModuleInfo, packed_diagonal
 from fusion.sumsfile import SumsWriter
 from fusion.distance import OwnerDistances
 from server.plausibility import (DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces,
-                                 privacy_misfits)
+                                 privacy_misfits, private_trace_misfits)
 from server.state import StateKeeper
 
 log = logging.getLogger("gramfuse.server")
@@ -399,7 +399,7 @@ class RegMeanStrategy(Strategy):
                          "the largest weight magnitude")
         for node, reason in outliers(per_token_traces(self.layouts), "the Gram trace per token").items():
             found.setdefault(node, reason)
-        for node, reason in privacy_misfits(self.layouts).items():
+        for node, reason in (privacy_misfits(self.layouts) | private_trace_misfits(self.layouts)).items():
             found.setdefault(node, reason)
         for node, reason in found.items():
             record = self.records[node]

@@ -67,3 +67,35 @@ def test_errors_reach_the_server_without_the_sites_values(node, caplog):
     assert "12345.7" in str(overflow.value)  # the site's own message names the value...
     reason = site.public_reason(overflow.value)
     assert "'gram/x'" in reason and "12345" not in reason  # ...what the server reads does not
+
+
+def test_a_dp_file_of_an_earlier_mechanism_is_redrawn_not_reused(node, tmp_path):
+    """A statistics file drawn under an older calibration (no mechanism version in its request) does not fit a DP
+    site's request: reusing it would release noise calibrated to another sensitivity under today's guarantee."""
+    from fusion.privacy import PrivacySpec
+    from fusion.statistics import STATS_FILENAME, load_statistics, save_statistics
+    from fusion.workflows import DataSettings
+
+    context, root = node
+    model_dir, data = root / "model", root / "data.jsonl"
+    spec = PrivacySpec(epsilon=4.0)
+    _, first = site.site_statistics(model_dir, data, DataSettings(), False, privacy=(spec, None))
+    _, again = site.site_statistics(model_dir, data, DataSettings(), False, privacy=(spec, None))
+    assert again.privacy["draw"] == first.privacy["draw"]  # the same request: the drawn file is reused
+    older = load_statistics(model_dir / STATS_FILENAME)
+    del older.settings["privacy"]["mechanism"]
+    save_statistics(older, model_dir / STATS_FILENAME)
+    _, redrawn = site.site_statistics(model_dir, data, DataSettings(), False, privacy=(spec, None))
+    assert redrawn.privacy["draw"] != first.privacy["draw"]
+    assert redrawn.settings["privacy"] == spec.request()
+
+
+def test_a_dp_clip_or_budget_without_an_epsilon_is_refused_not_ignored(node):
+    from fusion.privacy import PrivacyError
+
+    context, _ = node
+    context.node_config["dp-clip"] = 4.0
+    with pytest.raises(PrivacyError, match="sets dp-clip but not dp-epsilon"):
+        site.site_privacy(context)
+    context.node_config["dp-epsilon"] = 0.0  # exact statistics, knowingly
+    assert site.site_privacy(context) == (None, None)

@@ -19,8 +19,8 @@ from fusion.errors import StatisticsError
 from fusion.gram import GramCollector, collect_statistics
 from fusion.methods import MergeContext, OwnerState, Sums
 from fusion.methods.regmean import GRAM, RegMean
-from fusion.privacy import (PrivacyError, PrivacySpec, add_noise, clipped_rows, gaussian_delta, gaussian_epsilon,
-                            noise_multiplier, noise_ridge)
+from fusion.privacy import (MECHANISM, PrivacyError, PrivacySpec, add_noise, clipped_rows, gaussian_delta,
+                            gaussian_epsilon, noise_multiplier, noise_ridge)
 from fusion.solve import NOISY_SOLVER, solve_gram
 from fusion.statistics import load_statistics, pack_upper, save_statistics, unpack_upper
 
@@ -81,6 +81,25 @@ def test_no_example_moves_a_gram_by_more_than_clip(examples, tokens, features, c
 def test_an_input_that_cannot_be_split_by_example_is_refused():
     with pytest.raises(PrivacyError, match="layer 'odd'"):
         clipped_rows(torch.ones(6, 4), [torch.ones(2, 5, dtype=torch.bool)], 2, 1.0, "odd")
+
+
+class SharedBlock(torch.nn.Module):
+    """One linear layer run twice per pass, as ALBERT runs its one shared block in every layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4)
+
+    def forward(self, inputs):
+        return self.shared(torch.tanh(self.shared(inputs)))
+
+
+def test_a_layer_run_twice_per_pass_is_refused_under_clipping_only():
+    batches = [torch.randn(3, 4, generator=torch.Generator().manual_seed(0))]
+    exact = collect_statistics(SharedBlock(), batches)  # both passes' inputs in one Gram, as RegMean wants
+    assert exact.token_counts == {"shared": 6}
+    with pytest.raises(PrivacyError, match="layer 'shared' runs more than once per forward pass"):
+        collect_statistics(SharedBlock(), batches, privacy=PrivacySpec(epsilon=1.0))
 
 
 @pytest.mark.parametrize("epsilon,delta", [(0.5, 1e-5), (1.0, 1e-6), (4.0, 1e-8), (8.0, 2.5e-7)])
@@ -209,8 +228,9 @@ def test_cli_dp_statistics_merge_loads_and_reports_the_noise(tmp_path, capsys):
         assert main(["stats", str(folder), str(data_file), "--dp-epsilon", "4", "--dp-clip", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "(4, 0.000625)-DP" in printed and "clipped to 2 token(s)" in printed
+    assert "token counts withheld" in printed
     stats = load_statistics(dirs[0] / "gramfuse-stats.safetensors")
-    assert stats.settings["privacy"] == {"epsilon": 4.0, "delta": None, "clip": 2.0}
+    assert stats.settings["privacy"] == {"epsilon": 4.0, "delta": None, "clip": 2.0, "mechanism": MECHANISM}
     assert stats.privacy["delta"] == 1 / 40 ** 2 and stats.noise_std > 0
     # Nothing in the file tells the examples' lengths: no token counts, no count of clipped examples.
     assert set(stats.token_counts.values()) == {40} and "clipped" not in json.dumps(stats.privacy)
@@ -312,6 +332,9 @@ def test_the_budget_charges_each_draw_once_and_refuses_past_it(tmp_path):
         budget.spend({**draw, "draw": "d", "delta": 0.2})
     with pytest.raises(PrivacyError, match="malformed"):
         budget.spend({"draw": "e"})
+    (tmp_path / "budget.json").write_text('[{"draw": "a"}, "an entry that is not a record"]')
+    with pytest.raises(PrivacyError, match="not a list of draws; DP releases are refused"):
+        budget.spend(draw)
     (tmp_path / "budget.json").write_text("{not json")
     with pytest.raises(PrivacyError, match="unreadable"):
         budget.spend(draw)
@@ -357,3 +380,18 @@ def test_the_server_refuses_to_mix_private_and_exact_sites():
     assert "exact, unlike" in privacy_misfits({1: private, 2: private, 3: exact})[3]
     assert privacy_misfits({1: private, 2: private}) == {}
     assert per_token_traces({1: exact, 2: private}) == {1: {"g": 5.0}}  # a DP trace is not judged
+
+
+def test_the_server_rejects_a_dp_trace_that_clipping_and_noise_cannot_give():
+    from server.plausibility import private_trace_misfits
+
+    def site(trace, examples=10):
+        return {"statistics": {"grams": {"g": {"tokens": examples, "dim": 4}}, "example_count": examples,
+                               "privacy": {"noise_std": 3.0, "clip": 2.0}}, "traces": {"g": trace}}
+
+    slack = 10 * 3.0 * 2  # ten deviations of the trace's noise, sqrt(4) diagonal entries of std 3
+    honest = {1: site(20.0), 2: site(-slack + 1), 3: site(2.0 * 10 + slack - 1)}
+    assert private_trace_misfits(honest) == {}
+    scaled = private_trace_misfits({1: site(20.0), 2: site(2.0 * 10 + slack + 1), 3: site(-slack - 1)})
+    assert set(scaled) == {2, 3} and "outside the [-60, 80]" in scaled[2]
+    assert "malformed" in private_trace_misfits({1: {"statistics": {"privacy": {"noise_std": 1.0}}}})[1]

@@ -9,6 +9,7 @@ from helpers import assert_same_tensors, perturbed, save_owner, simulate, tiny_m
 from safetensors.torch import load_file
 
 from fusion.cli import main as gramfuse
+from fusion.privacy import MECHANISM
 from fusion.statistics import load_statistics
 
 OWNERS = 3
@@ -37,11 +38,11 @@ def test_dp_federation_equals_the_offline_merge_of_the_drawn_statistics(workspac
     models = [str(sites / f"owner{i}" / "model") for i in range(OWNERS)]
     for model in models:
         stats = load_statistics(f"{model}/gramfuse-stats.safetensors")
-        assert stats.settings["privacy"] == {"epsilon": 2.0, "delta": None, "clip": 2.0}
+        assert stats.settings["privacy"] == {"epsilon": 2.0, "delta": None, "clip": 2.0, "mechanism": MECHANISM}
         assert stats.privacy["delta"] == 1 / 30 ** 2
     spent = budgets(sites)
     assert [len(draws) for draws in spent] == [1] * OWNERS  # one draw per site, however many runs
-    assert assert_drawn_once(spent)
+    assert drawn_once_each(spent)
     offline = root / f"offline-{mode}"
     assert gramfuse(["merge", *models, "-o", str(offline), "--quiet"]) == 0
     assert_same_tensors(load_file(str(root / mode / "out" / "model.safetensors")),
@@ -55,7 +56,7 @@ def test_dp_federation_equals_the_offline_merge_of_the_drawn_statistics(workspac
         assert layers[key]["noise_std"] == pytest.approx(entry["noise_std"], rel=1e-6)  # secure: summed, masked
 
 
-def assert_drawn_once(spent):
+def drawn_once_each(spent) -> bool:
     draws = [draws[0]["draw"] for draws in spent]
     return len(set(draws)) == OWNERS and all(d[0]["epsilon"] == 2.0 for d in spent)
 
@@ -70,3 +71,8 @@ def test_secure_mode_names_a_site_whose_privacy_differs_from_the_reference():
     assert "its statistics are differentially private" in SecureRegMeanStrategy._layout_misfit(exact, private, False)
     assert "the reference statistics are" in SecureRegMeanStrategy._layout_misfit(private, exact, False)
     assert SecureRegMeanStrategy._layout_misfit(private, dict(private), False) is None
+    # DP adapter sites that adapted different layers differ in which noise keys they hold, not in being private
+    other_adapter = {"0/body/gram/h": (10,), "0/body/owners": (), "0/body/noise-variance/h": ()}
+    assert SecureRegMeanStrategy._layout_misfit(private, other_adapter, True) is None
+    assert "differentially private" in SecureRegMeanStrategy._layout_misfit(
+        private, {"0/body/gram/h": (10,), "0/body/owners": ()}, True)

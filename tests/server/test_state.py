@@ -60,6 +60,11 @@ def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
     _, folders = owners
     stored_state(tmp_path, owners, "ab")
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
+    hostile = layout_of(folders["c"])
+    hostile["statistics"] = {**hostile["statistics"], "privacy": ["not", "a", "record"]}
+    # a privacy record that is no mapping names no draw (plausibility rejects it later), and raises nothing here
+    assert keeper.sort({8: hostile}, str) == {} and list(keeper.joining) == [8]
+    keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
     alien = layout_of(folders["c"], model_type="gpt2")
     alien["statistics"] = {**alien["statistics"], "example_count": 999}  # another owner, of another architecture
     layouts = {1: layout_of(folders["a"]), 2: layout_of(folders["b"], leave=True), 3: layout_of(folders["c"]),
