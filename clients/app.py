@@ -45,7 +45,7 @@ from federation.crypto import SecureProtocolError
 from federation.ledger import BUDGET_FILENAME, LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, PrivacyBudget, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
-from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER
+from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER, WITHDRAWN
 
 from fusion.aggregate import owner_update
 from fusion.checkpoint import load_model, public_config_json, tokenizer_files
@@ -285,6 +285,11 @@ def _reply(msg: Message, **records) -> Message:
 def secure_keys(msg: Message, context: Context) -> Message:
     """Fresh keys for this run, and what the server must know to route and merge: the layout of the sums (names
     and shapes, no values), the layer map, the config and label set, the public tokenizer."""
+    if context.node_config.get("leave", False):
+        # Secure mode keeps no sums to subtract from: a removal is the others' next run without this site, so a site
+        # that has withdrawn takes part in none (and its statistics are not even loaded).
+        raise SecureProtocolError(f"{WITHDRAWN}: it takes part in no secure run; its removal is the other sites' "
+                                  "next run without it")
     request = msg.content["config"]
     model, owner, parts, with_head = _site_contribution(context, request)
     session = OwnerSession.begin(str(request["session"]), context.node_id)

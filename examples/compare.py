@@ -37,10 +37,12 @@ from fusion.checkpoint import load_model, load_tokenizer
 from fusion.workflows import DataSettings, task_batches
 from fusion.evaluate import classification_scores
 from fusion.evaluate import probabilities as class_probabilities
+from fusion.forgetting import retention
 from server.processes import Loopback
 
 METHODS = ["average", "weighted-average", "fisher", "task-arithmetic", "ties",
-           "regmean:alpha=0.1", "regmean:alpha=0.5", "regmean:alpha=0.9", "regmean"]
+           "regmean:alpha=0.1", "regmean:alpha=0.5", "regmean:alpha=0.9", "regmean",
+           "regmean:lines_alpha=0.5;lines_beta=0.5"]
 MAX_LENGTH = 64
 
 
@@ -179,6 +181,34 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
     return {name: {k: (sum(v) / len(v) if v else None) for k, v in entry.items()} for name, entry in summary.items()}
 
 
+def own_scores(run: dict) -> dict[str, dict]:
+    """Each in-domain split's score by the model of the owner it belongs to."""
+    scores = run["scores"]
+    return {split: scores[f"own model ({split})"][split] if f"own model ({split})" in scores
+            else scores["own models"][split] for split in run["in_domain"]}
+
+
+def retention_by_owner(run: dict) -> dict[str, dict[str, float]]:
+    """The forgetting report of every candidate: per owner, its score on the owner's test split over the owner's own
+    model's (:func:`fusion.forgetting.retention`; 1.0 keeps all the owner's model knew of its domain)."""
+    own = own_scores(run)
+    return {name: {split: retention(by_split[split], own[split])["retention"] for split in run["in_domain"]}
+            for name, by_split in run["scores"].items()
+            if not name.startswith("own model") and all(split in by_split for split in run["in_domain"])}
+
+
+def retention_table(run: dict) -> str:
+    """Retention per owner, its mean and the worst owner's: what each candidate forgets of each owner's model."""
+    kept = retention_by_owner(run)
+    lines = ["| model | " + " | ".join(run["in_domain"]) + " | mean | worst owner |",
+             "|---" * (len(run["in_domain"]) + 3) + "|"]
+    for name, by_owner in kept.items():
+        values = [by_owner[split] for split in run["in_domain"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values)
+                     + f" | {sum(values) / len(values):.3f} | {min(values):.3f} |")
+    return "\n".join(lines)
+
+
 def table(runs: list[dict], summary: dict) -> str:
     """The first run split by split (the held-out domain last), and with rotations the summary over all of them."""
     splits = runs[0]["in_domain"] + ([runs[0]["held_out"]] if runs[0]["held_out"] else [])
@@ -192,6 +222,8 @@ def table(runs: list[dict], summary: dict) -> str:
         held_out = runs[0]["held_out"]
         outside = f"{by_split[held_out]['accuracy']:.3f}" if held_out in by_split else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {outside} |")
+    lines += ["", "Retention (the forgetting report: accuracy on each owner's test split over the owner's own "
+              "model's):", "", retention_table(runs[0])]
     if len(runs) > 1:
         lines += ["", "Averaged over the rotations (each domain held out once):", "",
                   "| model | mean in domain | out of domain |", "|---|---|---|"]
@@ -231,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="larger splits; domains: rotate the held-out domain")
     parser.add_argument("--held-out", default="nyt", choices=SENTIMENT_DOMAINS, help="domains, default size")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--from-results", type=Path, metavar="RESULTS_JSON",
+                        help="domains, tasks: write the table, chart and forgetting report of an earlier run's "
+                        "results.json into WORKDIR again, from its recorded scores (nothing is run)")
     args = parser.parse_args(argv)
+    if args.from_results:
+        recorded = json.loads(args.from_results.read_text())
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return write_results(recorded, args.workdir, recorded["size"] == SIZES["full"].__dict__)
     started = time.perf_counter()
     size = SIZES["full" if args.full else "default"]
     workdir = (args.workdir / f"{args.setting}-{'full' if args.full else 'default'}").resolve()
@@ -243,14 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         held_outs = list(SENTIMENT_DOMAINS) if args.full else [args.held_out]
         runs = [run_domains(workdir, size, held_out) for held_out in held_outs]
-    summary = summarise(runs)
-    results = {"setting": args.setting, "size": size.__dict__, "methods": METHODS, "runs": runs, "summary": summary,
+    results = {"setting": args.setting, "size": size.__dict__, "methods": METHODS, "runs": runs,
                "seconds": round(time.perf_counter() - started, 1)}
+    return write_results(results, workdir, args.full)
+
+
+def write_results(results: dict, workdir: Path, full: bool) -> int:
+    """The summary, the forgetting report, the table and the chart of finished runs, into ``workdir``."""
+    runs, size, setting = results["runs"], Size(**results["size"]), results["setting"]
+    summary = summarise(runs)
+    results = {**results, "summary": summary, "retention": [retention_by_owner(run) for run in runs]}
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     text = table(runs, summary)
     (workdir / "results.md").write_text(text + "\n")
-    chart(summary, workdir / "results.png", f"gramfuse on MiniLM-L6, {args.setting} ({'full' if args.full else 'default'})")
-    print(f"\nAccuracy ({args.setting}; {size.train} training and {size.test} test examples per owner):\n")
+    chart(summary, workdir / "results.png", f"gramfuse on MiniLM-L6, {setting} ({'full' if full else 'default'})")
+    print(f"\nAccuracy ({setting}; {size.train} training and {size.test} test examples per owner):\n")
     print(text)
     print(f"\n{workdir / 'results.json'}, results.md, results.png  ({results['seconds']:.0f} s)")
     return 0

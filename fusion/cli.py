@@ -21,7 +21,7 @@ from .errors import GramfuseError
 from .methods import METHODS, get_method, option_names
 
 # CLI flag -> method option; a flag given to a method that has no such option is an error, not silently ignored.
-METHOD_FLAGS = ("alpha", "weighting", "tied", "scaling", "density", "lines_beta")
+METHOD_FLAGS = ("alpha", "weighting", "tied", "scaling", "density", "lines_alpha", "lines_beta")
 
 
 def _positive_int(text: str) -> int:
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and the LM head is solved as the head (default) or averaged as an embedding")
     merge.add_argument("--scaling", type=float, help="task-arithmetic, ties: lambda on the merged task vector")
     merge.add_argument("--lines-beta", type=float, help="task-arithmetic, ties: LiNeS, the task vector of block l "
-                       "of L scaled by scaling + lines_beta (l - 1) / (L - 1) (default 0: one scaling)")
+                       "of L scaled by scaling + lines_beta (l - 1) / (L - 1) (default 0: one scaling); regmean: "
+                       "by lines_alpha + lines_beta (l - 1) / (L - 1), its task vector being merged minus --base")
+    merge.add_argument("--lines-alpha", type=float, help="regmean: LiNeS's scale of the shallowest block and of "
+                       "everything outside the blocks (default 1: with --lines-beta 0, plain RegMean)")
     merge.add_argument("--density", type=float, help="ties: fraction of each task vector kept, "
                        "max(1, int(density * n)) entries exactly (default 0.2)")
     merge.add_argument("--base", metavar="BASE_DIR", help="the pretrained model (task-arithmetic, ties, --lora-rank); "

@@ -650,7 +650,8 @@ def checked_base(meta: SumsMeta, base_path: Path | None) -> dict:
     if base_path is None:
         raise MergeError(f"method {meta.method!r} works relative to the base model: give --base BASE_DIR (the one "
                          "the sums were formed against)")
-    if base_fingerprint(base_path) != meta.base_fingerprint:
+    # Sums formed against no base (RegMean's: its contributions are absolute) fit any base LiNeS is applied against.
+    if meta.base_fingerprint and base_fingerprint(base_path) != meta.base_fingerprint:
         raise SumsFileError(f"{base_path}: not the base the sums were formed against (fingerprints differ)")
     return load_base(base_path, meta.task)
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from federation.payload import config_from, labels_from
 from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold
-from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER
+from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER, WITHDRAWN
 
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.errors import GramfuseError
@@ -339,13 +339,14 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         node = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             misfit = ABOVE_BOUND in reply.error.reason  # its statistics are far larger than the other owners'
-            self._lose(node, "rejected" if misfit else "failed", f"{step}: {reply.error.reason}")
+            status = "withdrawn" if WITHDRAWN in reply.error.reason else "rejected" if misfit else "failed"
+            self._lose(node, status, f"{step}: {reply.error.reason}")
             return None
         return node
 
     def _lose(self, node: int, status: str, reason: str) -> None:
         record = self.records.setdefault(node, OwnerRecord(node))
-        if record.status in ("failed", "rejected"):
+        if record.status in ("failed", "rejected", "withdrawn"):
             return
         record.status, record.reason = status, reason
         log.warning("owner node %d %s: %s", node, status, reason)

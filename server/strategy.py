@@ -94,7 +94,9 @@ class FederationError(GramfuseError):
 @dataclass
 class OwnerRecord:
     node_id: int
-    status: str = "asked"  # asked, merged, failed, rejected, timed out; with state-dir: removed, inside (not asked)
+    # asked, merged, failed, rejected, timed out, withdrawn (leave=true, no sums kept); with state-dir: removed,
+    # inside (not asked)
+    status: str = "asked"
     site: str = ""
     reason: str = ""
     examples: int = 0
@@ -376,6 +378,7 @@ class RegMeanStrategy(Strategy):
         """With state-dir: ask only the sites joining the server's sums and those leaving them; a site already inside
         is not asked for anything."""
         if self.keeper is None:
+            self.leave_out_withdrawn()
             return
         for node, (status, reason) in self.keeper.sort(self.layouts, self.owner_label).items():
             record = self.records[node]
@@ -386,6 +389,17 @@ class RegMeanStrategy(Strategy):
         if not self.layouts:
             raise FederationError("state-dir: no site to add or remove (every site that answered is inside the "
                                   "server's sums already, or was rejected)")
+
+    def leave_out_withdrawn(self) -> None:
+        """Without state-dir: a site whose node config says ``leave=true`` has withdrawn from the merge, and a run
+        that keeps no sums has nothing of it to subtract, so it is left out (merging it would undo its withdrawal)."""
+        for node in [n for n, layout in self.layouts.items() if layout.get("leave")]:
+            record = self.records[node]
+            record.status, record.reason = "withdrawn", ("asks to leave (leave=true); this server keeps no sums "
+                                                         "(no state-dir), so it is left out of the merge")
+            log.warning("owner node %d withdrawn: %s", node, record.reason)
+            del self.layouts[node]
+        self.fitting = sorted(self.layouts)
 
     def owner_label(self, node: int) -> str:
         """A site's name in the server's sums: the name its node config gives, else its node id."""

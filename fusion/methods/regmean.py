@@ -8,6 +8,7 @@ non-diagonal reduction ``G' = alpha G + (1 - alpha) diag(G)`` can be chosen afte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from ..statistics import unpack_upper
 from ..privacy import noise_ridge
 from ..solve import GRAM_PRECISION, NOISY_SOLVER, solve_gram
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
+from ._relative import depth_scalings
 
 GRAM = "gram/"
 GRAM_WEIGHT = "gram-weight/"  # G_i W_i^T per layer
@@ -51,10 +53,18 @@ class RegMean(MergeMethod):
     # A tensor used twice (input embeddings tied to the LM head) is merged once: "head" solves it as the head's
     # weight, from the head's Grams; "embedding" averages it as an embedding. Measured on the LLM job (README).
     tied: str = "head"
+    # LiNeS (Wang et al., ICLR 2025) on RegMean's own task vector, merged minus base: block l of L keeps
+    # lines_alpha + lines_beta (l - 1) / (L - 1) of it, parameters outside the blocks lines_alpha. 1 and 0: off.
+    lines_alpha: float = 1.0
+    lines_beta: float = 0.0
 
     needs_statistics = True
-    # Owners send G, G W^T and diag(G) W^T whatever alpha and the tie rule: both are chosen afterwards.
-    combine_only = ("alpha", "tied")
+    # Owners send G, G W^T and diag(G) W^T whatever alpha, the tie rule and LiNeS: all are chosen afterwards.
+    combine_only = ("alpha", "tied", "lines_alpha", "lines_beta")
+
+    @property
+    def needs_base(self) -> bool:  # only LiNeS reads the base (the other methods' is a class attribute)
+        return self.lines_alpha != 1.0 or self.lines_beta != 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -63,6 +73,8 @@ class RegMean(MergeMethod):
             raise ValueError(f"weighting must be 'sum' or 'equal', not {self.weighting!r}")
         if self.tied not in ("head", "embedding"):
             raise ValueError(f"tied must be 'head' or 'embedding', not {self.tied!r}")
+        if not all(math.isfinite(value) for value in (self.lines_alpha, self.lines_beta)):
+            raise ValueError(f"lines_alpha and lines_beta must be finite, not {self.lines_alpha}, {self.lines_beta}")
 
     def solves(self, module: str, info) -> bool:
         """Whether a hooked layer is solved from its Grams (a tied one only under the ``head`` rule)."""
@@ -118,7 +130,22 @@ class RegMean(MergeMethod):
             groups.setdefault(info.gram, []).append(module)
         for key, modules in groups.items():
             self._solve_group(key, modules, sums, context, outcome)
+        if self.needs_base:
+            self._scale_by_depth(outcome.params, context)
         return outcome
+
+    def _scale_by_depth(self, params: dict, context: MergeContext) -> None:
+        """LiNeS on the task vector of every parameter the base has (a head it lacks stays as merged)."""
+        if context.base is None:
+            raise MergeError("regmean with lines_alpha/lines_beta scales its task vector (merged minus base): give "
+                             "the base model (--base; base-path in the federation)")
+        # A group's sums hold a few blocks: the depth of each stack comes from the whole model (the base's names).
+        scalings = depth_scalings(context.base, self.lines_alpha, self.lines_beta)
+        for name, value in params.items():
+            reference = context.base.get(name)
+            if reference is not None and reference.shape == value.shape:
+                base = reference.to(value.device, torch.float64)
+                params[name] = (base + scalings[name] * (value.double() - base)).to(value.dtype)
 
     def _solve_group(self, key, modules, sums, context: MergeContext, outcome: MergeOutcome) -> None:
         """One factorisation of the shared Gram serves every layer fed that input."""

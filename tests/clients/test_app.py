@@ -99,3 +99,14 @@ def test_a_dp_clip_or_budget_without_an_epsilon_is_refused_not_ignored(node):
         site.site_privacy(context)
     context.node_config["dp-epsilon"] = 0.0  # exact statistics, knowingly
     assert site.site_privacy(context) == (None, None)
+
+
+def test_a_withdrawn_site_takes_part_in_no_secure_run(node):
+    from federation.crypto import SecureProtocolError
+
+    context, _ = node
+    context.node_config["leave"] = True
+    asked = request(MessageType.QUERY + ".secure_keys", session="s", **{"reference-label-set": "[]"})
+    with pytest.raises(GramfuseError, match=r"withdrawn \(node config leave=true\): it takes part in no secure run"):
+        site.secure_keys(asked, context)
+    assert site.public_reason(SecureProtocolError("x")) == "x"  # the reason reaches the server as it is

@@ -1,6 +1,6 @@
 """The comparison's bookkeeping: summaries over rotations and the table, on hand-made scores."""
 
-from examples.compare import summarise, table
+from examples.compare import retention_by_owner, summarise, table
 
 
 def scores(**accuracies):
@@ -31,3 +31,14 @@ def test_table_shows_the_first_run_and_the_rotation_summary():
     assert "| regmean | 0.800 | 0.600 | 0.700 | 0.700 | 0.700 |" in text
     assert "Averaged over the rotations" in text
     assert "| regmean | 0.700 | 0.600 |" in text
+
+
+def test_the_forgetting_report_divides_by_each_owners_own_model_on_its_own_split():
+    kept = retention_by_owner(RUNS[0])
+    assert set(kept) == {"regmean"}  # the own models are the reference, not candidates
+    assert kept["regmean"] == {"a": 0.8 / 0.9, "b": 0.6 / 0.7}  # a's own model on a, b's own model on b
+    tasks = {"held_out": None, "in_domain": ["x", "y"], "scores": {
+        "own models": scores(x=0.5, y=0.8), "average": scores(x=0.25, y=0.8)}}  # one folder per owner
+    assert retention_by_owner(tasks) == {"average": {"x": 0.5, "y": 1.0}}
+    text = table(RUNS, summarise(RUNS))
+    assert f"| regmean | {0.8 / 0.9:.3f} | {0.6 / 0.7:.3f} | {(0.8 / 0.9 + 0.6 / 0.7) / 2:.3f} | {0.6 / 0.7:.3f} |" in text

@@ -130,6 +130,27 @@ def test_lines_on_task_vector_methods_is_the_plain_merge_with_a_scaling_per_bloc
         torch.testing.assert_close(value, b + scalings[param] * (plain[param] - b))
 
 
+def test_lines_on_regmean_scales_its_own_task_vector_by_depth(owners):
+    """LiNeS on RegMean's task vector (merged minus base): block l of L keeps lines_alpha + lines_beta (l-1)/(L-1)
+    of it, parameters outside the blocks lines_alpha; from the same sums as plain RegMean."""
+    base, states = owners
+    context = MergeContext(base={k: v for k, v in base.state_dict().items() if v.is_floating_point()},
+                           modules=states[0].statistics.modules)
+    plain = merge_states(states, get_method("regmean"), context).params
+    method = get_method("regmean", lines_alpha=0.2, lines_beta=0.7)
+    assert method.needs_base and not get_method("regmean").needs_base
+    assert method.sums_key() == get_method("regmean").sums_key()  # chosen after the sums, like alpha
+    lines = merge_states(states, method, context).params
+    layers = base.config.num_hidden_layers
+    for param, value in lines.items():
+        depth = param.split("encoder.layer.")[1].split(".")[0] if "encoder.layer." in param else None
+        keep = 0.2 + 0.7 * int(depth) / (layers - 1) if depth is not None else 0.2  # by hand, not depth_scalings
+        b = context.base[param].double()
+        torch.testing.assert_close(value.double(), b + keep * (plain[param].double() - b))
+    with pytest.raises(MergeError, match="lines_alpha/lines_beta.*base model"):
+        merge_states(states, method, MergeContext(modules=states[0].statistics.modules))
+
+
 def test_ties_hand_computed():
     base = {"p": torch.zeros(5, dtype=torch.float64)}
     owners = [

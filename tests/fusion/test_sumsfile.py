@@ -88,6 +88,11 @@ def test_a_merge_from_sums_loads_and_another_alpha_shares_them(owners, tmp_path)
     assert_same_merge(tmp_path / "out", tmp_path / "scratch")
     AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))  # a model transformers loads
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+    # LiNeS on RegMean's task vector is chosen after the sums too: the sums formed against no base fit the base
+    lines = get_method("regmean", alpha=0.8, lines_alpha=0.5, lines_beta=0.5)
+    merge(lines, [paths["alpha"], paths["gamma"]], tmp_path / "lines-scratch", base_dir=root / "base")
+    merge_from_sums(tmp_path / "sums", tmp_path / "lines", lines, remove=[paths["beta"]], base_dir=root / "base")
+    assert_same_merge(tmp_path / "lines", tmp_path / "lines-scratch")
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,19 @@ def test_owners_join_and_leave_across_runs_exactly(tmp_path):
         ledger = json.loads((state / "sums-0003" / SUMS_FILE).read_text())
         assert sorted(o["name"] for o in ledger["owners"]) == ["a", "c"]
         assert [step["removed"] for step in ledger["history"]] == [[], [], ["b"]]
+
+        # Without state-dir nothing is kept to subtract: the withdrawn site is left out, in plaintext (by the
+        # server) and in secure mode (by the site itself, before its statistics are even loaded).
+        for mode in ("plaintext", "secure"):
+            out = tmp_path / f"run-{mode}"
+            done = loopback.run(f"out-dir='{out}' min-owners=3 timeout=180 secure={str(mode == 'secure').lower()}")
+            assert (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+            owners = report_of(out)["federation"]["owners"].values()
+            assert sorted(o["site"] for o in owners if o["status"] == "merged") == ["a", "b", "c"]
+            withdrawn = [o for o in owners if o["status"] != "merged"]
+            # (in secure mode the site refuses the key exchange, so the server never learns its name)
+            assert [o["status"] for o in withdrawn] == ["withdrawn"] and "leave=true" in withdrawn[0]["reason"]
+            assert_same_merge(out, tmp_path / "abc", mode)
     finally:
         loopback.stop()
 
