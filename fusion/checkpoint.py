@@ -264,7 +264,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' own default: a shard is written
 SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class _Shard:
+class TensorFile:
     """One safetensors file written tensor by tensor: the bytes go to a side file as they come, and the header
     (which the format puts first, and which needs every tensor's offsets) is written when it is closed.
 
@@ -285,15 +285,21 @@ class _Shard:
         self.data.write(raw)
         self.size += len(raw)
 
-    def close(self, path: Path) -> None:
+    def close(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:
         self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        metadata = {"format": "pt", **(metadata or {})}
+        header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the format pads the header with spaces so that the data is aligned
         with path.open("wb") as out, self.data_path.open("rb") as data:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
             shutil.copyfileobj(data, out, 16 * 1024 * 1024)
         self.data_path.unlink()
+
+    def discard(self) -> None:
+        """Remove what was written (a failed write leaves nothing behind)."""
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -306,7 +312,7 @@ class ShardWriter:
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.shards: list[_Shard] = []
+        self.shards: list[TensorFile] = []
         self.total_bytes = 0
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -314,7 +320,7 @@ class ShardWriter:
             size = value.numel() * value.element_size()
             if not self.shards or (self.shards[-1].size and self.shards[-1].size + size > self.max_shard_bytes):
                 self.folder.mkdir(parents=True, exist_ok=True)
-                self.shards.append(_Shard(self.folder / f".shard-{len(self.shards)}.partial"))
+                self.shards.append(TensorFile(self.folder / f".shard-{len(self.shards)}.partial"))
             self.shards[-1].add(name, value)
             self.total_bytes += size
 
@@ -324,7 +330,7 @@ class ShardWriter:
 
         if not self.shards:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.shards.append(_Shard(self.folder / ".shard-0.partial"))
+            self.shards.append(TensorFile(self.folder / ".shard-0.partial"))
         count = len(self.shards)
         names = [SINGLE_FILE] if count == 1 else [f"model-{n:05d}-of-{count:05d}.safetensors" for n in range(1, count + 1)]
         for shard, name in zip(self.shards, names):

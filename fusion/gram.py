@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import tied_aliases
 from .privacy import PrivacyError, PrivacySpec, clipped_record, clipped_rows, privatise
-from .statistics import GramStatistics, ModuleInfo, pack_upper, weights_fingerprint
+from .statistics import GramStatistics, ModuleInfo, pack_band, weights_fingerprint
 
 LINEAR = "linear"
 CONV1D = "conv1d"
@@ -52,39 +52,49 @@ def _block_edges(dim: int) -> list[int]:
 
 @dataclass
 class GramAccumulator:
-    """A running float64 sum of ``X^T X`` whose upper block triangle only is ever computed."""
+    """A running float64 sum of ``X^T X`` of which only the upper block triangle is computed and kept.
+
+    The sum lives as bands of rows, each from its diagonal block to the last column (:func:`_block_edges`): about
+    (b + 1) / (2 b) of the full matrix for b bands, so a site holds little more than the packed triangles it will
+    release, not full Grams beside them (for a Llama-7B-shaped model, about 25 GB of bands against 44 GB of full
+    Grams)."""
 
     dim: int
     compute_dtype: torch.dtype = torch.float64
     token_count: int = 0
     edges: list[int] = field(init=False)
-    total: torch.Tensor = field(init=False)
+    bands: list[torch.Tensor] = field(init=False)
 
     device: torch.device | str = "cpu"
 
     def __post_init__(self) -> None:
         self.edges = _block_edges(self.dim)
-        self.total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self.bands = [torch.zeros(stop - start, self.dim - start, dtype=torch.float64, device=self.device)
+                      for start, stop in zip(self.edges[:-1], self.edges[1:])]
 
     def add(self, rows: torch.Tensor) -> None:
         """Add the rows (tokens x features) of one batch."""
         if rows.shape[0] == 0:
             return
         rows = rows.to(self.compute_dtype)
-        for start, stop in zip(self.edges[:-1], self.edges[1:]):
+        for band, start, stop in zip(self.bands, self.edges[:-1], self.edges[1:]):
             # Products are float64 by default: a float32 product is off by ~1e-7 of the Gram's scale, enough to make
             # a nearly singular Gram indefinite. Either way batches are summed in float64.
-            self.total[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
+            band += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
         self.token_count += rows.shape[0]
 
     def packed(self) -> torch.Tensor:
-        return pack_upper(self.total).cpu()
+        return torch.cat([pack_band(band) for band in self.bands]).cpu()
 
     def release(self) -> torch.Tensor:
-        """The packed triangle, the full sum freed: packing Grams one by one holds one full and one packed copy at
-        a time, not all of both."""
-        packed = self.packed()
-        self.total = torch.empty(0, dtype=torch.float64)
+        """The packed triangle, each band freed as soon as it is packed: packing Grams one by one holds one Gram's
+        bands and its packed triangle at a time, not all of both."""
+        packed = torch.empty(self.dim * (self.dim + 1) // 2, dtype=torch.float64)
+        begin = 0
+        while self.bands:
+            piece = pack_band(self.bands.pop(0))
+            packed[begin:begin + piece.numel()] = piece.cpu()
+            begin += piece.numel()
         return packed
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import StatisticsError
 from .privacy import TAIL_SIGMAS
@@ -34,16 +33,18 @@ FISHER_PREFIX = "fisher."
 ROW_BLOCK = 256
 
 
-def _row_blocks(dim: int, device: torch.device):
-    """``(start, stop, packed_start, packed_stop, rows, cols)`` per block of rows: the block's upper part, within
-    columns ``start:``, is the upper triangle of a (stop - start) x (dim - start) matrix, stored contiguously.
+def _row_blocks(height: int, span: int, device: torch.device):
+    """``(start, stop, packed_start, packed_stop, rows, cols)`` per block of rows of a band (``height`` rows of a
+    symmetric matrix from its diagonal on, ``span`` columns wide; a whole ``d x d`` matrix is one band): the block's
+    upper part, within columns ``start:``, is the upper triangle of a (stop - start) x (span - start) matrix, stored
+    contiguously.
 
     By blocks rather than through one ``triu_indices(dim, dim)``: its index tensors, for a d = 11008 Gram, take 1 GB.
     """
     packed_start = 0
-    for start in range(0, dim, ROW_BLOCK):
-        stop = min(start + ROW_BLOCK, dim)
-        rows, cols = torch.triu_indices(stop - start, dim - start, device=device)
+    for start in range(0, height, ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, height)
+        rows, cols = torch.triu_indices(stop - start, span - start, device=device)
         packed_stop = packed_start + rows.numel()
         yield start, stop, packed_start, packed_stop, rows, cols
         packed_start = packed_stop
@@ -51,10 +52,17 @@ def _row_blocks(dim: int, device: torch.device):
 
 def pack_upper(full: torch.Tensor) -> torch.Tensor:
     """The upper triangle (diagonal included) of a square matrix, row by row, as a vector of d(d+1)/2."""
-    dim = full.shape[0]
-    packed = torch.empty(dim * (dim + 1) // 2, dtype=full.dtype, device=full.device)
-    for start, stop, begin, end, rows, cols in _row_blocks(dim, full.device):
-        packed[begin:end] = full[start:stop, start:][rows, cols]
+    return pack_band(full)
+
+
+def pack_band(band: torch.Tensor) -> torch.Tensor:
+    """The upper-triangle part of a band of rows of a symmetric matrix, row by row: ``band`` holds ``h`` rows from
+    the diagonal on (row ``i`` of the band starts at its diagonal entry ``band[i, i]``), ``h x w`` with ``w >= h``.
+    The packed triangle of a matrix is its bands' packings, one after another."""
+    height, span = band.shape
+    packed = torch.empty(height * span - height * (height - 1) // 2, dtype=band.dtype, device=band.device)
+    for start, stop, begin, end, rows, cols in _row_blocks(height, span, band.device):
+        packed[begin:end] = band[start:stop, start:][rows, cols]
     return packed
 
 
@@ -69,7 +77,7 @@ def unpack_upper(packed: torch.Tensor, dim: int) -> torch.Tensor:
     if packed.numel() != dim * (dim + 1) // 2:
         raise ValueError(f"a packed triangle of dimension {dim} has {dim * (dim + 1) // 2} entries, not {packed.numel()}")
     full = torch.empty(dim, dim, dtype=packed.dtype, device=packed.device)
-    for start, stop, begin, end, rows, cols in _row_blocks(dim, full.device):
+    for start, stop, begin, end, rows, cols in _row_blocks(dim, dim, full.device):
         block = full[start:stop, start:]
         block[rows, cols] = packed[begin:end]
         full[start:stop, :start] = full[:start, start:stop].T  # mirrored from the rows above, already filled
@@ -162,15 +170,22 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_statistics(stats: GramStatistics, path: str | Path) -> Path:
+    """Written tensor by tensor (``safetensors.torch.save_file`` would hold a second copy of every Gram while it
+    serialises them all at once), and atomically."""
+    from .checkpoint import TensorFile
+
     path = Path(path)
-    tensors = {GRAM_PREFIX + key: gram.contiguous() for key, gram in stats.grams.items()}
-    for name, value in (stats.fisher or {}).items():
-        tensors[FISHER_PREFIX + name] = value.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    writer = TensorFile(path.with_name(path.name + ".data.partial"))
     try:
-        save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(stats.metadata())})
+        for key, gram in stats.grams.items():
+            writer.add(GRAM_PREFIX + key, gram)
+        for name, value in (stats.fisher or {}).items():
+            writer.add(FISHER_PREFIX + name, value)
+        writer.close(partial, metadata={METADATA_KEY: json.dumps(stats.metadata())})
     except BaseException:  # a full disk, an interrupt: no half-written file is left, under any name
+        writer.discard()
         partial.unlink(missing_ok=True)
         raise
     partial.replace(path)  # never leave a half-written statistics file under the real name

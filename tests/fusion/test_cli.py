@@ -266,31 +266,28 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tmp_path, 
     disk fails: the bytes so far are on disk)."""
     import errno
 
-    import safetensors.torch
-
-    from fusion import checkpoint, statistics
+    from fusion import checkpoint
 
     dirs, data = make_federation(tmp_path, "bert")
     for model_dir, data_file in zip(dirs, data):
         assert gramfuse("stats", model_dir, data_file) == 0
-    real_add = checkpoint._Shard.add
+    real_add = checkpoint.TensorFile.add
 
-    def add_until_full(shard, name, value):
-        real_add(shard, name, value)
-        if shard.size > 100_000:
-            raise OSError(errno.ENOSPC, "No space left on device", str(shard.data_path))
+    def filling_up_after(limit):
+        def add(shard, name, value):
+            real_add(shard, name, value)
+            if shard.size > limit:
+                raise OSError(errno.ENOSPC, "No space left on device", str(shard.data_path))
+        return add
 
-    monkeypatch.setattr(checkpoint._Shard, "add", add_until_full)
+    monkeypatch.setattr(checkpoint.TensorFile, "add", filling_up_after(100_000))
     expect_error(capsys, ["merge", *dirs, "-o", tmp_path / "out"], "no space left on the device",
                  "no output was left half-written")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "owner0", "owner1", "data0.jsonl",
                                                                  "data1.jsonl"])
 
-    def save_until_full(tensors, path, metadata=None):
-        safetensors.torch.save_file(dict(list(tensors.items())[:1]), path, metadata)
-        raise OSError(errno.ENOSPC, "No space left on device", path)
-
-    monkeypatch.setattr(statistics, "save_file", save_until_full)
+    # the statistics file is written tensor by tensor too: the disk fills after its first Gram
+    monkeypatch.setattr(checkpoint.TensorFile, "add", filling_up_after(0))
     before = sorted(p.name for p in dirs[0].iterdir())
     expect_error(capsys, ["stats", dirs[0], data[0], "--output", dirs[0] / "again.safetensors"], "no space left")
     assert sorted(p.name for p in dirs[0].iterdir()) == before

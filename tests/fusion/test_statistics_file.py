@@ -133,3 +133,18 @@ def test_saving_is_atomic(saved, tmp_path):
     path = save_statistics(stats, tmp_path / "again.safetensors")
     assert not list(tmp_path.glob("*.partial"))
     assert load_statistics(path).fingerprint == stats.fingerprint
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_partial(saved, tmp_path):
+    """Written tensor by tensor: a failure after some tensors are on disk removes them, and the file already under
+    the real name stays as it was."""
+    import dataclasses
+
+    stats, _ = saved
+    path = save_statistics(stats, tmp_path / "kept.safetensors")
+    before = path.read_bytes()
+    broken = dataclasses.replace(stats, grams={**stats.grams, "zz-unwritable": torch.zeros(3, dtype=torch.complex64)})
+    with pytest.raises(KeyError):  # no safetensors name for a complex dtype, after the real Grams were written
+        save_statistics(broken, path)
+    assert path.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
