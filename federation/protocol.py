@@ -228,6 +228,13 @@ class OwnerSession:
         return revealed
 
 
+def shares_for(node: int, sealed: Mapping[int, Mapping[int, bytes]], participants: Iterable[int]) -> dict[int, bytes]:
+    """The sealed shares the server forwards to ``node`` (with its first masked request): each other participant's
+    share addressed to it. ``sealed[sender][recipient]``; a sender outside the participants sent none that count."""
+    senders = set(participants) - {node}
+    return {sender: by[node] for sender, by in sealed.items() if sender in senders and node in by}
+
+
 class MaskedSum:
     """The server's side of one masked round: adds masked vectors, then removes what the revealed shares allow."""
 

@@ -19,7 +19,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from federation.payload import config_from, labels_from
-from federation.protocol import ROUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold
+from federation.protocol import (ROUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold,
+                                 shares_for)
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER, WITHDRAWN
 
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
@@ -285,9 +286,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         for node in participants:
             request = self.request(**common)
             if round_name == ROUNDS[0]:  # the shares addressed to this site travel with its first masked request
-                for sender in participants:
-                    if sender != node:
-                        request[f"share/{sender}"] = self.sealed[sender][node]
+                for sender, share in shares_for(node, self.sealed, participants).items():
+                    request[f"share/{sender}"] = share
             messages.append(Message(content=RecordDict({"config": request}), dst_node_id=node,
                                     message_type=MessageType.TRAIN + ".secure_masked", group_id=round_name))
         for reply in self._exchange(grid, messages, round_name):

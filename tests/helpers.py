@@ -243,7 +243,9 @@ def module_weight(model, name: str) -> torch.Tensor:
 
 
 class SecureRun:
-    """Every step of the secure protocol in one process: the server's routing done by hand, as the strategy does it.
+    """Every step of the secure protocol in one process, for the protocol's own tests (dropouts at every step, drawn
+    by hypothesis): the sites' sessions and the server's MaskedSum, with the server's own share routing
+    (:func:`federation.protocol.shares_for`). The strategy itself runs through Flower in tests/server.
 
     ``drop[round]`` names the owners that vanish after the previous step (they send nothing more)."""
 
@@ -262,14 +264,13 @@ class SecureRun:
 
     def masked_round(self, round_name, participants, layout, vectors_of, drop_before=(), drop_after=()):
         """The sum over the owners of ``participants`` that answer; returns ``(totals, survivors)``."""
-        from federation.protocol import MaskedSum
+        from federation.protocol import MaskedSum, shares_for
 
         summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
                            layout)
         for node in participants:
             if node not in self.delivered:  # shares reach an owner with its first masked request
-                self.sessions[node].receive_shares({sender: by[node] for sender, by in self.sealed.items()
-                                                    if node in by and sender in participants})
+                self.sessions[node].receive_shares(shares_for(node, self.sealed, participants))
                 self.delivered.add(node)
             if node in drop_before:
                 continue
