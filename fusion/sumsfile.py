@@ -37,12 +37,23 @@ class SumsFileError(GramfuseError):
     """A sums folder that cannot be read, or an owner that cannot be added to or removed from it."""
 
 
+DRAW = "privacy-draw"
+
+
+def undrawn(settings: str) -> str:
+    """Contribution settings (:func:`contribution_settings`) without the noise draw: equal for two draws of one
+    request."""
+    values = json.loads(settings) if settings else {}
+    values.pop(DRAW, None) if isinstance(values, dict) else None
+    return json.dumps(values, sort_keys=True)
+
+
 def contribution_settings(settings: dict, privacy: dict | None) -> str:
     """Statistics settings as a ledger keeps them, sorted JSON; a DP file's noise draw is part of its contribution
     (the same request drawn again is another contribution, whose subtraction would leave the old noise behind)."""
     # A hostile site's layout can carry anything as its privacy record: only a mapping names a draw.
     draw = privacy.get("draw") if isinstance(privacy, Mapping) else None
-    return json.dumps({**settings, **({"privacy-draw": draw} if draw else {})}, sort_keys=True)
+    return json.dumps({**settings, **({DRAW: draw} if draw else {})}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,13 @@ class LedgerEntry:
     def identity(self) -> tuple:
         """Equal for the same contribution: the same weights with the same statistics."""
         return (self.fingerprint, self.example_count, self.token_counts, self.settings)
+
+    def redraw_of(self, other: LedgerEntry) -> bool:
+        """Whether this is ``other``'s statistics drawn again: the same weights, counts and request, another noise
+        draw. Merged beside it, the same data would count twice (and subtracting one would leave the other's noise)."""
+        return (self.fingerprint == other.fingerprint and self.example_count == other.example_count
+                and self.token_counts == other.token_counts and self.settings != other.settings
+                and undrawn(self.settings) == undrawn(other.settings))
 
     def to_json(self) -> dict:
         return {**asdict(self), "token_counts": dict(self.token_counts)}
@@ -207,7 +225,14 @@ class SumsFolder:
         names = [key for key in self.files if key.startswith(COPIED)]
         return {key[len(COPIED):]: value for key, value in self.files.read(names).items()}
 
-    def owners_matching(self, entries: Iterable[LedgerEntry]) -> dict[str, LedgerEntry]:
-        """Given owner name -> the ledger entry inside with the same contribution (absent where none)."""
+    def owners_matching(self, entries: Iterable[LedgerEntry], redraws: bool = False) -> dict[str, LedgerEntry]:
+        """Given owner name -> the ledger entry inside with the same contribution, or with ``redraws`` one of which it
+        is a noise redraw (absent where none). Only the same contribution can be subtracted."""
         inside = {entry.identity(): entry for entry in self.meta.owners}
-        return {entry.name: inside[entry.identity()] for entry in entries if entry.identity() in inside}
+        found = {}
+        for entry in entries:
+            match = inside.get(entry.identity()) or (
+                next((e for e in inside.values() if entry.redraw_of(e)), None) if redraws else None)
+            if match is not None:
+                found[entry.name] = match
+        return found

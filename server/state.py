@@ -103,6 +103,12 @@ class StateKeeper:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
             known = inside.get(entry.identity())
+            redrawn = next((e for e in inside.values() if entry.redraw_of(e)), None)
+            if redrawn is not None and not layout.get("leave"):
+                skipped[node] = ("rejected", f"its statistics are {redrawn.name!r}'s drawn again (the same weights, "
+                                             "counts and DP request, another noise draw): joining would count that "
+                                             "data twice; send the statistics file it joined with")
+                continue
             if (layout.get("leave") or known is None) and entry.identity() in counted:
                 skipped[node] = ("rejected", f"the same weights and statistics as node {counted[entry.identity()]} "
                                              "in this run")

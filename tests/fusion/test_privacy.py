@@ -367,6 +367,35 @@ def test_a_redrawn_owner_is_another_contribution_in_the_sums_ledger():
     draws = [collect_statistics(model, [encode(SENTENCES)], privacy=PrivacySpec(epsilon=1.0)) for _ in range(2)]
     first, second = (LedgerEntry.of("o", "o", "weights", stats) for stats in draws)
     assert first.identity() != second.identity()  # subtracting one for the other would leave its noise behind
+    assert second.redraw_of(first) and first.redraw_of(second) and not first.redraw_of(first)
+    other_data = collect_statistics(model, [encode(SENTENCES[:-1])], privacy=PrivacySpec(epsilon=1.0))
+    assert not LedgerEntry.of("o", "o", "weights", other_data).redraw_of(first)  # another data size: another owner
+
+
+def test_a_redrawn_owner_is_refused_beside_its_first_draw(tmp_path, capsys):
+    """The same weights with the same DP request over the same data, drawn twice, are one owner's data: merged
+    together, or added to sums that hold the first draw, it would count twice."""
+    import shutil
+
+    dirs, data = make_owners(tmp_path)
+    for folder, data_file in zip(dirs, data):
+        assert main(["stats", str(folder), str(data_file), "--dp-epsilon", "4", "--quiet"]) == 0
+    redrawn = tmp_path / "o0-again"
+    shutil.copytree(dirs[0], redrawn)
+    assert main(["stats", str(redrawn), str(data[0]), "--dp-epsilon", "4", "--quiet"]) == 0
+    assert load_statistics(redrawn / "gramfuse-stats.safetensors").privacy["draw"] != load_statistics(
+        dirs[0] / "gramfuse-stats.safetensors").privacy["draw"]
+    capsys.readouterr()
+    assert main(["merge", *map(str, dirs), str(redrawn), "-o", str(tmp_path / "m"), "--quiet"]) != 0
+    assert "its statistics drawn again" in capsys.readouterr().err
+    assert main(["merge", *map(str, dirs), "-o", str(tmp_path / "m"), "--save-sums", str(tmp_path / "sums"),
+                 "--quiet"]) == 0
+    assert main(["merge", "--sums", str(tmp_path / "sums"), "--add", str(redrawn), "-o", str(tmp_path / "m2"),
+                 "--quiet"]) != 0
+    assert "the same statistics request drawn again" in capsys.readouterr().err
+    assert main(["merge", "--sums", str(tmp_path / "sums"), "--remove", str(redrawn), "-o", str(tmp_path / "m3"),
+                 "--quiet"]) != 0  # only the draw that went in can come out
+    assert "is not inside" in capsys.readouterr().err
 
 
 def test_the_server_refuses_to_mix_private_and_exact_sites():

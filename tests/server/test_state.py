@@ -62,6 +62,10 @@ def test_sites_are_sorted_into_joining_leaving_and_inside(tmp_path, owners):
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
     hostile = layout_of(folders["c"])
     hostile["statistics"] = {**hostile["statistics"], "privacy": ["not", "a", "record"]}
+    redrawn = layout_of(folders["a"])  # a's weights, counts and request, another noise draw
+    redrawn["statistics"] = {**redrawn["statistics"], "privacy": {"draw": "another"}}
+    status, reason = StateKeeper(tmp_path / "state", [get_method("regmean")]).sort({9: redrawn}, str)[9]
+    assert status == "rejected" and "are 'a''s drawn again" in reason
     # a privacy record that is no mapping names no draw (plausibility rejects it later), and raises nothing here
     assert keeper.sort({8: hostile}, str) == {} and list(keeper.joining) == [8]
     keeper = StateKeeper(tmp_path / "state", [get_method("regmean")])
