@@ -42,7 +42,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from federation.crypto import SecureProtocolError
-from federation.ledger import BUDGET_FILENAME, LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, PrivacyBudget, contribution_of
+from federation.ledger import LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
 from federation.protocol import OwnerSession
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER, WITHDRAWN
@@ -54,6 +54,7 @@ from fusion.methods import method_from_spec
 from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
 from fusion.adapters import checkpoint_files
 from fusion.statistics import STATS_FILENAME, load_statistics
+from fusion.budget import PrivacyBudget, budget_path
 from fusion.privacy import PrivacyError, PrivacySpec
 from fusion.workflows import DataSettings, compute_statistics, expected_settings
 
@@ -142,7 +143,7 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
     spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
     path = context.node_config.get("dp-budget-path")
     data_file = site_paths(context)[1]  # the budget is the data's: every model folder over it spends from it
-    budget = PrivacyBudget(Path(str(path)) if path else data_file.with_name(f"{data_file.name}.{BUDGET_FILENAME}"),
+    budget = PrivacyBudget(Path(str(path)) if path else budget_path(data_file),
                            float(node.get("dp-budget", 0.0)) or epsilon)
     return spec, budget
 

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     private.add_argument("--dp-delta", type=float, metavar="DELTA", help="default: 1 / N^2 for N examples")
     private.add_argument("--dp-clip", type=float, metavar="TOKENS", help="an example counts as at most this many "
                          "unit-norm token rows in each Gram (default 1: the mean of its tokens)")
+    private.add_argument("--dp-budget", type=float, metavar="EPSILON", help="the data's total epsilon over every "
+                         "noise draw, composed (default: --dp-epsilon, one draw); a draw past it is refused and "
+                         "nothing is written")
+    private.add_argument("--dp-budget-path", type=Path, metavar="PATH", help="the data's budget record (default: "
+                         "DATA_FILE.gramfuse-dp-budget.json, the one a federation site over that file spends from)")
     _data_flags(stats)
 
     merge = commands.add_parser(
@@ -201,18 +207,21 @@ def _settings(args: argparse.Namespace):
 
 
 def run_stats(args: argparse.Namespace) -> None:
+    from .budget import PrivacyBudget, budget_path
     from .privacy import PrivacyError, PrivacySpec
     from .workflows import compute_statistics
 
-    privacy = None
+    privacy, budget = None, None
     if args.dp_epsilon is not None:
         privacy = PrivacySpec(args.dp_epsilon, args.dp_delta, 1.0 if args.dp_clip is None else args.dp_clip)
-    elif args.dp_delta is not None or args.dp_clip is not None:
-        raise PrivacyError("--dp-delta or --dp-clip without --dp-epsilon: give the epsilon to turn differential "
-                           "privacy on")
+        budget = PrivacyBudget(args.dp_budget_path or budget_path(args.data_file),
+                               args.dp_epsilon if args.dp_budget is None else args.dp_budget)
+    elif any(value is not None for value in (args.dp_delta, args.dp_clip, args.dp_budget, args.dp_budget_path)):
+        raise PrivacyError("--dp-delta, --dp-clip or --dp-budget without --dp-epsilon: give the epsilon to turn "
+                           "differential privacy on")
     stats, path = compute_statistics(
-        args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype, out=args.output,
-        progress=not args.quiet, device=args.device, base=args.base, privacy=privacy,
+        args.model_dir, args.data_file, settings=_settings(args), fisher=args.fisher, gram_dtype=args.gram_dtype,
+        out=args.output, progress=not args.quiet, device=args.device, base=args.base, privacy=privacy, budget=budget,
     )
     # Under DP the token counts are withheld (the file holds the example count in their place)
     tokens = "token counts withheld" if stats.privacy else f"{max(stats.token_counts.values(), default=0)} tokens"
@@ -223,6 +232,7 @@ def run_stats(args: argparse.Namespace) -> None:
               f"{release['noise_multiplier']:.3g} over {release['grams']} Grams (noise std {release['noise_std']:.3g} "
               f"per entry); here only: {stats.clipped_examples / stats.example_count:.0%} of examples clipped to "
               f"{release['clip']:g} token(s)")
+        print(f"the data's budget ({budget.path}): epsilon {budget.spent():.3g} spent of {budget.epsilon_budget:g}")
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -294,8 +304,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from .forgetting import forgetting_chart
     from .workflows import forgetting_report
 
@@ -315,8 +323,6 @@ def run_report(args: argparse.Namespace) -> None:
 
 
 def run_credentials(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     # Transport credentials are the federation's business; the command lives here so that one `gramfuse` does all.
     from federation.credentials import make_site_key, make_tls
 

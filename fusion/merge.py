@@ -48,7 +48,7 @@ from .methods.regmean import needs_diagonal
 from .gram import linear_modules
 from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
 from .sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits,
-                       contribution_settings, undrawn)
+                       REDRAW_WARNING, contribution_settings, undrawn)
 
 log = logging.getLogger("gramfuse")
 
@@ -213,13 +213,17 @@ def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str
     twice: an error. The same weights with other statistics are two sites of one model, and merge; the same weights
     without statistics cannot be told from a copy, and merge with a warning."""
     stats = owner.statistics
-    # Two noise draws of one DP request are one owner's data too: the draw is left out of what is compared.
     counts = None if stats is None else (stats.example_count, tuple(sorted(stats.token_counts.items())),
-                                         undrawn(contribution_settings(stats.settings, stats.privacy)))
+                                         contribution_settings(stats.settings, stats.privacy))
     key = (fingerprint, counts)
     if key in seen and counts is not None:
         raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "
-                                 "(a copy of its folder, or its statistics drawn again?); give each owner once")
+                                 "(a copy of its folder?); give each owner once")
+    if counts is not None:
+        undrawn_key = (fingerprint, (*counts[:2], undrawn(counts[2])))
+        if undrawn_key in seen:
+            log.warning(REDRAW_WARNING, owner.name, seen[undrawn_key])
+        seen.setdefault(undrawn_key, owner.name)
     if key in seen:
         log.warning("owners %r and %r hold the very same weights (a copy?): merged as two owners", seen[key],
                     owner.name)
@@ -616,12 +620,15 @@ def removed_entries(sums: SumsFolder, removed: Sequence[FolderOwner]) -> list[Le
 def ledger_after(sums: SumsFolder, added: Sequence[FolderOwner], leaving: Sequence[LedgerEntry]) -> list[LedgerEntry]:
     """The ledger once ``leaving`` are out and ``added`` in; an added owner already inside is an error naming it."""
     entries = [owner_entry(owner) for owner in added]
-    already = sums.owners_matching(entries, redraws=True)
+    already = sums.owners_matching(entries)
     for entry in entries:
         if entry.name in already:
             raise SumsFileError(f"owner {entry.name!r} ({entry.path}) is already inside {sums.folder} as owner "
-                                f"{already[entry.name].name!r} (same weights and statistics, or the same statistics "
-                                "request drawn again): adding it again would count its data twice")
+                                f"{already[entry.name].name!r} (same weights and statistics): adding it again would "
+                                "count its data twice")
+        redrawn = next((inside for inside in sums.meta.owners if entry.redraw_of(inside)), None)
+        if redrawn is not None:
+            log.warning(REDRAW_WARNING, entry.name, redrawn.name)
     identities = [entry.identity() for entry in entries]
     if len(set(identities)) < len(identities):
         raise SumsFileError("the same owner is given twice in --add (same weights and statistics)")

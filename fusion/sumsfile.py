@@ -56,6 +56,13 @@ def contribution_settings(settings: dict, privacy: dict | None) -> str:
     return json.dumps({**settings, **({DRAW: draw} if draw else {})}, sort_keys=True)
 
 
+# Under DP the token counts are withheld, so two sites of one model over as many examples cannot be told from one
+# site whose statistics were drawn twice: warned, not refused (the site's budget charged the second draw).
+REDRAW_WARNING = ("owner %r has the same weights, example count and DP request as owner %r, with another noise draw: "
+                  "two sites of one model merge as two owners, but if this is one site's statistics drawn again its "
+                  "data counts twice")
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     """One owner inside the sums: what identifies its contribution (weights and statistics), not where it lives."""
@@ -80,8 +87,9 @@ class LedgerEntry:
         return (self.fingerprint, self.example_count, self.token_counts, self.settings)
 
     def redraw_of(self, other: LedgerEntry) -> bool:
-        """Whether this is ``other``'s statistics drawn again: the same weights, counts and request, another noise
-        draw. Merged beside it, the same data would count twice (and subtracting one would leave the other's noise)."""
+        """Whether this may be ``other``'s statistics drawn again: the same weights, counts and request, another
+        noise draw (or another site of the same model over as many examples: under DP the token counts that would
+        tell them apart are withheld). Subtracting one for the other would leave the other's noise."""
         return (self.fingerprint == other.fingerprint and self.example_count == other.example_count
                 and self.token_counts == other.token_counts and self.settings != other.settings
                 and undrawn(self.settings) == undrawn(other.settings))
@@ -225,14 +233,7 @@ class SumsFolder:
         names = [key for key in self.files if key.startswith(COPIED)]
         return {key[len(COPIED):]: value for key, value in self.files.read(names).items()}
 
-    def owners_matching(self, entries: Iterable[LedgerEntry], redraws: bool = False) -> dict[str, LedgerEntry]:
-        """Given owner name -> the ledger entry inside with the same contribution, or with ``redraws`` one of which it
-        is a noise redraw (absent where none). Only the same contribution can be subtracted."""
+    def owners_matching(self, entries: Iterable[LedgerEntry]) -> dict[str, LedgerEntry]:
+        """Given owner name -> the ledger entry inside with the same contribution (absent where none)."""
         inside = {entry.identity(): entry for entry in self.meta.owners}
-        found = {}
-        for entry in entries:
-            match = inside.get(entry.identity()) or (
-                next((e for e in inside.values() if entry.redraw_of(e)), None) if redraws else None)
-            if match is not None:
-                found[entry.name] = match
-        return found
+        return {entry.name: inside[entry.identity()] for entry in entries if entry.identity() in inside}

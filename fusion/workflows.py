@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AdapterFiles, checkpoint_files
+from .budget import PrivacyBudget
 from .checkpoint import check_finite, float_state, folder_tokenizer, load_model, resolve_device
 from .data import batches, count_examples, read_examples
 from .encode import Encoder, task_fields
@@ -89,6 +90,7 @@ def compute_statistics(
     base: str | Path | None = None,
     privacy: PrivacySpec | None = None,
     draw_noise: bool = True,
+    budget: PrivacyBudget | None = None,
 ) -> tuple[GramStatistics, Path]:
     """Gram statistics (and optionally the Fisher) of a model folder over a data file, saved next to the model.
 
@@ -96,7 +98,9 @@ def compute_statistics(
     ``cuda:N``), or ``auto`` (a GPU when there is one) runs the forward pass and the Gram products; sums come back
     to the CPU. A LoRA adapter folder (``base`` overrides the base model its config names) has statistics of the
     layers it adapts only: every other layer is the base's, the same for every owner. ``privacy`` makes the
-    statistics differentially private (:mod:`fusion.privacy`); ``draw_noise=False`` clips them only.
+    statistics differentially private (:mod:`fusion.privacy`); ``draw_noise=False`` clips them only. ``budget``
+    (:mod:`fusion.budget`) is charged for the noise draw before the file is written: a draw past the budget is
+    refused and never saved.
     """
     model_dir, data_file = Path(model_dir), Path(data_file)
     if privacy is not None and fisher:
@@ -122,6 +126,8 @@ def compute_statistics(
             stats.fisher, stats.fisher_example_count = collect_fisher(
                 model, make_batches(labelled=True), bar,
                 partial(example_log_likelihood, task_of(model.config, settings.task), model.config))
+    if budget is not None and stats.privacy and stats.noise_std > 0.0:
+        budget.spend(stats.privacy)
     path = Path(out) if out is not None else model_dir / STATS_FILENAME
     save_statistics(stats, path)
     return stats, path

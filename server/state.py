@@ -9,6 +9,7 @@ inside are not asked for anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,9 +23,10 @@ from fusion.errors import GramfuseError
 from fusion.finish import Group, restrict
 from fusion.methods import MergeContext, MergeMethod, Sums
 from fusion.methods.regmean import needs_diagonal
-from fusion.sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits,
+from fusion.sumsfile import (REDRAW_WARNING, LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits,
                              contribution_settings)
 
+log = logging.getLogger("gramfuse")
 CURRENT = "CURRENT"
 VERSION = re.compile(r"^sums-(\d{4,})$")
 
@@ -105,10 +107,7 @@ class StateKeeper:
             known = inside.get(entry.identity())
             redrawn = next((e for e in inside.values() if entry.redraw_of(e)), None)
             if redrawn is not None and not layout.get("leave"):
-                skipped[node] = ("rejected", f"its statistics are {redrawn.name!r}'s drawn again (the same weights, "
-                                             "counts and DP request, another noise draw): joining would count that "
-                                             "data twice; send the statistics file it joined with")
-                continue
+                log.warning(REDRAW_WARNING, name_of(node), redrawn.name)
             if (layout.get("leave") or known is None) and entry.identity() in counted:
                 skipped[node] = ("rejected", f"the same weights and statistics as node {counted[entry.identity()]} "
                                              "in this run")
