@@ -12,8 +12,10 @@ far:
 
 Each arrived owner's *retention* (the merge's accuracy on the owner's held-out split over the owner's own model's,
 :mod:`fusion.forgetting`) is recorded after every arrival. Results: ``examples/results/continual-default.{json,md,png}``.
+``--setting llm``: the LLM comparison's three SmolLM2-135M owners (:mod:`examples.llm`), retention being the owner's
+own held-out perplexity over the merge's; ``examples/results/continual-llm.*``.
 
-    python -m examples.continual [--workdir runs/compare]
+    python -m examples.continual [--setting domains|llm] [--workdir runs/compare]
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ def accuracy_of(model: Path, data: Path) -> float:
                            progress=False)["accuracy"]
 
 
+def inverse_perplexity_of(model: Path, data: Path) -> float:
+    """1 / perplexity: higher is better, so that merged / own is the retention of :mod:`fusion.forgetting` (the
+    owner's perplexity over the merge's)."""
+    from examples.llm import DATA
+
+    return 1.0 / evaluate_folder(model, data, settings=DATA, progress=False)["perplexity"]
+
+
 def markdown(result: dict) -> str:
     owners = result["owners"]
     lines = ["| owners merged | " + " | ".join(f"{s}: first owner ({owners[0]}) / mean" for s in STRATEGIES) + " |",
@@ -105,34 +115,55 @@ def chart(result: dict, path: Path) -> None:
         axes.set_xlabel("owners merged")
         axes.set_xticks(list(arrivals))
         axes.axhline(1.0, color="grey", linewidth=0.8)
-    first.set_ylabel("retention (accuracy, merged / own)")
+    first.set_ylabel("retention (merged / own)")
     mean.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/compare", help="fine-tuned owners are cached here")
-    args = parser.parse_args(argv)
-    started = time.time()
-    workdir = Path(args.workdir)
+def sentiment_owners(workdir: Path) -> tuple[list[Owner], list[str]]:
     labels = tuple(SENTIMENT_LABELS.values())
     owners = [prepare_owner(d, d, sentiment(d), labels, workdir, train=400, test=200, epochs=2)
               for d in SENTIMENT_DOMAINS]
+    return owners, ["--max-length", str(MAX_LENGTH)]
+
+
+def llm_owners(workdir: Path) -> tuple[list[Owner], list[str]]:
+    from examples.llm import DATA, SIZES, prepare_owners
+
+    return prepare_owners(workdir, SIZES["default"]), ["--max-length", str(DATA.max_length)]
+
+
+# setting -> (its owners and their statistics flags, the score whose ratio is retention, the results' name, the
+# workdir under the comparison's, where the comparison caches the same owners)
+SETTINGS = {"domains": (sentiment_owners, accuracy_of, "continual-default", "domains-default"),
+            "llm": (llm_owners, inverse_perplexity_of, "continual-llm", "llm-default")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="domains",
+                        help="domains: the five sentiment owners (accuracy); llm: the three SmolLM2 owners "
+                        "(retention = the owner's perplexity over the merge's)")
+    parser.add_argument("--workdir", default="runs/compare", help="fine-tuned owners are cached here")
+    args = parser.parse_args(argv)
+    started = time.time()
+    owners_of, score, name, cached = SETTINGS[args.setting]
+    workdir = Path(args.workdir) / cached if args.setting == "llm" else Path(args.workdir)
+    owners, flags = owners_of(workdir)
     for owner in owners:  # each site's statistics, as `gramfuse stats` makes them
-        if gramfuse(["stats", str(owner.model), str(owner.train), "--max-length", str(MAX_LENGTH), "--quiet"]):
+        if gramfuse(["stats", str(owner.model), str(owner.train), *flags, "--quiet"]):
             return 1
     steps = merges_as_owners_arrive(owners, workdir / "continual")
-    result = retention_as_owners_arrive(owners, steps, accuracy_of)
+    result = retention_as_owners_arrive(owners, steps, score)
     result["seconds"] = round(time.time() - started, 1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "continual-default.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "continual-default.md").write_text(markdown(result))
-    chart(result, RESULTS / "continual-default.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    chart(result, RESULTS / f"{name}.png")
     print(markdown(result))
-    say(f"wrote {RESULTS / 'continual-default.md'} in {result['seconds']:.0f} s")
+    say(f"wrote {RESULTS / name}.md in {result['seconds']:.0f} s")
     return 0
 
 
