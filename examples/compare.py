@@ -26,6 +26,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -209,6 +210,25 @@ def retention_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def domain_retention_table(domains: list[str], scores: dict) -> str:
+    """The forgetting report of a setting whose owners are named by their domains (LLM, sentence pairs): per owner,
+    each model's primary score on the owner's domain against the owner's own model's (:func:`retention`; a
+    perplexity, lower being better, counts as the own over the model's), the mean and the worst owner."""
+    def scored(value):
+        return value if isinstance(value, dict) else {"perplexity": value}
+
+    own = {d: scored(scores[f"own model ({d})"][d]) for d in domains}
+    lines = ["Retention (the forgetting report: each owner's own model against the model, on the owner's domain):",
+             "", "| model | " + " | ".join(domains) + " | mean | worst owner |", "|---" * (len(domains) + 3) + "|"]
+    for name, by_domain in scores.items():
+        if name.startswith("own model"):
+            continue
+        kept = [retention(scored(by_domain[d]), own[d])["retention"] for d in domains]
+        lines.append(f"| {name} | " + " | ".join(f"{k:.3f}" for k in kept)
+                     + f" | {sum(kept) / len(kept):.3f} | {min(kept):.3f} |")
+    return "\n".join(lines)
+
+
 def table(runs: list[dict], summary: dict) -> str:
     """The first run split by split (the held-out domain last), and with rotations the summary over all of them."""
     splits = runs[0]["in_domain"] + ([runs[0]["held_out"]] if runs[0]["held_out"] else [])
@@ -270,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_results:
         recorded = json.loads(args.from_results.read_text())
         args.workdir.mkdir(parents=True, exist_ok=True)
+        if recorded["setting"] in ("llm", "stsb"):
+            return write_setting_results(recorded, args.workdir)
         return write_results(recorded, args.workdir, recorded["size"] == SIZES["full"].__dict__)
     started = time.perf_counter()
     size = SIZES["full" if args.full else "default"]
@@ -334,10 +356,24 @@ def compare_setting(setting: str, workdir: Path, full: bool, started: float) -> 
     result = module.run(workdir, size)
     results = {"setting": setting, "size": size.__dict__, "methods": module.METHODS, **result,
                "seconds": round(time.perf_counter() - started, 1)}
+    return write_setting_results(results, workdir, full)
+
+
+def write_setting_results(results: dict, workdir: Path, full: bool | None = None) -> int:
+    """The LLM's or the sentence pairs' table (with its forgetting report), chart and JSON, into ``workdir``."""
+    from examples import llm, stsb
+
+    setting = results["setting"]
+    module = llm if setting == "llm" else stsb
+    if full is None:
+        full = results["size"] == module.SIZES["full"].__dict__ if setting == "llm" else (
+            results["size"]["train"] == SIZES["full"].train)
+    size = SimpleNamespace(**results["size"])
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    text = module.table(result)
+    text = module.table(results)
     (workdir / "results.md").write_text(text + "\n")
     label = "full" if full else "default"
+    result = results
     if setting == "llm":
         domain_chart(result, float, "held-out perplexity (lower is better)", workdir / "results.png",
                      f"gramfuse on SmolLM2-135M, three text domains ({label})")

@@ -113,4 +113,7 @@ def table(result: dict) -> str:
         mean = sum(by_domain.values()) / len(by_domain)
         excess = sum(by_domain[d] - own[d] for d in domains) / sum(average[d] - own[d] for d in domains)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.2f} | {excess:.2f} |")
-    return "\n".join(lines)
+    from examples.compare import domain_retention_table
+
+    return "\n".join(lines) + "\n\n" + domain_retention_table(domains, scores)
+

@@ -78,4 +78,6 @@ def table(result: dict) -> str:
         pearson = sum(by_genre[d]["pearson"] for d in domains) / len(domains)
         spearman = sum(by_genre[d]["spearman"] for d in domains) / len(domains)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pearson:.3f} | {spearman:.3f} |")
-    return "\n".join(lines)
+    from examples.compare import domain_retention_table
+
+    return "\n".join(lines) + "\n\n" + domain_retention_table(domains, scores)

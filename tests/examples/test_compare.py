@@ -1,6 +1,6 @@
 """The comparison's bookkeeping: summaries over rotations and the table, on hand-made scores."""
 
-from examples.compare import retention_by_owner, summarise, table
+from examples.compare import domain_retention_table, retention_by_owner, summarise, table
 
 
 def scores(**accuracies):
@@ -42,3 +42,13 @@ def test_the_forgetting_report_divides_by_each_owners_own_model_on_its_own_split
     assert retention_by_owner(tasks) == {"average": {"x": 0.5, "y": 1.0}}
     text = table(RUNS, summarise(RUNS))
     assert f"| regmean | {0.8 / 0.9:.3f} | {0.6 / 0.7:.3f} | {(0.8 / 0.9 + 0.6 / 0.7) / 2:.3f} | {0.6 / 0.7:.3f} |" in text
+
+
+def test_the_llm_forgetting_report_takes_the_owners_perplexity_over_the_models():
+    scores = {"own model (x)": {"x": 10.0, "y": 40.0}, "own model (y)": {"x": 30.0, "y": 20.0},
+              "regmean": {"x": 12.5, "y": 25.0}}
+    text = domain_retention_table(["x", "y"], scores)
+    assert "| regmean | 0.800 | 0.800 | 0.800 | 0.800 |" in text  # 10 / 12.5 and 20 / 25
+    assert "own model" not in text.split("|---")[-1]
+    pairs = {"own model (x)": {"x": {"pearson": 0.5}}, "ties": {"x": {"pearson": 0.4}}}  # a score that rises
+    assert "| ties | 0.800 | 0.800 | 0.800 |" in domain_retention_table(["x"], pairs)
