@@ -60,7 +60,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         if self.state_dir is not None:
             # Subtracting one owner's sum from a secure total would reveal it: removal must re-aggregate instead.
             raise FederationError("state-dir keeps plaintext sums; secure mode does not keep sums between runs "
-                                  "(a removal would have to re-aggregate the remaining sites: not implemented)")
+                                  "(a removal is the remaining sites' next run without the owner: SECURITY.md)")
         self.threshold_setting = threshold
         self.bound_factor = bound_factor  # an owner's tensor may be this many times the median owner's (0: no bound)
         try:

@@ -40,8 +40,10 @@ def sums_groups(methods: list[MergeMethod]) -> list[MergeMethod]:
 def check_secure_methods(methods: list[MergeMethod]) -> None:
     for method in methods:
         if method.needs_base:
-            raise MergeError(f"method {method.label()!r} needs the base model for task vectors, which secure mode "
-                             "does not give the sites; use it in plaintext mode")
+            # Task arithmetic and TIES form task vectors at the sites, which secure mode does not give the base;
+            # RegMean's LiNeS needs it at the server only, but the secure finish does not load it (not built).
+            raise MergeError(f"method {method.label()!r} works relative to the base model, which secure mode does "
+                             "not use; use it in plaintext mode")
 
 
 def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_head: bool) -> dict[str, torch.Tensor]:

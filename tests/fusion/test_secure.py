@@ -272,6 +272,8 @@ def test_secure_mode_refuses_methods_that_need_the_base(owners):
 
     with pytest.raises(MergeError, match="task-arithmetic.*plaintext mode"):
         secure_contributions([get_method("task-arithmetic")], owners[0], with_head=True)
+    with pytest.raises(MergeError, match="lines_alpha=0.5.*plaintext mode"):  # LiNeS on RegMean reads the base too
+        secure_contributions([get_method("regmean", lines_alpha=0.5)], owners[0], with_head=True)
 
 
 def test_owner_with_its_own_label_set_gets_the_merged_body_and_its_head(owners, tmp_path):
