@@ -219,8 +219,8 @@ def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str
     if key in seen and counts is not None:
         raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "
                                  "(a copy of its folder?); give each owner once")
-    if counts is not None:
-        undrawn_key = (fingerprint, (*counts[:2], undrawn(counts[2])))
+    if stats is not None and stats.privacy:
+        undrawn_key = ("undrawn", fingerprint, (*counts[:2], undrawn(counts[2])))  # apart from the keys above
         if undrawn_key in seen:
             log.warning(REDRAW_WARNING, owner.name, seen[undrawn_key])
         seen.setdefault(undrawn_key, owner.name)

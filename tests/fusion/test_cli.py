@@ -432,3 +432,22 @@ def test_task_vectors_without_a_base_ask_for_one_before_reading_weights(tmp_path
     assert gramfuse("merge", *dirs, "-o", tmp_path / "out", "--method", "task-arithmetic") == 1
     assert "give --base BASE_DIR" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_only_a_real_copy_is_warned_about_as_a_copy(tmp_path, caplog):
+    """Owners of their own merge without a copy warning (an owner is never its own copy); the same weights again
+    without statistics, which nothing can tell from a copy, merge with one."""
+    import shutil
+
+    dirs, data = make_federation(tmp_path, "bert")
+    for model_dir, data_file in zip(dirs, data):
+        assert gramfuse("stats", model_dir, data_file) == 0
+    with caplog.at_level("WARNING", logger="gramfuse"):
+        assert gramfuse("merge", *dirs, "-o", tmp_path / "m") == 0
+    assert "same weights" not in caplog.text
+    twin = tmp_path / "twin"
+    shutil.copytree(dirs[0], twin)
+    (twin / "gramfuse-stats.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="gramfuse"):
+        assert gramfuse("merge", dirs[0], twin, "-o", tmp_path / "avg", "--method", "average") == 0
+    assert "owners 'owner0' and 'twin' hold the very same weights" in caplog.text
