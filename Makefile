@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_federation
 	$(BIN)/python -m benchmarks.bench_secure
 	$(BIN)/python -m benchmarks.bench_adapters
+	$(BIN)/python -m benchmarks.bench_site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
