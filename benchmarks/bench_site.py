@@ -7,8 +7,9 @@ A random Llama-shaped classifier (bf16, the given widths), statistics on 48 real
 MiniLM tokenizer. Two processes, each reporting its own peak RSS (:mod:`benchmarks.peak`): the baseline loads the
 folder and runs the same batches through the model (no hooks); the other is `gramfuse stats` on the same folder and
 data. The figure is ``(stats peak - forward peak) / packed Gram bytes``: 1.0 would be the released triangles and
-nothing else; the accumulators' bands hold (b + 1) / (2 b) of each full Gram (``fusion.gram.GramAccumulator``), so
-about 1.1 to 1.25 is the design, where full d x d accumulators beside their packed triangles gave about 2.
+nothing else; the accumulators' bands hold (b + 1) / (2 b) of each full Gram (``fusion.gram.GramAccumulator``, about
+1.12 times the packed size), and the rest is each batch's float64 inputs and products and the allocator's high-water
+mark (1.97 measured on the default model, against 2.42 with full accumulators and a whole-file write).
 Writes benchmarks/results/site.json.
 """
 

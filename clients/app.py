@@ -131,7 +131,7 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
     Where the node config says nothing of DP the run config's ``dp-*`` keys apply (a simulation's sites have no
     node config of their own); a site that sets ``dp-epsilon``, even to 0, decides for itself."""
     stray = sorted(key for key in ("dp-delta", "dp-clip", "dp-budget", "dp-budget-path") if key in context.node_config)
-    if stray and "dp-epsilon" not in context.node_config:
+    if stray and "dp-epsilon" not in context.node_config and float(context.run_config.get("dp-epsilon", 0.0)) <= 0.0:
         # An operator who set a clip or a budget meant DP on; releasing exact statistics instead would be silent.
         raise PrivacyError(f"node config sets {', '.join(stray)} but not dp-epsilon: set dp-epsilon to turn "
                            "differential privacy on (or dp-epsilon=0 to release exact statistics knowingly)")
@@ -141,7 +141,7 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
         return None, None
     delta = float(node.get("dp-delta", 0.0))
     spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
-    path = context.node_config.get("dp-budget-path")
+    path = context.node_config.get("dp-budget-path") or node.get("dp-budget-path")
     data_file = site_paths(context)[1]  # the budget is the data's: every model folder over it spends from it
     budget = PrivacyBudget(Path(str(path)) if path else budget_path(data_file),
                            float(node.get("dp-budget", 0.0)) or epsilon)
@@ -153,7 +153,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
     """The model and its statistics: the site's statistics file when it fits, else freshly computed. Under DP, a
     file drawn with the same request fits, and the draw is charged to the budget once, before anything is sent."""
     spec, budget = privacy
-    model, stats = _fitting_statistics(model_dir, data_file, settings, fisher, base, spec)
+    model, stats = _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget)
     if budget is not None and stats.privacy:
         spent = budget.spend(stats.privacy)
         log.info("differentially private statistics: epsilon %.3g spent in all of this site's budget %.3g", spent,
@@ -161,7 +161,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
     return model, stats
 
 
-def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec):
+def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget):
     model, _ = load_model(model_dir, settings.task, base=base)
     stats_file = model_dir / STATS_FILENAME
     if stats_file.is_file():
@@ -180,7 +180,7 @@ def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec):
                 log.info("reusing %s", stats_file)
                 return model, stats
     stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model,
-                                  base=base, privacy=spec)
+                                  base=base, privacy=spec, budget=budget)
     return model, stats
 
 

@@ -36,7 +36,11 @@ class PrivacyBudget:
         draws = self.draws()
         if not draws:
             return 0.0
-        return gaussian_epsilon([float(d["noise_multiplier"]) for d in draws], min(float(d["delta"]) for d in draws))
+        try:
+            return gaussian_epsilon([float(d["noise_multiplier"]) for d in draws], min(float(d["delta"]) for d in draws))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+            raise PrivacyError(f"the site's privacy budget record {self.path} is malformed ({type(error).__name__}: "
+                               f"{error}); DP releases are refused") from error
 
     def spend(self, release: dict) -> float:
         """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     private.add_argument("--dp-clip", type=float, metavar="TOKENS", help="an example counts as at most this many "
                          "unit-norm token rows in each Gram (default 1: the mean of its tokens)")
     private.add_argument("--dp-budget", type=float, metavar="EPSILON", help="the data's total epsilon over every "
-                         "noise draw, composed (default: --dp-epsilon, one draw); a draw past it is refused and "
+                         "noise draw, composed (default, or 0: --dp-epsilon, one draw); a draw past it is refused and "
                          "nothing is written")
     private.add_argument("--dp-budget-path", type=Path, metavar="PATH", help="the data's budget record (default: "
                          "DATA_FILE.gramfuse-dp-budget.json, the one a federation site over that file spends from)")
@@ -215,7 +215,7 @@ def run_stats(args: argparse.Namespace) -> None:
     if args.dp_epsilon is not None:
         privacy = PrivacySpec(args.dp_epsilon, args.dp_delta, 1.0 if args.dp_clip is None else args.dp_clip)
         budget = PrivacyBudget(args.dp_budget_path or budget_path(args.data_file),
-                               args.dp_epsilon if args.dp_budget is None else args.dp_budget)
+                               args.dp_budget or args.dp_epsilon)  # 0, as in the node config: one draw
     elif any(value is not None for value in (args.dp_delta, args.dp_clip, args.dp_budget, args.dp_budget_path)):
         raise PrivacyError("--dp-delta, --dp-clip or --dp-budget without --dp-epsilon: give the epsilon to turn "
                            "differential privacy on")

@@ -48,7 +48,7 @@ from .methods.regmean import needs_diagonal
 from .gram import linear_modules
 from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
 from .sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits,
-                       REDRAW_WARNING, contribution_settings, undrawn)
+                       REDRAW_WARNING, contribution_settings)
 
 log = logging.getLogger("gramfuse")
 
@@ -220,7 +220,7 @@ def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str
         raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "
                                  "(a copy of its folder?); give each owner once")
     if stats is not None and stats.privacy:
-        undrawn_key = ("undrawn", fingerprint, (*counts[:2], undrawn(counts[2])))  # apart from the keys above
+        undrawn_key = ("private", fingerprint, stats.example_count)  # as LedgerEntry.redraw_of; apart from the above
         if undrawn_key in seen:
             log.warning(REDRAW_WARNING, owner.name, seen[undrawn_key])
         seen.setdefault(undrawn_key, owner.name)
@@ -492,7 +492,7 @@ def sums_meta(method: MergeMethod, ledger: list[LedgerEntry], names: list[str], 
         shapes={n: list(shape) for n, shape in reference.body_shapes().items()},
         modules={m: asdict(info) for m, info in context.modules.items()}, model_type=reference.config.model_type,
         task=reference.task, label_set=[list(item) for item in reference.label_set], gram_dtype=context.gram_dtype,
-        diagonal=context.diagonal, base_fingerprint=base_fingerprint(base_dir) if method.needs_base else "",
+        diagonal=context.diagonal, base_fingerprint=base_fingerprint(base_dir) if method.contributes_relative_to_base else "",
     )
 
 
@@ -539,7 +539,7 @@ def merge_from_sums(
     remaining = ledger_after(sums, added, leaving)
     context = sums_context(meta, method, added, device)
     if method.needs_base:
-        context.base = checked_base(meta, base_path)
+        context.base = checked_base(meta, base_path, method)
     groups = plan_groups(meta.names, set(meta.head), context.modules)
     if progress is not None:
         progress.reset(total=len(groups))
@@ -653,13 +653,13 @@ def sums_context(meta: SumsMeta, method: MergeMethod, added: Sequence[FolderOwne
                         diagonal=meta.diagonal or needs_diagonal([method]), device=str(resolve_device(device)))
 
 
-def checked_base(meta: SumsMeta, base_path: Path | None) -> dict:
-    """The base the sums were formed against (task vectors are relative to it): given again, and the same one."""
+def checked_base(meta: SumsMeta, base_path: Path | None, method: MergeMethod) -> dict:
+    """The base ``method`` reads: for task vectors, the one the sums were formed against, given again and the same
+    one; for RegMean's LiNeS (absolute sums, the base read at the end only), any base of the model."""
     if base_path is None:
         raise MergeError(f"method {meta.method!r} works relative to the base model: give --base BASE_DIR (the one "
                          "the sums were formed against)")
-    # Sums formed against no base (RegMean's: its contributions are absolute) fit any base LiNeS is applied against.
-    if meta.base_fingerprint and base_fingerprint(base_path) != meta.base_fingerprint:
+    if method.contributes_relative_to_base and base_fingerprint(base_path) != meta.base_fingerprint:
         raise SumsFileError(f"{base_path}: not the base the sums were formed against (fingerprints differ)")
     return load_base(base_path, meta.task)
 

@@ -40,14 +40,6 @@ class SumsFileError(GramfuseError):
 DRAW = "privacy-draw"
 
 
-def undrawn(settings: str) -> str:
-    """Contribution settings (:func:`contribution_settings`) without the noise draw: equal for two draws of one
-    request."""
-    values = json.loads(settings) if settings else {}
-    values.pop(DRAW, None) if isinstance(values, dict) else None
-    return json.dumps(values, sort_keys=True)
-
-
 def contribution_settings(settings: dict, privacy: dict | None) -> str:
     """Statistics settings as a ledger keeps them, sorted JSON; a DP file's noise draw is part of its contribution
     (the same request drawn again is another contribution, whose subtraction would leave the old noise behind)."""
@@ -58,7 +50,7 @@ def contribution_settings(settings: dict, privacy: dict | None) -> str:
 
 # Under DP the token counts are withheld, so two sites of one model over as many examples cannot be told from one
 # site whose statistics were drawn twice: warned, not refused (the site's budget charged the second draw).
-REDRAW_WARNING = ("owner %r has the same weights, example count and DP request as owner %r, with another noise draw: "
+REDRAW_WARNING = ("owner %r has the same weights and example count as owner %r, both with DP statistics of another draw: "
                   "two sites of one model merge as two owners, but if this is one site's statistics drawn again its "
                   "data counts twice")
 
@@ -87,12 +79,17 @@ class LedgerEntry:
         return (self.fingerprint, self.example_count, self.token_counts, self.settings)
 
     def redraw_of(self, other: LedgerEntry) -> bool:
-        """Whether this may be ``other``'s statistics drawn again: the same weights, counts and request, another
-        noise draw (or another site of the same model over as many examples: under DP the token counts that would
-        tell them apart are withheld). Subtracting one for the other would leave the other's noise."""
-        return (self.fingerprint == other.fingerprint and self.example_count == other.example_count
-                and self.token_counts == other.token_counts and self.settings != other.settings
-                and undrawn(self.settings) == undrawn(other.settings))
+        """Whether this may be ``other``'s data drawn again: both differentially private, the same weights and
+        example count, another contribution (another noise draw, maybe under another request or mechanism version;
+        or another site of the same model over as many examples: under DP the token counts that would tell them
+        apart are withheld). Subtracting one for the other would leave the other's noise."""
+        return (self.private and other.private and self.fingerprint == other.fingerprint
+                and self.example_count == other.example_count and self.identity() != other.identity())
+
+    @property
+    def private(self) -> bool:
+        """Whether its statistics were differentially private (a noise draw is part of its settings)."""
+        return f'"{DRAW}"' in self.settings
 
     def to_json(self) -> dict:
         return {**asdict(self), "token_counts": dict(self.token_counts)}

@@ -126,10 +126,19 @@ def compute_statistics(
             stats.fisher, stats.fisher_example_count = collect_fisher(
                 model, make_batches(labelled=True), bar,
                 partial(example_log_likelihood, task_of(model.config, settings.task), model.config))
-    if budget is not None and stats.privacy and stats.noise_std > 0.0:
-        budget.spend(stats.privacy)
     path = Path(out) if out is not None else model_dir / STATS_FILENAME
-    save_statistics(stats, path)
+    if budget is None or not stats.privacy or stats.noise_std == 0.0:
+        save_statistics(stats, path)
+        return stats, path
+    # Written aside, charged, then named: a draw the budget refuses is never under the real name, and a draw that
+    # could not be written is never charged.
+    drawn = save_statistics(stats, path.with_name(path.name + ".drawn"))
+    try:
+        budget.spend(stats.privacy)
+    except BaseException:
+        drawn.unlink(missing_ok=True)
+        raise
+    drawn.replace(path)
     return stats, path
 
 

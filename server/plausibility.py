@@ -87,12 +87,26 @@ def private_trace_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
     diagonal's ``d`` entries). Beyond ``TAIL_SIGMAS`` deviations of that interval the trace is not noise but
     scaling, which the per-token comparison (left out for DP sites) would otherwise have caught."""
     found: dict[int, str] = {}
+    clips = sorted(_declared(layout, "clip") for layout in layouts.values()
+                   if is_private(layout.get("statistics", {})) and _declared(layout, "clip") is not None)
+    agreed = lower_median(clips) if clips else None
     for node, layout in layouts.items():
         statistics = layout.get("statistics", {})
         if not is_private(statistics):
             continue
         try:
             release, grams = statistics["privacy"], statistics["grams"]
+            # The bound below holds for the clip and noise the site declares: the clip must be the sites' own, and
+            # the noise what the declared calibration gives (a large declared noise would excuse any trace).
+            if float(release["clip"]) != agreed:
+                found[node] = (f"its DP clip {release['clip']} differs from the other DP sites' {agreed} (one clip "
+                               "for every site: the Grams must be on one scale)")
+                continue
+            expected = float(release["noise_multiplier"]) * float(release["clip"]) * math.sqrt(2.0 * len(grams))
+            if not math.isclose(float(release["noise_std"]), expected, rel_tol=1e-6):
+                found[node] = (f"its declared DP noise {release['noise_std']} is not what its noise multiplier and "
+                               f"clip give over {len(grams)} Grams ({expected:.6g})")
+                continue
             ceiling = float(release["clip"]) * int(statistics["example_count"])
             for key, trace in sorted(layout.get("traces", {}).items()):
                 slack = TAIL_SIGMAS * float(release["noise_std"]) * math.sqrt(int(grams[key]["dim"]))
@@ -104,6 +118,14 @@ def private_trace_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             found[node] = f"its DP statistics metadata is malformed ({type(error).__name__}: {error})"
     return found
+
+
+def _declared(layout: Mapping, field: str) -> float | None:
+    """A DP site's declared release field as a number, or None where it has none."""
+    try:
+        return float(layout["statistics"]["privacy"][field])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def influence(layouts: Mapping[int, Mapping]) -> dict[int, dict[str, float]]:

@@ -105,7 +105,7 @@ class StateKeeper:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
             known = inside.get(entry.identity())
-            redrawn = next((e for e in inside.values() if entry.redraw_of(e)), None)
+            redrawn = next((e for e in [*inside.values(), *self.joining.values()] if entry.redraw_of(e)), None)
             if redrawn is not None and not layout.get("leave"):
                 log.warning(REDRAW_WARNING, name_of(node), redrawn.name)
             if (layout.get("leave") or known is None) and entry.identity() in counted:

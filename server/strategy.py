@@ -370,6 +370,8 @@ class RegMeanStrategy(Strategy):
         messages = self.configure_train(1, ArrayRecord(), ConfigRecord(Part.LAYOUT.to_config()), grid)
         for reply in self._exchange(grid, messages, "layout"):
             self._intake(reply, self._accept_layout)
+        if self.keeper is None:  # before plausibility: a withdrawn site's layout must not move the others' medians
+            self.leave_out_withdrawn()
         self.check_plausible()
         self.fitting = sorted(self.layouts)
         self.timings["layout_seconds"] = round(time.perf_counter() - self.started, 3)
@@ -378,7 +380,6 @@ class RegMeanStrategy(Strategy):
         """With state-dir: ask only the sites joining the server's sums and those leaving them; a site already inside
         is not asked for anything."""
         if self.keeper is None:
-            self.leave_out_withdrawn()
             return
         for node, (status, reason) in self.keeper.sort(self.layouts, self.owner_label).items():
             record = self.records[node]

@@ -99,6 +99,8 @@ class MergeMethod:
     # The owners' data must be in the merging process (RegMean++: its statistics depend on the merge being built).
     needs_data: ClassVar[bool] = False
     needs_base: ClassVar[bool] = False
+    # The owners' contributions are relative to the base (task vectors): sums formed against one base fit no other.
+    contributes_relative_to_base: ClassVar[bool] = False
     # Options that only ``combine`` reads: methods differing in them alone can share one set of sums.
     combine_only: ClassVar[tuple[str, ...]] = ()
 

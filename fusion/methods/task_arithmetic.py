@@ -18,6 +18,7 @@ class TaskArithmetic(MergeMethod):
     lines_beta: float = 0.0  # LiNeS: block l of L gets scaling + lines_beta (l - 1) / (L - 1); 0: one lambda
 
     needs_base = True
+    contributes_relative_to_base = True
     combine_only = ("scaling", "lines_beta")
 
     def contribute(self, owner: OwnerState, context: MergeContext):

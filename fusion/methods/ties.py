@@ -41,6 +41,7 @@ class Ties(MergeMethod):
     lines_beta: float = 0.0  # LiNeS: block l of L gets scaling + lines_beta (l - 1) / (L - 1); 0: one lambda
 
     needs_base = True
+    contributes_relative_to_base = True
     combine_only = ("scaling", "lines_beta")
 
     def __post_init__(self) -> None:

@@ -99,6 +99,12 @@ def test_a_dp_clip_or_budget_without_an_epsilon_is_refused_not_ignored(node):
         site.site_privacy(context)
     context.node_config["dp-epsilon"] = 0.0  # exact statistics, knowingly
     assert site.site_privacy(context) == (None, None)
+    # DP on from the run config (a simulation): the node's own budget path is no stray key, and is the one used
+    del context.node_config["dp-epsilon"], context.node_config["dp-clip"]
+    context.node_config["dp-budget-path"] = str(context.node_config["data-path"]) + ".mine.json"
+    context.run_config["dp-epsilon"] = 2.0
+    spec, budget = site.site_privacy(context)
+    assert spec.epsilon == 2.0 and str(budget.path).endswith(".mine.json")
 
 
 def test_a_withdrawn_site_takes_part_in_no_secure_run(node):

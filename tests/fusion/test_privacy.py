@@ -354,6 +354,7 @@ def test_offline_statistics_spend_the_datas_budget_and_a_draw_past_it_writes_not
     assert main(["stats", str(dirs[0]), str(data[0]), "--dp-epsilon", "1", "--dp-budget", "1.5", "--quiet"]) != 0
     assert "past its budget of 1.5" in capsys.readouterr().err
     assert stats_file.read_bytes() == written and json.loads(record.read_text()) == first  # nothing drawn is kept
+    assert sorted(p.name for p in dirs[0].iterdir() if "gramfuse-stats" in p.name) == ["gramfuse-stats.safetensors"]
     assert main(["stats", str(dirs[0]), str(data[0]), "--dp-budget", "3", "--quiet"]) != 0
     assert "without --dp-epsilon" in capsys.readouterr().err
 
@@ -388,6 +389,11 @@ def test_a_redrawn_owner_is_another_contribution_in_the_sums_ledger():
     assert second.redraw_of(first) and first.redraw_of(second) and not first.redraw_of(first)
     other_data = collect_statistics(model, [encode(SENTENCES[:-1])], privacy=PrivacySpec(epsilon=1.0))
     assert not LedgerEntry.of("o", "o", "weights", other_data).redraw_of(first)  # another data size: another owner
+    # another request (or an earlier mechanism version) over the same data is that data drawn again all the same
+    other_request = collect_statistics(model, [encode(SENTENCES)], privacy=PrivacySpec(epsilon=2.0))
+    assert LedgerEntry.of("o", "o", "weights", other_request).redraw_of(first)
+    exact = LedgerEntry.of("o", "o", "weights", collect_statistics(model, [encode(SENTENCES)]))
+    assert not exact.redraw_of(first) and not first.redraw_of(exact)  # exact statistics are told apart by counts
 
 
 def test_a_redrawn_owner_beside_its_first_draw_is_named_in_a_warning(tmp_path, caplog):
@@ -402,7 +408,7 @@ def test_a_redrawn_owner_beside_its_first_draw_is_named_in_a_warning(tmp_path, c
     redrawn = tmp_path / "o0-again"
     shutil.copytree(dirs[0], redrawn)
     assert main(["stats", str(redrawn), str(data[0]), "--dp-epsilon", "4", "--dp-budget", "8", "--quiet"]) == 0
-    warned = "owner 'o0-again' has the same weights, example count and DP request as owner 'o0'"
+    warned = "owner 'o0-again' has the same weights and example count as owner 'o0'"
     with caplog.at_level("WARNING", logger="gramfuse"):
         assert main(["merge", *map(str, dirs), str(redrawn), "-o", str(tmp_path / "m"), "--quiet"]) == 0
     assert warned in caplog.text
@@ -435,9 +441,11 @@ def test_the_server_refuses_to_mix_private_and_exact_sites():
 def test_the_server_rejects_a_dp_trace_that_clipping_and_noise_cannot_give():
     from server.plausibility import private_trace_misfits
 
-    def site(trace, examples=10):
+    def site(trace, examples=10, clip=2.0, noise_std=3.0):
+        multiplier = 3.0 / (2.0 * 2 ** 0.5)  # noise std = multiplier x clip x sqrt(2 x 1 Gram)
         return {"statistics": {"grams": {"g": {"tokens": examples, "dim": 4}}, "example_count": examples,
-                               "privacy": {"noise_std": 3.0, "clip": 2.0}}, "traces": {"g": trace}}
+                               "privacy": {"noise_std": noise_std, "clip": clip, "noise_multiplier": multiplier}},
+                "traces": {"g": trace}}
 
     slack = 10 * 3.0 * 2  # ten deviations of the trace's noise, sqrt(4) diagonal entries of std 3
     honest = {1: site(20.0), 2: site(-slack + 1), 3: site(2.0 * 10 + slack - 1)}
@@ -445,3 +453,8 @@ def test_the_server_rejects_a_dp_trace_that_clipping_and_noise_cannot_give():
     scaled = private_trace_misfits({1: site(20.0), 2: site(2.0 * 10 + slack + 1), 3: site(-slack - 1)})
     assert set(scaled) == {2, 3} and "outside the [-60, 80]" in scaled[2]
     assert "malformed" in private_trace_misfits({1: {"statistics": {"privacy": {"noise_std": 1.0}}}})[1]
+    # the bound holds for the declared clip and noise: one clip for every site, and the noise its calibration gives
+    odd = private_trace_misfits({1: site(20.0), 2: site(20.0), 3: site(20.0, clip=1e6)})
+    assert set(odd) == {3} and "clip 1000000.0 differs from the other DP sites' 2.0" in odd[3]
+    loud = private_trace_misfits({1: site(20.0), 2: site(1e6, noise_std=1e6)})
+    assert set(loud) == {2} and "is not what its noise multiplier and clip give" in loud[2]
