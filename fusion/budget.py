@@ -37,7 +37,8 @@ class PrivacyBudget:
         if not draws:
             return 0.0
         try:
-            return gaussian_epsilon([float(d["noise_multiplier"]) for d in draws], min(float(d["delta"]) for d in draws))
+            multipliers = [float(d["noise_multiplier"]) for d in draws]
+            return gaussian_epsilon(multipliers, min(float(d["delta"]) for d in draws))
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
             raise PrivacyError(f"the site's privacy budget record {self.path} is malformed ({type(error).__name__}: "
                                f"{error}); DP releases are refused") from error

@@ -50,9 +50,9 @@ def contribution_settings(settings: dict, privacy: dict | None) -> str:
 
 # Under DP the token counts are withheld, so two sites of one model over as many examples cannot be told from one
 # site whose statistics were drawn twice: warned, not refused (the site's budget charged the second draw).
-REDRAW_WARNING = ("owner %r has the same weights and example count as owner %r, both with DP statistics of another draw: "
-                  "two sites of one model merge as two owners, but if this is one site's statistics drawn again its "
-                  "data counts twice")
+REDRAW_WARNING = ("owner %r has the same weights and example count as owner %r, both with DP statistics of another "
+                  "draw: two sites of one model merge as two owners, but if this is one site's statistics drawn again "
+                  "its data counts twice")
 
 
 @dataclass(frozen=True)
