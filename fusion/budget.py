@@ -33,28 +33,27 @@ class PrivacyBudget:
 
     def spent(self) -> float:
         """The epsilon of every draw recorded, composed at the smallest delta of any."""
-        draws = self.draws()
-        if not draws:
-            return 0.0
-        try:
-            multipliers = [float(d["noise_multiplier"]) for d in draws]
-            return gaussian_epsilon(multipliers, min(float(d["delta"]) for d in draws))
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
-            raise PrivacyError(f"the site's privacy budget record {self.path} is malformed ({type(error).__name__}: "
-                               f"{error}); DP releases are refused") from error
+        return self._composed(self.draws())[0]
 
-    def spend(self, release: dict) -> float:
-        """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the
-        epsilon spent in all, at the smallest delta of any draw (a draw cannot buy room with a larger delta).
-        Raises, recording nothing, where it would pass the budget."""
-        draws = self.draws()
+    def _composed(self, draws: list[dict]) -> tuple[float, float]:
+        """Epsilon of ``draws`` composed, and the smallest delta of any (a draw cannot buy room with a larger one)."""
+        if not draws:
+            return 0.0, 1.0
         try:
-            multipliers = [float(d["noise_multiplier"]) for d in draws if d.get("draw") != release["draw"]]
-            delta = min([float(d["delta"]) for d in draws] + [float(release["delta"])])
-            spent = gaussian_epsilon([*multipliers, float(release["noise_multiplier"])], delta)
+            delta = min(float(d["delta"]) for d in draws)
+            return gaussian_epsilon([float(d["noise_multiplier"]) for d in draws], delta), delta
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
             raise PrivacyError(f"the site's privacy budget record {self.path} or the statistics' privacy record is "
                                f"malformed ({type(error).__name__}: {error}); DP releases are refused") from error
+
+    def spend(self, release: dict) -> float:
+        """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the
+        epsilon spent in all, at the smallest delta of any draw. Raises, recording nothing, where it would pass the
+        budget."""
+        draws = self.draws()
+        if "draw" not in release:
+            raise PrivacyError("the statistics' privacy record is malformed (it names no draw); DP releases are refused")
+        spent, delta = self._composed([*(d for d in draws if d.get("draw") != release["draw"]), release])
         if any(d.get("draw") == release["draw"] for d in draws):
             return spent
         if spent > self.epsilon_budget * (1.0 + 1e-9):

@@ -48,7 +48,7 @@ from .methods.regmean import needs_diagonal
 from .gram import linear_modules
 from .statistics import STATS_FILENAME, GramStatistics, check_layers, open_statistics
 from .sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, SumsWriter, check_method_fits,
-                       REDRAW_WARNING, contribution_settings)
+                       contribution_settings, warn_if_redrawn)
 
 log = logging.getLogger("gramfuse")
 
@@ -219,11 +219,6 @@ def check_not_a_copy(owner: FolderOwner, fingerprint: str, seen: dict[tuple, str
     if key in seen and counts is not None:
         raise CompatibilityError(f"owner {owner.name!r}: the same weights and statistics as owner {seen[key]!r} "
                                  "(a copy of its folder?); give each owner once")
-    if stats is not None and stats.privacy:
-        undrawn_key = ("private", fingerprint, stats.example_count)  # as LedgerEntry.redraw_of; apart from the above
-        if undrawn_key in seen:
-            log.warning(REDRAW_WARNING, owner.name, seen[undrawn_key])
-        seen.setdefault(undrawn_key, owner.name)
     if key in seen:
         log.warning("owners %r and %r hold the very same weights (a copy?): merged as two owners", seen[key],
                     owner.name)
@@ -368,7 +363,9 @@ def merge_folders(
                              "(`gramfuse stats --fisher`)")
         fingerprint = verify_weights(owner)
         check_not_a_copy(owner, fingerprint, seen)
-        ledger.append(LedgerEntry.of(owner.name, owner.path, fingerprint, owner.statistics))
+        entry = LedgerEntry.of(owner.name, owner.path, fingerprint, owner.statistics)
+        warn_if_redrawn(entry, ledger)
+        ledger.append(entry)
         fingerprints[owner.name] = fingerprint
         log.info("owner %s: checked, %s examples", owner.name,
                  owner.statistics.example_count if owner.statistics else "?")
@@ -626,9 +623,7 @@ def ledger_after(sums: SumsFolder, added: Sequence[FolderOwner], leaving: Sequen
             raise SumsFileError(f"owner {entry.name!r} ({entry.path}) is already inside {sums.folder} as owner "
                                 f"{already[entry.name].name!r} (same weights and statistics): adding it again would "
                                 "count its data twice")
-        redrawn = next((inside for inside in sums.meta.owners if entry.redraw_of(inside)), None)
-        if redrawn is not None:
-            log.warning(REDRAW_WARNING, entry.name, redrawn.name)
+        warn_if_redrawn(entry, sums.meta.owners)
     identities = [entry.identity() for entry in entries]
     if len(set(identities)) < len(identities):
         raise SumsFileError("the same owner is given twice in --add (same weights and statistics)")

@@ -14,6 +14,7 @@ index; keys are the methods' sum keys, ``copied/<name>`` for integer buffers), `
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,14 @@ def contribution_settings(settings: dict, privacy: dict | None) -> str:
 REDRAW_WARNING = ("owner %r has the same weights and example count as owner %r, both with DP statistics of another "
                   "draw: two sites of one model merge as two owners, but if this is one site's statistics drawn again "
                   "its data counts twice")
+log = logging.getLogger("gramfuse")
+
+
+def warn_if_redrawn(entry: LedgerEntry, others: Iterable[LedgerEntry]) -> None:
+    """Name ``entry`` in a warning where it may be one of ``others`` drawn again (:meth:`LedgerEntry.redraw_of`)."""
+    redrawn = next((other for other in others if entry.redraw_of(other)), None)
+    if redrawn is not None:
+        log.warning(REDRAW_WARNING, entry.name, redrawn.name)
 
 
 @dataclass(frozen=True)

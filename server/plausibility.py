@@ -87,9 +87,9 @@ def private_trace_misfits(layouts: Mapping[int, Mapping]) -> dict[int, str]:
     diagonal's ``d`` entries). Beyond ``TAIL_SIGMAS`` deviations of that interval the trace is not noise but
     scaling, which the per-token comparison (left out for DP sites) would otherwise have caught."""
     found: dict[int, str] = {}
-    clips = sorted(_declared(layout, "clip") for layout in layouts.values()
-                   if is_private(layout.get("statistics", {})) and _declared(layout, "clip") is not None)
-    agreed = lower_median(clips) if clips else None
+    clips = [_declared(layout, "clip") for layout in layouts.values() if is_private(layout.get("statistics", {}))]
+    known = [clip for clip in clips if clip is not None]
+    agreed = lower_median(known) if known else None
     for node, layout in layouts.items():
         statistics = layout.get("statistics", {})
         if not is_private(statistics):

@@ -9,7 +9,6 @@ inside are not asked for anything.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +22,9 @@ from fusion.errors import GramfuseError
 from fusion.finish import Group, restrict
 from fusion.methods import MergeContext, MergeMethod, Sums
 from fusion.methods.regmean import needs_diagonal
-from fusion.sumsfile import (REDRAW_WARNING, LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits,
-                             contribution_settings)
+from fusion.sumsfile import (LedgerEntry, SumsFileError, SumsFolder, SumsMeta, check_method_fits,
+                             contribution_settings, warn_if_redrawn)
 
-log = logging.getLogger("gramfuse")
 CURRENT = "CURRENT"
 VERSION = re.compile(r"^sums-(\d{4,})$")
 
@@ -105,9 +103,8 @@ class StateKeeper:
                 skipped[node] = ("rejected", f"state-dir: its layout names no statistics ({error})")
                 continue
             known = inside.get(entry.identity())
-            redrawn = next((e for e in [*inside.values(), *self.joining.values()] if entry.redraw_of(e)), None)
-            if redrawn is not None and not layout.get("leave"):
-                log.warning(REDRAW_WARNING, name_of(node), redrawn.name)
+            if not layout.get("leave"):
+                warn_if_redrawn(entry, [*inside.values(), *self.joining.values()])
             if (layout.get("leave") or known is None) and entry.identity() in counted:
                 skipped[node] = ("rejected", f"the same weights and statistics as node {counted[entry.identity()]} "
                                              "in this run")
