@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,11 +52,12 @@ from fusion.aggregate import owner_update
 from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import CompatibilityError, GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
-from fusion.secure import band_vectors, bands_layout, encoded_vectors, layout_of, secure_contributions
+from fusion.secure import (band_vectors, bands_layout, encoded_vectors, layout_of, noised_units, public_bounds,
+                           secure_contributions)
 from fusion.adapters import checkpoint_files
 from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.budget import PrivacyBudget, budget_path
-from fusion.privacy import PrivacyError, PrivacySpec
+from fusion.privacy import DISTRIBUTED_MECHANISM, NoiseShares, PrivacyError, PrivacySpec
 from fusion.workflows import DataSettings, compute_statistics, expected_settings
 
 log = logging.getLogger("gramfuse.client")
@@ -88,6 +90,7 @@ def private_errors(handler):
     return answer
 SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
 CONTRIBUTION = "contribution"  # in the session: what this site adds to the run's sums (federation.ledger)
+NOISE_SEED = "dp-seed"  # in the session: the seed of this site's distributed DP noise for the run (never sent)
 
 
 
@@ -141,19 +144,57 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
         return None, None
     delta = float(node.get("dp-delta", 0.0))
     spec = PrivacySpec(epsilon, delta if delta > 0.0 else None, float(node.get("dp-clip", 1.0)))
+    return spec, site_budget(context, epsilon)
+
+
+def site_budget(context: Context, epsilon: float) -> PrivacyBudget:
+    """The data's budget record (node config ``dp-budget-path``, else beside the data file) and its limit (node
+    config ``dp-budget``, where the node config decides DP, else the run config's; 0: ``epsilon``)."""
+    node = context.node_config if "dp-epsilon" in context.node_config else context.run_config
     path = context.node_config.get("dp-budget-path") or node.get("dp-budget-path")
     data_file = site_paths(context)[1]  # the budget is the data's: every model folder over it spends from it
-    budget = PrivacyBudget(Path(str(path)) if path else budget_path(data_file),
-                           float(node.get("dp-budget", 0.0)) or epsilon)
-    return spec, budget
+    return PrivacyBudget(Path(str(path)) if path else budget_path(data_file),
+                         float(node.get("dp-budget", 0.0)) or epsilon)
+
+
+def distributed_request(context: Context, request) -> dict | None:
+    """The run's distributed DP noise (:class:`fusion.privacy.NoiseShares`, request key ``dp-distributed``), after
+    checking it gives this site at least the guarantee its own node config asks for; None where the run has none."""
+    raw = request.get("dp-distributed")
+    if not raw:
+        return None
+    public = json.loads(str(raw))
+    if not isinstance(public, dict) or public.get("mechanism") != DISTRIBUTED_MECHANISM:
+        raise PrivacyError(f"the run asks for distributed DP noise by a mechanism this site does not know: {raw}",
+                           public="distributed DP noise of an unknown mechanism")
+    own = context.node_config.get("dp-epsilon")
+    own_delta = float(context.node_config.get("dp-delta", 0.0))
+    if own is not None and float(own) > 0.0 and (
+            float(public["epsilon"]) > float(own) or (own_delta > 0.0 and float(public["delta"]) > own_delta)):
+        reason = (f"the run's DP guarantee (epsilon {public['epsilon']:g}, delta {public['delta']:g}) is weaker than "
+                  f"this site's node config asks (epsilon {float(own):g}{f', delta {own_delta:g}' if own_delta else ''})")
+        raise PrivacyError(reason, public=reason)
+    return public
+
+
+def noise_shares(public: dict, methods, layout, session: OwnerSession | None) -> NoiseShares:
+    """This site's share of the run's noise. Before the shares are exchanged (the keys step) there is no threshold
+    and no agreed layout yet, and only the layout of what would be sent is used: a placeholder share then."""
+    if session is None or "threshold" not in session.state:
+        return NoiseShares(public["epsilon"], public["delta"], public["clip"], public["weight_bound"], threshold=1)
+    releases = len(noised_units(methods, layout, float(public["weight_bound"])))
+    return NoiseShares(public["epsilon"], public["delta"], public["clip"], public["weight_bound"],
+                       threshold=int(session.state["threshold"]), releases=max(releases, 1),
+                       seed=int(session.state[NOISE_SEED]))
 
 
 def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fisher: bool, base: Path | None = None,
-                    privacy: tuple[PrivacySpec | None, PrivacyBudget | None] = (None, None)):
+                    privacy: tuple[PrivacySpec | None, PrivacyBudget | None] = (None, None), draw_noise: bool = True):
     """The model and its statistics: the site's statistics file when it fits, else freshly computed. Under DP, a
-    file drawn with the same request fits, and the draw is charged to the budget once, before anything is sent."""
+    file drawn with the same request fits, and the draw is charged to the budget once, before anything is sent;
+    ``draw_noise=False``: clipped statistics, for noise added to each release (distributed noise)."""
     spec, budget = privacy
-    model, stats = _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget)
+    model, stats = _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget, draw_noise)
     if budget is not None and stats.privacy:
         spent = budget.spend(stats.privacy)
         log.info("differentially private statistics: epsilon %.3g spent in all of this site's budget %.3g", spent,
@@ -161,7 +202,7 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
     return model, stats
 
 
-def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget):
+def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget, draw_noise):
     model, _ = load_model(model_dir, settings.task, base=base)
     stats_file = model_dir / STATS_FILENAME
     if stats_file.is_file():
@@ -172,15 +213,15 @@ def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budg
         else:
             fits = (
                 stats.fingerprint == checkpoint_files(model_dir, base).fingerprint()
-                and stats.settings == expected_settings(settings, spec)
-                and (spec is None or stats.noise_std > 0.0)  # clipped only: not yet a release
+                and stats.settings == expected_settings(settings, spec, draw_noise)
+                and (spec is None or (stats.noise_std > 0.0) == draw_noise)  # clipped only: not yet a release
                 and (stats.fisher is not None or not fisher)
             )
             if fits:
                 log.info("reusing %s", stats_file)
                 return model, stats
     stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model,
-                                  base=base, privacy=spec, budget=budget)
+                                  base=base, privacy=spec, budget=budget, draw_noise=draw_noise)
     return model, stats
 
 
@@ -259,17 +300,30 @@ def _save_session(context: Context, session: OwnerSession) -> None:
     context.state[SECURE_STATE] = ConfigRecord(session.state)
 
 
-def _site_contribution(context: Context, request) -> tuple:
-    """This site's model, its owner and its contribution to the sums of the requested methods."""
+def _site_contribution(context: Context, request, session: OwnerSession | None = None) -> tuple:
+    """This site's model, its owner, its contribution to the sums of the requested methods (with its share of the
+    run's distributed DP noise, if any: then also the noised tensors' public bounds), and whether it has the head."""
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
+    distributed = distributed_request(context, request)
+    if distributed is None:
+        privacy = site_privacy(context)
+    else:  # clipped statistics, noised afresh in every run (each run is a release, charged before the sums leave)
+        privacy = (PrivacySpec(distributed["epsilon"], distributed["delta"], distributed["clip"]), None)
     model, stats = site_statistics(model_dir, data_file, data_settings(context), needs_fisher, adapter_base(context),
-                                   site_privacy(context))
+                                   privacy, draw_noise=distributed is None)
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
-    return model, owner, secure_contributions(methods, owner, with_head), with_head
+    if distributed is None:
+        return model, owner, secure_contributions(methods, owner, with_head), with_head, None, {}
+    privacy[0].delta_for(stats.example_count)  # a delta above 1/N is refused, as for a site's own request
+    layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
+    noise = noise_shares(distributed, methods, layout, session)
+    parts = secure_contributions(methods, owner, with_head, noise)
+    bounds = public_bounds(noised_units(methods, layout, noise.weight_bound), noise, stats.example_count)
+    return model, owner, parts, with_head, noise, bounds
 
 
 def _shares_head(context: Context, with_head: bool) -> bool:
@@ -292,9 +346,12 @@ def secure_keys(msg: Message, context: Context) -> Message:
         raise SecureProtocolError(f"{WITHDRAWN}: it takes part in no secure run; its removal is the other sites' "
                                   "next run without it")
     request = msg.content["config"]
-    model, owner, parts, with_head = _site_contribution(context, request)
+    model, owner, parts, with_head, noise, _ = _site_contribution(context, request)
     session = OwnerSession.begin(str(request["session"]), context.node_id)
     session.state[CONTRIBUTION] = contribution_of(owner.statistics.fingerprint, owner.statistics.settings)
+    if noise is not None:
+        session.state[NOISE_SEED] = secrets.randbits(63)  # this run's noise: the same in each of its rounds
+        site_budget(context, noise.epsilon).check(noise.spending(f"secure/{session.session}"))  # refused early
     _save_session(context, session)
     model_dir, _ = site_paths(context)
     meta = {
@@ -346,12 +403,16 @@ def secure_masked(msg: Message, context: Context) -> Message:
     incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
     if incoming:
         session.receive_shares(incoming)
-    _, owner, parts, with_head = _site_contribution(context, request)
+    _, owner, parts, with_head, noise, bounds = _site_contribution(context, request, session)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
     participants = [int(node) for node in json.loads(str(request["participants"]))]
     if round_name == "bounds":
-        vectors, masked_layout = band_vectors(layout, parts), bands_layout(layout)
+        vectors, masked_layout = band_vectors(layout, {**parts, **bounds}), bands_layout(layout)
     else:
+        if noise is not None:  # the release: charged once per run, before anything of it leaves
+            spent = site_budget(context, noise.epsilon).spend(noise.spending(f"secure/{session.session}"))
+            log.info("distributed DP noise (share 1/%d): epsilon %.3g spent in all of this site's budget",
+                     noise.threshold, spent)
         scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
         vectors, masked_layout = encoded_vectors(layout, parts, scales, len(participants)), layout
     masked = session.mask(round_name, participants, masked_layout, vectors)

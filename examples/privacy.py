@@ -135,6 +135,73 @@ def run(name: str, sizes: list[int], epsilons: list[float], seeds: int, workdir:
     return results
 
 
+def weight_bound(folders: list[Path]) -> float:
+    """A public bound on every merged layer's spectral norm for distributed noise: here the owners' largest, rounded
+    up (a real federation agrees on one beforehand, from the pretrained model and a margin)."""
+    from fusion.checkpoint import load_model
+    from fusion.gram import linear_modules
+    from fusion.privacy import spectral_norm
+
+    largest = 0.0
+    for folder in folders:
+        model, _ = load_model(folder)
+        largest = max([largest, *(spectral_norm(module.weight) for _, module, _ in linear_modules(model))])
+    return float(math.ceil(largest))
+
+
+def distributed_runs(name: str, size: int, epsilons: list[float], workdir: Path) -> dict:
+    """DP RegMean with distributed noise: one secure Flower simulation per epsilon, every site adding
+    1/threshold of the noise (dp-noise=distributed) to its clipped statistics and products, delta = 1/N^2."""
+    from server.processes import Loopback
+
+    setting = setting_of(name, workdir)
+    root = workdir / f"privacy-{name}"
+    folders = [site_folder(owner, root / "distributed-sites") for owner in setting.owners]
+    workspace = root / "distributed-workspace"
+    for owner, folder in zip(setting.owners, folders):
+        (workspace / owner.name).mkdir(parents=True, exist_ok=True)
+        for link, target in (("model", folder), ("data.jsonl", statistics_rows(owner, size, root))):
+            if not (workspace / owner.name / link).exists():
+                (workspace / owner.name / link).symlink_to(target.resolve())
+    bound = weight_bound(folders)
+    results: dict = {"size": size, "weight_bound": bound, "delta": 1.0 / size ** 2, "epsilons": {}}
+    for epsilon in epsilons:
+        out = root / f"distributed-{epsilon:g}"
+        simulation = Loopback(root / "flower", simulation=True)
+        say(f"N={size}: epsilon {epsilon:g}, distributed noise: a secure federated round of {len(folders)} sites")
+        try:
+            simulation.start_superlink()
+            done = simulation.run(
+                f"workspace='{workspace}' out-dir='{out}' method='regmean' secure=true dp-noise='distributed' "
+                f"dp-epsilon={epsilon} dp-delta={1.0 / size ** 2} dp-clip=1.0 dp-weight-bound={bound} "
+                f"dp-budget=1000000.0 min-owners={len(folders)} timeout=3000", num_supernodes=len(folders),
+                timeout=3300, capture=False)
+        finally:
+            simulation.stop()
+        if done.returncode != 0 or not (out / "report.json").is_file():
+            raise SystemExit(f"the federated round failed; see the logs in {simulation.root}")
+        report = json.loads((out / "report.json").read_text())
+        result = summary(scores(out / MERGED, setting), setting.owners)
+        result["privacy"] = report["federation"]["privacy"]
+        result["mean_noise_std"] = sum(layer["noise_std"] for layer in report["layers"].values()) / len(report["layers"])
+        results["epsilons"][f"{epsilon:g}"] = result
+        say(f"N={size}: epsilon {epsilon:g}, distributed: {result['mean_in_domain']:.3f} in domain ({setting.metric})")
+    return results
+
+
+def distributed_table(results: dict, epsilons: list[float]) -> str:
+    """Local against distributed noise at each epsilon, at the size the distributed runs took."""
+    size = str(results["distributed"]["size"])
+    local = results["sizes"][size]
+    columns = [f"{e:g}" for e in epsilons]
+    lines = ["| noise, N = " + size + " | " + " | ".join(f"epsilon {c}" for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|",
+             "| local (each site all of it) | " + " | ".join(cell(local[c]) for c in columns) + " |",
+             "| distributed (secure, each site 1/threshold) | "
+             + " | ".join(cell(results["distributed"]["epsilons"][c]) for c in columns) + " |"]
+    return "\n".join(lines)
+
+
 def table(results: dict, epsilons: list[float]) -> str:
     columns = ["exact", "inf", *[f"{e:g}" for e in epsilons]]
     header = ["N", "exact RegMean", "clipped, epsilon inf", *[f"epsilon {c}" for c in columns[2:]]]
@@ -185,14 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0, 0.5])
     parser.add_argument("--seeds", type=int, default=2, help="noise draws per epsilon (scores are their mean)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--noise", choices=("local", "distributed"), default="local",
+                        help="distributed: also run secure federations with distributed noise (first size only)")
     args = parser.parse_args(argv)
     if any(not math.isfinite(e) or e <= 0 for e in args.epsilons):
         parser.error("epsilons are positive numbers (infinity is always run)")
     workdir = args.workdir.resolve()
     sizes = args.sizes or ([400, 3000] if args.setting == "domains" else [200])
     results = run(args.setting, sizes, args.epsilons, args.seeds, workdir)
+    if args.noise == "distributed":
+        results["distributed"] = distributed_runs(args.setting, sizes[0], args.epsilons, workdir)
     text = table(results, args.epsilons)
-    name = f"privacy-{args.setting}"
+    if "distributed" in results:
+        text += "\n\n" + distributed_table(results, args.epsilons)
+    name = f"privacy-{args.setting}" + ("-distributed" if args.noise == "distributed" else "")
     (workdir / f"{name}.json").write_text(json.dumps(results, indent=2))
     (workdir / f"{name}.md").write_text(text + "\n")
     chart(results, args.epsilons, workdir / f"{name}.png")

@@ -50,22 +50,30 @@ class PrivacyBudget:
         """Record ``release`` (a :class:`fusion.privacy.Release` as a dict) unless it was spent before; returns the
         epsilon spent in all, at the smallest delta of any draw. Raises, recording nothing, where it would pass the
         budget."""
+        draws, spent = self.check(release)
+        if any(d.get("draw") == release["draw"] for d in draws):
+            return spent
+        entry = {"draw": release["draw"], "noise_multiplier": release["noise_multiplier"], "delta": release["delta"],
+                 "epsilon": release["epsilon"], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_list(self.path, [*draws, entry])
+        return spent
+
+    def check(self, release: dict) -> tuple[list[dict], float]:
+        """The draws recorded and the epsilon spent in all with ``release``; raises where it would pass the budget
+        (a release recorded before costs nothing more)."""
         draws = self.draws()
         if "draw" not in release:
             raise PrivacyError("the statistics' privacy record is malformed (it names no draw); DP releases are refused")
         spent, delta = self._composed([*(d for d in draws if d.get("draw") != release["draw"]), release])
         if any(d.get("draw") == release["draw"] for d in draws):
-            return spent
+            return draws, spent
         if spent > self.epsilon_budget * (1.0 + 1e-9):
             raise PrivacyError(
                 f"this site's statistics would spend epsilon {spent:.3g} in all (at delta {delta:.3g}) "
                 f"over {len(draws) + 1} noise draws, past its budget of {self.epsilon_budget:g} (node config "
                 "dp-budget, or gramfuse stats --dp-budget); reuse the statistics file already drawn, or raise the "
-                "budget knowingly")
-        entry = {"draw": release["draw"], "noise_multiplier": release["noise_multiplier"], "delta": release["delta"],
-                 "epsilon": release["epsilon"], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_list(self.path, [*draws, entry])
-        return spent
+                "budget knowingly", public="this release would pass the site's DP budget (node config dp-budget)")
+        return draws, spent
 
 
 def budget_path(data_file: str | Path) -> Path:

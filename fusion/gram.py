@@ -290,7 +290,7 @@ def collect_statistics(
         # A Gram's token count would tell how long the examples are: under DP each counts its examples only.
         stats.token_counts = {key: stats.example_count for key in stats.token_counts}
         stats.privacy = clipped_record(privacy.clip)
-        stats.settings["privacy"] = privacy.request()
+        stats.settings["privacy"] = privacy.clipping()  # the noise's request replaces it when noise is drawn
         if draw_noise:
             privatise(stats, privacy)
     return stats

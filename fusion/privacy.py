@@ -28,6 +28,7 @@ The merge regularises the noisy sum: see :func:`noise_ridge`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,11 @@ class PrivacySpec:
         mechanism's version is part of it, so a file drawn under an earlier calibration is not reused as if it
         were this one's."""
         return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip, "mechanism": MECHANISM}
+
+    def clipping(self) -> dict[str, Any]:
+        """What identifies clipped statistics not yet noised: the clip alone (one clipped file serves every epsilon
+        whose noise is added per release, as distributed noise is)."""
+        return {"clip": self.clip, "mechanism": MECHANISM, "noise": "none"}
 
     def delta_for(self, example_count: int) -> float:
         """``delta``, or ``1 / N^2``; a delta above ``1 / N`` is refused: it allows giving away one example whole."""
@@ -208,6 +214,78 @@ def add_noise(grams: dict[str, torch.Tensor], spec: PrivacySpec, example_count: 
         packed += std * torch.randn(packed.shape, dtype=torch.float64, generator=generator).to(packed.device)
     return Release(epsilon=spec.epsilon, delta=delta, clip=spec.clip, noise_multiplier=multiplier, noise_std=std,
                    grams=len(grams), draw=secrets.token_hex(8))
+
+
+DISTRIBUTED = "distributed"  # run config dp-noise: each secure site adds a share of the noise (see NoiseShares)
+DISTRIBUTED_MECHANISM = "analyze-gauss/replacement-2/distributed-1"
+
+
+@dataclass(frozen=True)
+class NoiseShares:
+    """Distributed noise for one secure run: every site adds ``1 / threshold`` of the noise's variance to what it
+    sends, so that the decoded sum over the survivors (never fewer than ``threshold``: no site unmasks for fewer)
+    carries at least the whole noise that ``(epsilon, delta)`` needs, and n sites' sum ``n / threshold`` of it
+    rather than the ``n`` times of local noise. The noise is fresh in every run: each run is a release and is charged
+    to the site's budget.
+
+    What is released is not only the Grams. A site's share of ``G_i`` alone is not private, so products with the
+    weights cannot be formed from a noisy Gram (``G̃_i W_i^T`` would carry only the share's noise): every released
+    tensor gets its own noise, calibrated to its sensitivity. Replacing one example moves a Gram by at most
+    ``sqrt(2) clip`` (Frobenius), ``G W^T`` and ``diag(G) W^T`` by at most that times ``||W||_2``, which every site
+    holds to the public ``weight_bound``. Over the ``releases`` noised tensors of the agreed layout together (one
+    Gaussian mechanism, each tensor in units of its sensitivity) the noise multiplier is that of ``(epsilon,
+    delta)``. The weights themselves (the weighted means) are outside the guarantee, as everywhere.
+
+    ``seed`` is the site's secret for the run (its noise is the same in every round of the run); never sent."""
+
+    epsilon: float
+    delta: float
+    clip: float
+    weight_bound: float
+    threshold: int
+    releases: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.delta > 0.0:  # 1/N^2 differs by site: one noise for all needs one delta for all
+            raise PrivacyError("distributed DP noise needs dp-delta set for the whole run (each site refuses one above "
+                               f"1/N for its N examples), not {self.delta}")
+        PrivacySpec(self.epsilon, self.delta, self.clip)  # the same checks as a site's own request
+        if not (self.weight_bound > 0.0 and math.isfinite(self.weight_bound)):
+            raise PrivacyError("distributed DP noise needs dp-weight-bound, a public bound on every merged layer's "
+                               f"spectral norm (it calibrates the noise on G W^T), not {self.weight_bound}")
+        if self.threshold < 1 or self.releases < 1:
+            raise PrivacyError(f"distributed DP noise needs a threshold and a release count of at least 1, not "
+                               f"{self.threshold} and {self.releases}")
+
+    @property
+    def noise_multiplier(self) -> float:
+        return noise_multiplier(self.epsilon, self.delta)
+
+    def std(self, units: float) -> float:
+        """This site's noise standard deviation on a tensor of sensitivity ``units * sqrt(2) clip``."""
+        whole = self.noise_multiplier * math.sqrt(self.releases) * math.sqrt(2.0) * self.clip * units
+        return whole / math.sqrt(self.threshold)
+
+    def public(self) -> dict[str, Any]:
+        """What the request carries (and the report shows): all but the seed."""
+        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip, "weight_bound": self.weight_bound,
+                "mechanism": DISTRIBUTED_MECHANISM}
+
+    def spending(self, draw: str) -> dict[str, Any]:
+        """The budget entry of this run's release: the whole noise, as the fewest survivors (``threshold``) give."""
+        return {"draw": draw, "noise_multiplier": self.noise_multiplier, "delta": self.delta, "epsilon": self.epsilon}
+
+    def noise(self, key: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        """The site's noise on ``key`` for this run: the same in every round, independent across keys."""
+        digest = hashlib.sha256(f"{self.seed}/{key}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return std * torch.randn(shape, dtype=torch.float64, generator=generator)
+
+
+def spectral_norm(weight: torch.Tensor) -> float:
+    """``||W||_2``, exactly (the largest singular value): an estimate from below would under-noise."""
+    return float(torch.linalg.matrix_norm(weight.detach().to(torch.float64), ord=2))
 
 
 def noise_ridge(noise_variance: float, dim: int) -> float:

@@ -71,9 +71,12 @@ def _bar(data_file: Path, settings: DataSettings, description: str, enabled: boo
     return tqdm(total=total, desc=description, unit="ex", disable=not enabled, leave=False)
 
 
-def expected_settings(settings: DataSettings, privacy: PrivacySpec | None) -> dict:
-    """The settings a statistics file computed with these reading settings and this DP request holds."""
-    return {**asdict(settings), **({"privacy": privacy.request()} if privacy is not None else {})}
+def expected_settings(settings: DataSettings, privacy: PrivacySpec | None, draw_noise: bool = True) -> dict:
+    """The settings a statistics file computed with these reading settings and this DP request holds (clipped
+    only, without ``draw_noise``)."""
+    if privacy is None:
+        return asdict(settings)
+    return {**asdict(settings), "privacy": privacy.request() if draw_noise else privacy.clipping()}
 
 
 def compute_statistics(

@@ -17,6 +17,11 @@
 - ``record-dir`` (empty: off): save every reply the server receives, as received, for audits;
 - ``state-dir`` (empty: off): plaintext mode keeps its sums there between runs (``server/state.py``): a later run
   asks only the sites not inside yet (added) and those whose node config says ``leave=true`` (subtracted);
+- ``dp-noise`` (local): ``distributed`` in secure mode makes every site add ``1 / secure-threshold`` of one noise
+  for the run, so the decoded sum carries the whole noise that ``dp-epsilon`` at ``dp-delta`` (both required then,
+  the same for every site) needs, rather than each site's own (``fusion.privacy.NoiseShares``); ``dp-clip`` and
+  ``dp-weight-bound`` (a public bound on every merged layer's spectral norm, required) calibrate it. Each run is a
+  new release, charged to every site's budget;
 - ``part-mb`` (2048): plaintext mode asks the sites for the model a part at a time, each part's float64 sums on the
   server about this size at most, so that the server's memory does not grow with the model's depth.
 """
@@ -31,9 +36,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fusion.errors import MergeError
 from fusion.methods import get_method, method_from_spec, option_names
+from fusion.privacy import DISTRIBUTED
 from fusion.secure.fixedpoint import BOUND_FACTOR
 from server.secure import SecureRegMeanStrategy
-from server.strategy import RegMeanStrategy
+from server.strategy import FederationError, RegMeanStrategy
 
 app = ServerApp()
 
@@ -70,6 +76,20 @@ def methods_from(run_config) -> list:
     return methods
 
 
+def noise_from(run_config) -> dict | None:
+    """``dp-noise``: ``local`` (each site's statistics carry all the noise its own request needs) or
+    ``distributed`` (secure mode: each site a share of the run's noise, ``dp-epsilon``/``dp-delta``/``dp-clip``
+    and ``dp-weight-bound`` set by the run for every site); None for local noise."""
+    mode = str(run_config.get("dp-noise", "local"))
+    if mode == "local":
+        return None
+    if mode != DISTRIBUTED:
+        raise FederationError(f"dp-noise must be 'local' or '{DISTRIBUTED}', not {mode!r} (central noise at a "
+                              "trusted server is not built: SECURITY.md)")
+    return {"epsilon": float(run_config.get("dp-epsilon", 0.0)), "delta": float(run_config.get("dp-delta", 0.0)),
+            "clip": float(run_config.get("dp-clip", 1.0)), "weight_bound": float(run_config.get("dp-weight-bound", 0.0))}
+
+
 def workspace_owners(workspace) -> list[str]:
     """The owner folders of a simulation's workspace (``<owner>/model/``), which the simulated nodes take in order."""
     if not workspace or not Path(str(workspace)).is_dir():
@@ -93,9 +113,14 @@ def main(grid: Grid, context: Context) -> None:
         state_dir=str(config.get("state-dir", "")) or None,
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
+    noise = noise_from(config)
     if bool(config.get("secure", False)):
         strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)),
-                                         bound_factor=float(config.get("secure-bound", BOUND_FACTOR)), **options)
+                                         bound_factor=float(config.get("secure-bound", BOUND_FACTOR)), noise=noise,
+                                         **options)
+    elif noise:
+        raise FederationError(f"dp-noise={DISTRIBUTED} is for secure mode (secure=true): in plaintext mode every "
+                              "site's release is its own, with local noise (dp-noise=local)")
     else:
         part_bytes = int(float(config.get("part-mb", 2048)) * 2**20)
         strategy = RegMeanStrategy(methods, out_dir, part_bytes=part_bytes, **options)

@@ -30,12 +30,14 @@ from fusion.finish import reference_label_set as majority_label_set
 from fusion.merge import check_layout
 from fusion.methods import MEAN, WEIGHT, MergeContext
 from fusion.methods.regmean import NOISE_VARIANCE
+from fusion.privacy import DISTRIBUTED, NoiseShares, PrivacyError
 from fusion.secure import (
     BODY,
     bands_layout,
     check_secure_methods,
     decoded_sums,
     finish_from_sums,
+    noised_units,
     owners_above_bound,
     scales_from_bands,
 )
@@ -54,9 +56,11 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     is how many sites must survive each masked round for the dropped ones to be recovered."""
 
     def __init__(self, methods, out_dir, *, threshold: int = 0, bound_factor: float = BOUND_FACTOR,
-                 **options: Any) -> None:
+                 noise: dict | None = None, **options: Any) -> None:
         super().__init__(methods, out_dir, **options)
         check_secure_methods(self.methods)
+        # Distributed DP noise (fusion.privacy.NoiseShares): epsilon, delta, clip, weight_bound, public to all sites.
+        self.noise = distributed_noise(noise, self.methods) if noise else None
         if self.state_dir is not None:
             # Subtracting one owner's sum from a secure total would reveal it: removal must re-aggregate instead.
             raise FederationError("state-dir keeps plaintext sums; secure mode does not keep sums between runs "
@@ -79,6 +83,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.sums: dict = {}
         self.means_from_base: dict[str, str] = {}  # layout key of a weighted mean -> the base weight that forms it
         self.rounds: dict[str, dict[str, list[int]]] = {}
+
+    def request(self, **extra: Any) -> ConfigRecord:
+        request = super().request(**extra)
+        if self.noise is not None:
+            request["dp-distributed"] = json.dumps(self.noise.public())
+        return request
 
     @property
     def merged_owners(self) -> list[str]:
@@ -395,4 +405,26 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         report = super().federation_report()
         report["secure"] = {"session": self.session, "threshold": self.threshold, "rounds": self.rounds,
                             "heads_sent_in_clear": sorted(owner_name(n) for n in self.own_heads)}
+        if self.noise is not None:
+            releases = len(noised_units(self.methods, self.layout, self.noise.weight_bound))
+            report["privacy"] = {
+                "noise": DISTRIBUTED, **self.noise.public(), "releases": releases,
+                "noise_multiplier": self.noise.noise_multiplier,
+                # each survivor added 1/threshold of the noise (epsilon, delta) needs: the sum carries this many times
+                "noise_variance_over_needed": len(self.survivors) / max(self.threshold, 1),
+            }
         return report
+
+
+def distributed_noise(settings: dict, methods) -> NoiseShares:
+    """The run's distributed DP noise from the run config, checked before any site is asked."""
+    try:
+        noise = NoiseShares(float(settings["epsilon"]), float(settings["delta"]), float(settings["clip"]),
+                            float(settings["weight_bound"]), threshold=1)
+    except PrivacyError as error:
+        raise FederationError(f"dp-noise={DISTRIBUTED}: {error}") from None
+    unable = [method.label() for method in methods if not method.noisable or getattr(method, "weighting", "sum") != "sum"]
+    if unable:
+        raise FederationError(f"dp-noise={DISTRIBUTED}: method {unable[0]!r} cannot add distributed DP noise to its "
+                              "sums (regmean with weighting 'sum' can, and methods without statistics)")
+    return noise

@@ -53,6 +53,9 @@ class MergeContext:
     # RegMean: also sum diag(G) W^T, which only alpha < 1 reads (see :func:`fusion.methods.regmean.needs_diagonal`)
     diagonal: bool = True
     device: str = "cpu"  # where Gram products and solves run ("cuda" on a GPU); merged parameters come back to the CPU
+    # Distributed DP (a secure site's share of the run's noise, fusion.privacy.NoiseShares): the method noises what it
+    # releases (only methods with ``noise_units`` can)
+    noise: Any = None
 
 
 @dataclass
@@ -106,6 +109,17 @@ class MergeMethod:
 
     def contribute(self, owner: OwnerState, context: MergeContext) -> Tensors:
         raise NotImplementedError
+
+    def noise_units(self, key: str, weight_bound: float) -> float | None:
+        """Distributed DP: how far one example moves contribution ``key``, in units of ``sqrt(2) clip`` (None: not
+        at all; a method that reads statistics and cannot say must not be asked for noise, see ``noisable``)."""
+        return None
+
+    @property
+    def noisable(self) -> bool:
+        """Whether the method can add distributed DP noise to what it releases (it needs no statistics, or says how
+        its contributions move with one example)."""
+        return not (self.needs_statistics or self.needs_fisher)
 
     def combine(self, sums: Mapping[str, torch.Tensor], context: MergeContext) -> MergeOutcome:
         raise NotImplementedError

@@ -16,7 +16,7 @@ import torch
 from ..errors import MergeError
 from ..gram import CONV1D
 from ..statistics import unpack_upper
-from ..privacy import noise_ridge
+from ..privacy import PrivacyError, noise_ridge, spectral_norm
 from ..solve import GRAM_PRECISION, NOISY_SOLVER, solve_gram
 from . import MergeContext, MergeMethod, MergeOutcome, OwnerState, register, weighted, weighted_means
 from ._relative import depth_scalings
@@ -80,8 +80,33 @@ class RegMean(MergeMethod):
         """Whether a hooked layer is solved from its Grams (a tied one only under the ``head`` rule)."""
         return self.tied == "head" or not info.tied_to(module)
 
+    noisable = True
+
+    def noise_units(self, key: str, weight_bound: float) -> float | None:
+        if key.startswith(GRAM):
+            return 1.0
+        return weight_bound if key.startswith((GRAM_WEIGHT, DIAG_WEIGHT)) else None
+
+    def _check_noisable(self, owner: OwnerState, noise) -> None:
+        stats = owner.statistics
+        if self.weighting != "sum":
+            # Each owner's Gram over its own count: the sensitivity would differ by site, and no share would fit all.
+            raise PrivacyError(f"regmean weighting={self.weighting!r} cannot take distributed DP noise; use 'sum'")
+        record = stats.privacy or {}
+        if record.get("noise_std") != 0.0 or record.get("clip") != noise.clip:
+            raise PrivacyError(f"owner {owner.name!r}: distributed DP noise needs statistics clipped to {noise.clip} "
+                               f"token(s) and not yet noised (these: clip {record.get('clip')}, noise std "
+                               f"{record.get('noise_std')})")
+
+    def _noised(self, key: str, value: torch.Tensor, units: float, context: MergeContext) -> torch.Tensor:
+        noise = context.noise
+        return value + noise.noise(key, tuple(value.shape), noise.std(units)).to(value.device)
+
     def contribute(self, owner: OwnerState, context: MergeContext):
         stats = owner.statistics
+        noise = context.noise
+        if noise is not None:
+            self._check_noisable(owner, noise)
         weight = owner.example_count if self.weighting == "sum" else 1.0
         contribution = weighted(owner.params, weight)  # averaged tensors, and the fallback of every layer
         contribution[OWNERS] = torch.tensor(1.0, dtype=torch.float64)
@@ -94,9 +119,12 @@ class RegMean(MergeMethod):
             packed = stats.grams[key].to(context.device)  # read once: a statistics file may give it lazily
             if self.weighting == "equal":
                 packed = packed / max(tokens, 1)
-            gram = unpack_upper(packed, stats.dims[key])
+            gram = unpack_upper(packed, stats.dims[key])  # the clipped Gram: products are noised on their own
             contribution[GRAM + key] = packed
-            if stats.noise_std > 0.0:
+            if noise is not None:
+                contribution[GRAM + key] = self._noised(GRAM + key, packed, 1.0, context)
+                contribution[NOISE_VARIANCE + key] = torch.tensor(noise.std(1.0) ** 2, dtype=torch.float64)
+            elif stats.noise_std > 0.0:
                 scale = 1.0 / max(tokens, 1) if self.weighting == "equal" else 1.0
                 contribution[NOISE_VARIANCE + key] = torch.tensor((stats.noise_std * scale) ** 2, dtype=torch.float64)
             diagonal = gram.diagonal().unsqueeze(1)
@@ -106,8 +134,26 @@ class RegMean(MergeMethod):
                 contribution[GRAM_WEIGHT + module] = gram @ weight_t
                 if context.diagonal:
                     contribution[DIAG_WEIGHT + module] = diagonal * weight_t
+                if noise is not None:
+                    self._noise_products(owner, module, weight_t, contribution, context)
                 contribution[COVERED + module] = torch.tensor(1.0, dtype=torch.float64)
         return contribution
+
+    def _noise_products(self, owner: OwnerState, module: str, weight_t: torch.Tensor, contribution: dict,
+                        context: MergeContext) -> None:
+        """``G W^T`` (and ``diag(G) W^T``) move with one example by at most ``sqrt(2) clip ||W||_2``: noised to the
+        public bound, which a layer above it would break."""
+        bound = context.noise.weight_bound
+        norm = spectral_norm(weight_t)
+        if norm > bound:
+            reason = f"layer {module!r}: its weights' spectral norm is above dp-weight-bound {bound:g}"
+            raise PrivacyError(f"owner {owner.name!r}, {reason} ({norm:.4g}): the noise on G W^T would be too "
+                               "small for it; raise dp-weight-bound (every site's noise grows with it)",
+                               public=reason)
+        for prefix in (GRAM_WEIGHT, DIAG_WEIGHT):
+            if prefix + module in contribution:
+                contribution[prefix + module] = self._noised(prefix + module, contribution[prefix + module], bound,
+                                                             context)
 
     def combine(self, sums, context: MergeContext) -> MergeOutcome:
         merged = weighted_means(sums)

@@ -23,6 +23,7 @@ from ..errors import MergeError
 from ..finish import Group, finish, plan_groups, plan_outputs, restrict
 from ..methods import MEAN, MergeContext, MergeMethod, Sums
 from ..methods.regmean import needs_diagonal
+from ..privacy import TAIL_SIGMAS, NoiseShares, PrivacyError
 from .fixedpoint import BANDS, BOUND_FACTOR, agreed_band, bound_bands, decode, encode, fraction_bits, magnitude_bands
 
 BODY, HEAD = "body/", "head/"
@@ -46,16 +47,52 @@ def check_secure_methods(methods: list[MergeMethod]) -> None:
                              "not use; use it in plaintext mode")
 
 
-def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_head: bool) -> dict[str, torch.Tensor]:
-    """Everything ``owner`` adds to the sums of ``methods``, keyed ``<group>/body/<sum>`` and ``<group>/head/<sum>``."""
+def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_head: bool,
+                         noise: NoiseShares | None = None) -> dict[str, torch.Tensor]:
+    """Everything ``owner`` adds to the sums of ``methods``, keyed ``<group>/body/<sum>`` and ``<group>/head/<sum>``;
+    with ``noise``, its share of the run's distributed DP noise on everything that depends on its examples."""
     check_secure_methods(methods)
-    context = context_with(MergeContext(diagonal=needs_diagonal(methods)), owner.statistics)
+    if noise is not None:
+        unable = [method.label() for method in methods if not method.noisable]
+        if unable:
+            raise PrivacyError(f"method {unable[0]!r} cannot add distributed DP noise to what it sends (only "
+                               "regmean, and methods without statistics, can)")
+    context = context_with(MergeContext(diagonal=needs_diagonal(methods), noise=noise), owner.statistics)
     out = {}
     for index, method in enumerate(sums_groups(methods)):
         body, head = contributions(method, owner, context, with_head)
         out.update({f"{index}/{BODY}{key}": value for key, value in body.items()})
         out.update({f"{index}/{HEAD}{key}": value for key, value in head.items()})
     return out
+
+
+def _split_key(key: str) -> tuple[int, str]:
+    """``<group>/body/<sum>`` or ``<group>/head/<sum>`` -> (group, sum)."""
+    index, _, rest = key.partition("/")
+    return int(index), rest.partition("/")[2]
+
+
+def noised_units(methods: list[MergeMethod], layout: Layout, weight_bound: float) -> dict[str, float]:
+    """Distributed DP: the tensors of the agreed ``layout`` that carry noise, with their sensitivity to one example
+    in units of ``sqrt(2) clip``. Every site computes it from the same layout, so they agree on the release count
+    that calibrates everyone's share (:class:`fusion.privacy.NoiseShares`)."""
+    groups = sums_groups(methods)
+    units = {}
+    for key, _ in layout:
+        index, rest = _split_key(key)
+        value = groups[index].noise_units(rest, weight_bound)
+        if value is not None:
+            units[key] = value
+    return units
+
+
+def public_bounds(units: Mapping[str, float], noise: NoiseShares, example_count: int) -> dict[str, torch.Tensor]:
+    """What the ``bounds`` round reports for noised tensors instead of their magnitude: a bound from public numbers.
+    ``N`` examples of share at most ``clip`` give a Gram of Frobenius norm at most ``N clip`` (times ``||W||_2``
+    for a product), and a share of noise stays within :data:`fusion.privacy.TAIL_SIGMAS` deviations; a site's own
+    largest entry (a little of its data, and outside the guarantee) never reaches the server."""
+    return {key: torch.tensor(example_count * noise.clip * unit + TAIL_SIGMAS * noise.std(unit), dtype=torch.float64)
+            for key, unit in units.items()}
 
 
 def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:

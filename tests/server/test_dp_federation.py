@@ -76,3 +76,49 @@ def test_secure_mode_names_a_site_whose_privacy_differs_from_the_reference():
     assert SecureRegMeanStrategy._layout_misfit(private, other_adapter, True) is None
     assert "differentially private" in SecureRegMeanStrategy._layout_misfit(
         private, {"0/body/gram/h": (10,), "0/body/owners": ()}, True)
+
+
+DISTRIBUTED_RUN = ("method='regmean' secure=true dp-noise='distributed' dp-epsilon=4.0 dp-delta=1e-4 dp-clip=1.0 "
+                   "dp-weight-bound=50.0")
+
+
+def test_distributed_noise_through_flower_sums_the_whole_noise_and_charges_each_run(tmp_path):
+    """A secure run with dp-noise=distributed: each of three sites adds half of the noise (threshold 2), the decoded
+    sums carry 3/2 of what (epsilon, delta) needs, in every released tensor; each site's budget is charged once for
+    the run, and a second run that would pass a site's budget is refused by every site before any share is sent."""
+    from server.processes import Loopback
+
+    from fusion.privacy import DISTRIBUTED, NoiseShares
+
+    sites = tmp_path / "workspace"
+    base = tiny_model("bert")
+    for i in range(OWNERS):
+        save_owner(perturbed(base, seed=80 + i), sites / f"owner{i}" / "model")
+        write_data(sites / f"owner{i}" / "data.jsonl", 30, seed=10 + i)
+    report = simulate(tmp_path / "first", sites, f"{DISTRIBUTED_RUN} dp-budget=5.0", OWNERS)
+    privacy = report["federation"]["privacy"]
+    assert privacy["noise"] == DISTRIBUTED and privacy["epsilon"] == 4.0 and privacy["delta"] == 1e-4
+    assert report["federation"]["secure"]["threshold"] == 2 and privacy["noise_variance_over_needed"] == 1.5
+    for i in range(OWNERS):  # clipped statistics at the sites; the noise is drawn per run, never kept
+        stats = load_statistics(sites / f"owner{i}" / "model" / "gramfuse-stats.safetensors")
+        assert stats.noise_std == 0.0 and stats.privacy["clip"] == 1.0
+    assert privacy["releases"] > 0
+    whole = NoiseShares(4.0, 1e-4, 1.0, 50.0, threshold=1, releases=privacy["releases"]).std(1.0)
+    for key, layer in report["layers"].items():
+        assert layer["solver"] == "cholesky+noise-ridge", key
+        assert layer["noise_std"] == pytest.approx(whole * 1.5 ** 0.5, rel=1e-6), key
+    spent = budgets(sites)
+    session = report["federation"]["secure"]["session"]
+    assert [[d["draw"] for d in draws] for draws in spent] == [[f"secure/{session}"]] * OWNERS
+    assert all(draws[0]["epsilon"] == 4.0 for draws in spent)
+
+    again = Loopback(tmp_path / "again", simulation=True)  # two runs at 4 compose to 6: past a budget of 5
+    try:
+        again.start_superlink()
+        done = again.run(f"workspace='{sites}' out-dir='{tmp_path / 'again' / 'out'}' min-owners={OWNERS} "
+                         f"timeout=300 {DISTRIBUTED_RUN} dp-budget=5.0", num_supernodes=OWNERS)
+    finally:
+        again.stop()
+    assert not (tmp_path / "again" / "out").exists()
+    assert "would pass the site's DP budget" in done.stdout + done.stderr
+    assert [len(draws) for draws in budgets(sites)] == [1] * OWNERS
