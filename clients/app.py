@@ -32,6 +32,7 @@ The statistics file already in the model folder is reused when it was made from 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -91,6 +92,15 @@ def private_errors(handler):
 SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node's context: they never leave it
 CONTRIBUTION = "contribution"  # in the session: what this site adds to the run's sums (federation.ledger)
 NOISE_SEED = "dp-seed"  # in the session: the seed of this site's distributed DP noise for the run (never sent)
+NOISE_REQUEST = "dp-distributed"  # in the session: the run's distributed DP noise its keys were sent for
+CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
+
+
+def noise_draw(session: OwnerSession) -> str:
+    """This site's budget entry for the run: the server's session id is not enough (another site over the same data
+    in the same run, or a server reusing an id, would get fresh noise uncharged), so the site's own seed names it."""
+    digest = hashlib.sha256(f"{session.state[NOISE_SEED]}".encode()).hexdigest()[:16]
+    return f"secure/{session.session[:16]}/{digest}"
 
 
 
@@ -148,18 +158,20 @@ def site_privacy(context: Context) -> tuple[PrivacySpec | None, PrivacyBudget | 
 
 
 def site_budget(context: Context, epsilon: float) -> PrivacyBudget:
-    """The data's budget record (node config ``dp-budget-path``, else beside the data file) and its limit (node
-    config ``dp-budget``, where the node config decides DP, else the run config's; 0: ``epsilon``)."""
+    """The data's budget record (node config ``dp-budget-path``, else beside the data file) and its limit:
+    ``dp-budget`` (where the node config sets ``dp-epsilon`` its own, else the run config's), or that ``dp-epsilon``,
+    or ``epsilon``."""
     node = context.node_config if "dp-epsilon" in context.node_config else context.run_config
     path = context.node_config.get("dp-budget-path") or node.get("dp-budget-path")
     data_file = site_paths(context)[1]  # the budget is the data's: every model folder over it spends from it
-    return PrivacyBudget(Path(str(path)) if path else budget_path(data_file),
-                         float(node.get("dp-budget", 0.0)) or epsilon)
+    limit = float(node.get("dp-budget", 0.0)) or float(node.get("dp-epsilon", 0.0)) or epsilon
+    return PrivacyBudget(Path(str(path)) if path else budget_path(data_file), limit)
 
 
 def distributed_request(context: Context, request) -> dict | None:
-    """The run's distributed DP noise (:class:`fusion.privacy.NoiseShares`, request key ``dp-distributed``), after
-    checking it gives this site at least the guarantee its own node config asks for; None where the run has none."""
+    """The run's distributed DP noise (:class:`fusion.privacy.NoiseShares`, request key ``dp-distributed``); None
+    where the run has none. Checked against the site's own guarantee once its example count is known
+    (:func:`check_guarantee`)."""
     raw = request.get("dp-distributed")
     if not raw:
         return None
@@ -167,14 +179,22 @@ def distributed_request(context: Context, request) -> dict | None:
     if not isinstance(public, dict) or public.get("mechanism") != DISTRIBUTED_MECHANISM:
         raise PrivacyError(f"the run asks for distributed DP noise by a mechanism this site does not know: {raw}",
                            public="distributed DP noise of an unknown mechanism")
-    own = context.node_config.get("dp-epsilon")
-    own_delta = float(context.node_config.get("dp-delta", 0.0))
-    if own is not None and float(own) > 0.0 and (
-            float(public["epsilon"]) > float(own) or (own_delta > 0.0 and float(public["delta"]) > own_delta)):
-        reason = (f"the run's DP guarantee (epsilon {public['epsilon']:g}, delta {public['delta']:g}) is weaker than "
-                  f"this site's node config asks (epsilon {float(own):g}{f', delta {own_delta:g}' if own_delta else ''})")
-        raise PrivacyError(reason, public=reason)
     return public
+
+
+def check_guarantee(context: Context, public: dict, example_count: int) -> None:
+    """Refuse a run whose guarantee is weaker than the one this site's node config asks for: its ``dp-epsilon``,
+    and its ``dp-delta`` or, where it sets none but sets ``dp-epsilon``, the ``1 / N^2`` a local release would
+    have. (A delta above ``1 / N`` is refused whatever the node config says.)"""
+    node = context.node_config
+    PrivacySpec(public["epsilon"], public["delta"], public["clip"]).delta_for(example_count)
+    own_epsilon = float(node.get("dp-epsilon", 0.0))
+    own_delta = float(node.get("dp-delta", 0.0)) or (1.0 / max(example_count, 2) ** 2 if own_epsilon > 0.0 else 0.0)
+    weaker = [f"epsilon {public['epsilon']:g} > {own_epsilon:g}" for _ in [0] if 0.0 < own_epsilon < public["epsilon"]]
+    weaker += [f"delta {public['delta']:g} > {own_delta:.3g}" for _ in [0] if 0.0 < own_delta < public["delta"]]
+    if weaker:
+        reason = f"the run's DP guarantee is weaker than this site's node config asks ({', '.join(weaker)})"
+        raise PrivacyError(reason, public=reason)
 
 
 def noise_shares(public: dict, methods, layout, session: OwnerSession | None) -> NoiseShares:
@@ -204,7 +224,9 @@ def site_statistics(model_dir: Path, data_file: Path, settings: DataSettings, fi
 
 def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budget, draw_noise):
     model, _ = load_model(model_dir, settings.task, base=base)
-    stats_file = model_dir / STATS_FILENAME
+    # Clipped statistics (distributed noise) live beside the site's noisy file, never over it: that file stays the
+    # one local-noise runs reuse for free, and no exact Grams sit under the name an offline merge reads.
+    stats_file = model_dir / (STATS_FILENAME if spec is None or draw_noise else CLIPPED_STATS_FILENAME)
     if stats_file.is_file():
         try:
             stats = load_statistics(stats_file)
@@ -221,7 +243,7 @@ def _fitting_statistics(model_dir, data_file, settings, fisher, base, spec, budg
                 log.info("reusing %s", stats_file)
                 return model, stats
     stats, _ = compute_statistics(model_dir, data_file, settings=settings, fisher=fisher, progress=False, model=model,
-                                  base=base, privacy=spec, budget=budget, draw_noise=draw_noise)
+                                  base=base, privacy=spec, budget=budget, draw_noise=draw_noise, out=stats_file)
     return model, stats
 
 
@@ -317,8 +339,13 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
     if distributed is None:
+        if session is not None and NOISE_REQUEST in session.state:  # the noise cannot be dropped halfway
+            raise SecureProtocolError("this site's keys were sent for a run with distributed DP noise: it does not "
+                                      "send its sums without it")
         return model, owner, secure_contributions(methods, owner, with_head), with_head, None, {}
-    privacy[0].delta_for(stats.example_count)  # a delta above 1/N is refused, as for a site's own request
+    check_guarantee(context, distributed, stats.example_count)
+    if session is not None and session.state.get(NOISE_REQUEST) != json.dumps(distributed, sort_keys=True):
+        raise SecureProtocolError("the run's distributed DP noise is not the one this site's keys were sent for")
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
     noise = noise_shares(distributed, methods, layout, session)
     parts = secure_contributions(methods, owner, with_head, noise)
@@ -351,7 +378,8 @@ def secure_keys(msg: Message, context: Context) -> Message:
     session.state[CONTRIBUTION] = contribution_of(owner.statistics.fingerprint, owner.statistics.settings)
     if noise is not None:
         session.state[NOISE_SEED] = secrets.randbits(63)  # this run's noise: the same in each of its rounds
-        site_budget(context, noise.epsilon).check(noise.spending(f"secure/{session.session}"))  # refused early
+        session.state[NOISE_REQUEST] = json.dumps(distributed_request(context, request), sort_keys=True)
+        site_budget(context, noise.epsilon).check(noise.spending(noise_draw(session)))  # refused before any share
     _save_session(context, session)
     model_dir, _ = site_paths(context)
     meta = {
@@ -409,13 +437,13 @@ def secure_masked(msg: Message, context: Context) -> Message:
     if round_name == "bounds":
         vectors, masked_layout = band_vectors(layout, {**parts, **bounds}), bands_layout(layout)
     else:
-        if noise is not None:  # the release: charged once per run, before anything of it leaves
-            spent = site_budget(context, noise.epsilon).spend(noise.spending(f"secure/{session.session}"))
-            log.info("distributed DP noise (share 1/%d): epsilon %.3g spent in all of this site's budget",
-                     noise.threshold, spent)
         scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
         vectors, masked_layout = encoded_vectors(layout, parts, scales, len(participants)), layout
     masked = session.mask(round_name, participants, masked_layout, vectors)
+    if noise is not None and round_name == "sums":  # the release, encoded and masked: charged before it leaves
+        spent = site_budget(context, noise.epsilon).spend(noise.spending(noise_draw(session)))
+        log.info("distributed DP noise (share 1/%d): epsilon %.3g spent in all of this site's budget",
+                 noise.threshold, spent)
     _save_session(context, session)
     records = {MASKED: ArrayRecord({key: Array(value) for key, value in masked.items()})}
     if round_name == "sums" and _shares_head(context, with_head):  # the site decides, whatever the server asks

@@ -10,7 +10,11 @@ held-out NYT domain, against averaging (needs no statistics: the floor DP RegMea
 exact statistics.
 
     python -m examples.privacy [--setting domains|llm] [--sizes 400 3000] [--epsilons 8 4 1 0.5] [--seeds 2]
-                               [--workdir runs/compare]
+                               [--noise local|distributed] [--workdir runs/compare]
+
+``--noise distributed`` also runs secure Flower federations at the first size, each epsilon once with local noise
+and once with distributed noise (each site a 1/threshold share; SECURITY.md), the sites reading with the
+federation's settings.
 
 Writes WORKDIR/privacy-<setting>.json, .md and .png (the score against epsilon, one line per size) and prints the
 table.
@@ -149,56 +153,62 @@ def weight_bound(folders: list[Path]) -> float:
     return float(math.ceil(largest))
 
 
-def distributed_runs(name: str, size: int, epsilons: list[float], workdir: Path) -> dict:
-    """DP RegMean with distributed noise: one secure Flower simulation per epsilon, every site adding
-    1/threshold of the noise (dp-noise=distributed) to its clipped statistics and products, delta = 1/N^2."""
+def federated_runs(name: str, size: int, epsilons: list[float], workdir: Path) -> dict:
+    """DP RegMean through secure Flower simulations, one per epsilon and noise: ``local`` (each site's statistics
+    carry all the noise its release needs) and ``distributed`` (each site adds 1/threshold of one noise to its
+    Grams and, calibrated to the public weight bound, to its products with the weights), delta = 1/N^2. The sites
+    read with the federation's own settings, the same for both."""
     from server.processes import Loopback
 
     setting = setting_of(name, workdir)
     root = workdir / f"privacy-{name}"
-    folders = [site_folder(owner, root / "distributed-sites") for owner in setting.owners]
-    workspace = root / "distributed-workspace"
+    folders = [site_folder(owner, root / "federated-sites") for owner in setting.owners]
+    workspace = root / "federated-workspace"
     for owner, folder in zip(setting.owners, folders):
         (workspace / owner.name).mkdir(parents=True, exist_ok=True)
         for link, target in (("model", folder), ("data.jsonl", statistics_rows(owner, size, root))):
             if not (workspace / owner.name / link).exists():
                 (workspace / owner.name / link).symlink_to(target.resolve())
     bound = weight_bound(folders)
-    results: dict = {"size": size, "weight_bound": bound, "delta": 1.0 / size ** 2, "epsilons": {}}
+    delta = 1.0 / size ** 2
+    results: dict = {"size": size, "weight_bound": bound, "delta": delta, "local": {}, "distributed": {}}
     for epsilon in epsilons:
-        out = root / f"distributed-{epsilon:g}"
-        simulation = Loopback(root / "flower", simulation=True)
-        say(f"N={size}: epsilon {epsilon:g}, distributed noise: a secure federated round of {len(folders)} sites")
-        try:
-            simulation.start_superlink()
-            done = simulation.run(
-                f"workspace='{workspace}' out-dir='{out}' method='regmean' secure=true dp-noise='distributed' "
-                f"dp-epsilon={epsilon} dp-delta={1.0 / size ** 2} dp-clip=1.0 dp-weight-bound={bound} "
-                f"dp-budget=1000000.0 min-owners={len(folders)} timeout=3000", num_supernodes=len(folders),
-                timeout=3300, capture=False)
-        finally:
-            simulation.stop()
-        if done.returncode != 0 or not (out / "report.json").is_file():
-            raise SystemExit(f"the federated round failed; see the logs in {simulation.root}")
-        report = json.loads((out / "report.json").read_text())
-        result = summary(scores(out / MERGED, setting), setting.owners)
-        result["privacy"] = report["federation"]["privacy"]
-        result["mean_noise_std"] = sum(layer["noise_std"] for layer in report["layers"].values()) / len(report["layers"])
-        results["epsilons"][f"{epsilon:g}"] = result
-        say(f"N={size}: epsilon {epsilon:g}, distributed: {result['mean_in_domain']:.3f} in domain ({setting.metric})")
+        for noise in ("local", "distributed"):
+            out = root / f"federated-{noise}-{epsilon:g}"
+            simulation = Loopback(root / "flower", simulation=True)
+            say(f"N={size}: epsilon {epsilon:g}, {noise} noise: a secure federated round of {len(folders)} sites")
+            try:
+                simulation.start_superlink()
+                done = simulation.run(
+                    f"workspace='{workspace}' out-dir='{out}' method='regmean' secure=true dp-noise='{noise}' "
+                    f"dp-epsilon={epsilon} dp-delta={delta} dp-clip=1.0 dp-weight-bound={bound} "
+                    f"dp-budget=1000000.0 min-owners={len(folders)} timeout=3000", num_supernodes=len(folders),
+                    timeout=3300, capture=False)
+            finally:
+                simulation.stop()
+            if done.returncode != 0 or not (out / "report.json").is_file():
+                raise SystemExit(f"the federated round failed; see the logs in {simulation.root}")
+            report = json.loads((out / "report.json").read_text())
+            result = summary(scores(out / MERGED, setting), setting.owners)
+            layers = report["layers"].values()
+            result["mean_noise_std"] = sum(layer.get("noise_std", 0.0) for layer in layers) / len(layers)
+            result["mean_ridge"] = sum(layer.get("ridge", 0.0) for layer in layers) / len(layers)
+            results[noise][f"{epsilon:g}"] = result
+            say(f"N={size}: epsilon {epsilon:g}, {noise} noise: {result['mean_in_domain']:.3f} in domain "
+                f"({setting.metric})")
     return results
 
 
-def distributed_table(results: dict, epsilons: list[float]) -> str:
-    """Local against distributed noise at each epsilon, at the size the distributed runs took."""
-    size = str(results["distributed"]["size"])
-    local = results["sizes"][size]
+def federated_table(results: dict, epsilons: list[float]) -> str:
+    """Local against distributed noise in secure federations, at each epsilon."""
+    federated = results["federated"]
     columns = [f"{e:g}" for e in epsilons]
-    lines = ["| noise, N = " + size + " | " + " | ".join(f"epsilon {c}" for c in columns) + " |",
-             "|---" * (len(columns) + 1) + "|",
-             "| local (each site all of it) | " + " | ".join(cell(local[c]) for c in columns) + " |",
-             "| distributed (secure, each site 1/threshold) | "
-             + " | ".join(cell(results["distributed"]["epsilons"][c]) for c in columns) + " |"]
+    lines = [f"| secure federation, N = {federated['size']} | " + " | ".join(f"epsilon {c}" for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for noise, label in (("local", "local noise (each site all of it)"),
+                         ("distributed", "distributed noise (each site 1/threshold)")):
+        lines.append(f"| {label} | " + " | ".join(cell(federated[noise][c]) for c in columns) + " |")
+    lines += ["", f"Weight bound (largest spectral norm of any owner's layer, rounded up): {federated['weight_bound']:g}."]
     return "\n".join(lines)
 
 
@@ -253,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="noise draws per epsilon (scores are their mean)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
     parser.add_argument("--noise", choices=("local", "distributed"), default="local",
-                        help="distributed: also run secure federations with distributed noise (first size only)")
+                        help="distributed: also secure federations with local and with distributed noise, at each "
+                        "epsilon (first size only)")
     args = parser.parse_args(argv)
     if any(not math.isfinite(e) or e <= 0 for e in args.epsilons):
         parser.error("epsilons are positive numbers (infinity is always run)")
@@ -261,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or ([400, 3000] if args.setting == "domains" else [200])
     results = run(args.setting, sizes, args.epsilons, args.seeds, workdir)
     if args.noise == "distributed":
-        results["distributed"] = distributed_runs(args.setting, sizes[0], args.epsilons, workdir)
+        results["federated"] = federated_runs(args.setting, sizes[0], args.epsilons, workdir)
     text = table(results, args.epsilons)
-    if "distributed" in results:
-        text += "\n\n" + distributed_table(results, args.epsilons)
+    if "federated" in results:
+        text += "\n\n" + federated_table(results, args.epsilons)
     name = f"privacy-{args.setting}" + ("-distributed" if args.noise == "distributed" else "")
     (workdir / f"{name}.json").write_text(json.dumps(results, indent=2))
     (workdir / f"{name}.md").write_text(text + "\n")

@@ -94,7 +94,8 @@ class PrivacySpec:
             return 1.0 / max(example_count, 2) ** 2
         if self.delta > 1.0 / example_count:
             raise PrivacyError(f"DP delta {self.delta:g} is above 1/N = {1.0 / example_count:.3g} for N = "
-                               f"{example_count} examples: such a delta allows releasing one example outright")
+                               f"{example_count} examples: such a delta allows releasing one example outright",
+                               public="the DP delta is above 1/N for this site's N examples")
         return self.delta
 
 

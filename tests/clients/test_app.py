@@ -116,3 +116,52 @@ def test_a_withdrawn_site_takes_part_in_no_secure_run(node):
     with pytest.raises(GramfuseError, match=r"withdrawn \(node config leave=true\): it takes part in no secure run"):
         site.secure_keys(asked, context)
     assert site.public_reason(SecureProtocolError("x")) == "x"  # the reason reaches the server as it is
+
+
+def distributed(**overrides):
+    from fusion.privacy import DISTRIBUTED_MECHANISM
+
+    noise = {"epsilon": 4.0, "delta": 1e-3, "clip": 1.0, "weight_bound": 1e6, "mechanism": DISTRIBUTED_MECHANISM}
+    return json.dumps({**noise, **overrides})
+
+
+def keys_request(noise: str | None):
+    extra = {"dp-distributed": noise} if noise else {}
+    return request(MessageType.QUERY + ".secure_keys", session="s", method="regmean",
+                   **{"reference-label-set": "[]"}, **extra)
+
+
+def test_a_site_refuses_a_distributed_run_weaker_than_its_own_guarantee(node):
+    """Its node config's epsilon, its delta, or (setting an epsilon only) the 1/N^2 a local release would have; and
+    a delta above 1/N whatever it says. The 12-example site: 1/N^2 = 0.0069, 1/N = 0.083."""
+    context, _ = node
+    keys = site.secure_keys(keys_request(distributed(delta=1e-3)), context)  # no DP of its own: the run's holds
+    assert any(key.startswith("key/") for key in keys.content["meta"])
+    state = site._session(context).state
+    assert site.NOISE_SEED in state and json.loads(state[site.NOISE_REQUEST])["epsilon"] == 4.0
+    for node_config, run, match in (({"dp-epsilon": 2.0}, {}, "epsilon 4 > 2"),
+                                    ({"dp-epsilon": 8.0}, {"delta": 0.05}, "delta 0.05 > 0.00694"),
+                                    ({"dp-epsilon": 8.0, "dp-delta": 1e-4}, {}, "delta 0.001 > 0.0001"),
+                                    ({}, {"delta": 0.1}, "above 1/N")):
+        context.node_config.update(node_config)
+        with pytest.raises(GramfuseError, match=match):
+            site.secure_keys(keys_request(distributed(**run)), context)
+        for key in node_config:
+            del context.node_config[key]
+
+
+def test_a_site_keeps_the_noise_its_keys_were_sent_for(node):
+    """A server that drops the distributed noise after the keys (or changes it) gets no sums from the site; the
+    clipped statistics are kept beside the site's statistics file, not over it."""
+    from pathlib import Path
+
+    context, _ = node
+    site.secure_keys(keys_request(distributed()), context)
+    model = Path(context.node_config["model-path"])
+    assert (model / site.CLIPPED_STATS_FILENAME).is_file() and not (model / "gramfuse-stats.safetensors").exists()
+    session = site._session(context)
+    session.state["threshold"] = 2  # as after the shares
+    for noise, match in ((None, "does not send its sums without it"), (distributed(epsilon=8.0), "not the one")):
+        with pytest.raises(GramfuseError, match=match):
+            site._site_contribution(context, {"method": "regmean", "reference-label-set": "[]", "layout": "[]",
+                                              **({"dp-distributed": noise} if noise else {})}, session)

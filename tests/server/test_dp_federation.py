@@ -99,9 +99,11 @@ def test_distributed_noise_through_flower_sums_the_whole_noise_and_charges_each_
     privacy = report["federation"]["privacy"]
     assert privacy["noise"] == DISTRIBUTED and privacy["epsilon"] == 4.0 and privacy["delta"] == 1e-4
     assert report["federation"]["secure"]["threshold"] == 2 and privacy["noise_variance_over_needed"] == 1.5
-    for i in range(OWNERS):  # clipped statistics at the sites; the noise is drawn per run, never kept
-        stats = load_statistics(sites / f"owner{i}" / "model" / "gramfuse-stats.safetensors")
+    for i in range(OWNERS):  # clipped statistics at the sites, in a file of their own; the noise is drawn per run
+        assert not (sites / f"owner{i}" / "model" / "gramfuse-stats.safetensors").exists()
+        stats = load_statistics(sites / f"owner{i}" / "model" / "gramfuse-stats-clipped.safetensors")
         assert stats.noise_std == 0.0 and stats.privacy["clip"] == 1.0
+        assert stats.settings["privacy"] == {"clip": 1.0, "mechanism": MECHANISM, "noise": "none"}  # any epsilon
     assert privacy["releases"] > 0
     whole = NoiseShares(4.0, 1e-4, 1.0, 50.0, threshold=1, releases=privacy["releases"]).std(1.0)
     for key, layer in report["layers"].items():
@@ -109,7 +111,8 @@ def test_distributed_noise_through_flower_sums_the_whole_noise_and_charges_each_
         assert layer["noise_std"] == pytest.approx(whole * 1.5 ** 0.5, rel=1e-6), key
     spent = budgets(sites)
     session = report["federation"]["secure"]["session"]
-    assert [[d["draw"] for d in draws] for draws in spent] == [[f"secure/{session}"]] * OWNERS
+    assert all(len(draws) == 1 and draws[0]["draw"].startswith(f"secure/{session[:16]}/") for draws in spent)
+    assert len({draws[0]["draw"] for draws in spent}) == OWNERS  # each site names its own draw
     assert all(draws[0]["epsilon"] == 4.0 for draws in spent)
 
     again = Loopback(tmp_path / "again", simulation=True)  # two runs at 4 compose to 6: past a budget of 5
