@@ -51,6 +51,9 @@ TAIL_SIGMAS = 10.0
 # Wigner: a symmetric d x d matrix of N(0, s^2) entries has spectral norm about 2 s sqrt(d), and above it with
 # probability that vanishes in d (Tracy-Widom tails).
 SPECTRAL_FACTOR = 2.0
+# The ridge's margin beyond the noise's spectral edge, in units of s sqrt(d): the least eigenvalue of the
+# regularised Gram, which bounds how much the solve can amplify the noise (see noise_ridge).
+RIDGE_MARGIN = 1.0
 
 
 class PrivacyError(GramfuseError):
@@ -290,10 +293,13 @@ def spectral_norm(weight: torch.Tensor) -> float:
 
 
 def noise_ridge(noise_variance: float, dim: int) -> float:
-    """The ridge a noisy summed Gram is solved with: ``2 s sqrt(d)``, ``s^2`` the summed noise variance per entry.
+    """The ridge a noisy summed Gram is solved with: ``3 s sqrt(d)``, ``s^2`` the summed noise variance per entry.
 
-    AdaSSP-style (Wang, 2018): the noise matrix's spectral norm is about ``2 s sqrt(d)`` (Wigner), so adding that
-    to the diagonal mostly makes the noisy Gram positive definite (it is then at least the clean one; where a draw's
-    extreme eigenvalue goes beyond, the solve doubles the ridge until it factorises), and directions where the
+    AdaSSP-style (Wang, 2018): the noise matrix's eigenvalues reach down to about ``-2 s sqrt(d)`` (Wigner), so
+    adding that much to the diagonal makes the noisy Gram positive definite, and :data:`RIDGE_MARGIN` more keeps its
+    smallest eigenvalue at about ``s sqrt(d)`` or above (where a draw's extreme eigenvalue goes further, the solve
+    doubles the ridge until it factorises). Without the margin the smallest eigenvalue sits at the noise's edge,
+    near zero in about every draw, and the solve divides the noise by it: measured, one layer of condition 5e4 took
+    a federation of four sentiment owners from 0.76 to 0.58 accuracy at epsilon 0.5 (README). Directions where the
     owners' data is weaker than the noise are pulled towards the prior (the average)."""
-    return SPECTRAL_FACTOR * math.sqrt(max(noise_variance, 0.0) * dim)
+    return (SPECTRAL_FACTOR + RIDGE_MARGIN) * math.sqrt(max(noise_variance, 0.0) * dim)

@@ -458,3 +458,19 @@ def test_the_server_rejects_a_dp_trace_that_clipping_and_noise_cannot_give():
     assert set(odd) == {3} and "clip 1000000.0 differs from the other DP sites' 2.0" in odd[3]
     loud = private_trace_misfits({1: site(20.0), 2: site(1e6, noise_std=1e6)})
     assert set(loud) == {2} and "is not what its noise multiplier and clip give" in loud[2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_noise_ridge_keeps_a_margin_above_the_noises_spectral_edge(seed):
+    """A Gram that is all noise (no data reaches the layer): with the ridge, every eigenvalue of the regularised
+    Gram is at least about s sqrt(d), so the solve amplifies nothing by more than 1 / (s sqrt(d)); a ridge of the
+    spectral edge alone (2 s sqrt(d)) leaves eigenvalues near zero."""
+    generator = torch.Generator().manual_seed(seed)
+    dim, std = 300, 0.7
+    noise = unpack_upper(std * torch.randn(dim * (dim + 1) // 2, generator=generator, dtype=torch.float64), dim)
+    edge = 2 * std * math.sqrt(dim)
+    smallest = float(torch.linalg.eigvalsh(noise)[0])
+    assert abs(smallest + edge) < 0.1 * edge  # Wigner: the spectrum reaches -2 s sqrt(d)
+    ridge = noise_ridge(std ** 2, dim)
+    assert smallest + ridge > 0.85 * std * math.sqrt(dim)
+    assert abs(smallest + edge) < 0.15 * std * math.sqrt(dim)  # the edge alone would leave about nothing
