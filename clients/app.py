@@ -18,7 +18,10 @@ Node config (``flower-supernode --node-config "model-path='…' data-path='…'"
 - ``dp-epsilon`` (0: off), ``dp-delta`` (0: ``1 / N^2`` for ``N`` examples), ``dp-clip`` (1.0), ``dp-budget``
   (``dp-epsilon``): differentially private statistics (:mod:`fusion.privacy`); every noise draw is recorded in
   ``<data-path>.gramfuse-dp-budget.json`` (or ``dp-budget-path``) and a draw that would take the composed epsilon
-  past ``dp-budget`` is refused. A drawn statistics file is reused across runs at no further cost;
+  past ``dp-budget`` is refused. A drawn statistics file is reused across runs at no further cost. In a secure run
+  with distributed noise (run config ``dp-noise=distributed``) the run sets the guarantee, which the site checks
+  against its own ``dp-epsilon``/``dp-delta``: it keeps clipped statistics (``gramfuse-stats-clipped.safetensors``)
+  and adds its share of fresh noise in every run, each run charged to the same budget;
 - ``share-head`` (false): in secure mode, a site whose label set differs from the merged one may send its own
   head, in the clear (it cannot be summed with anyone's), to get a folder with the merged body and that head.
 

@@ -57,8 +57,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
 
     def __init__(self, methods, out_dir, *, threshold: int = 0, bound_factor: float = BOUND_FACTOR,
                  noise: dict | None = None, **options: Any) -> None:
+        check_secure_methods(methods if isinstance(methods, list) else [methods])
         super().__init__(methods, out_dir, **options)
-        check_secure_methods(self.methods)
         # Distributed DP noise (fusion.privacy.NoiseShares): epsilon, delta, clip, weight_bound, public to all sites.
         self.noise = distributed_noise(noise, self.methods) if noise else None
         if self.noise is not None:

@@ -138,6 +138,10 @@ class RegMeanStrategy(Strategy):
         # The pretrained model is loaded as the sites' task once they have said what it is: a base folder is often
         # a bare body (BertModel) that only the owners' task class maps onto their parameter names.
         self.base_path = base_path if base is None and any(m.needs_base for m in self.methods) else None
+        needing = [m.label() for m in self.methods if m.needs_base]
+        if needing and base is None and not base_path:  # the operator's first error, before any site is asked
+            raise FederationError(f"method {needing[0]!r} works relative to the base model: set the run config's "
+                                  "base-path")
         # The base also stands in for the weights a LoRA adapter site leaves untouched, so they are never sent.
         self.base_folder = Path(base_path) if base_path else None
         self._base_files: tuple[CheckpointFiles, str] | None = None  # the base's tensors and fingerprint, once read

@@ -1,5 +1,7 @@
 """The strategy's checks that need no site: what it refuses before any site is asked for anything."""
 
+import json
+
 import pytest
 
 from fusion.errors import GramfuseError
@@ -36,3 +38,37 @@ def test_an_output_folder_inside_the_state_dir_is_refused(tmp_path):
     server = RegMeanStrategy([get_method("regmean")], tmp_path / "state" / "out", state_dir=tmp_path / "state")
     with pytest.raises(GramfuseError, match="apart from the inputs"):
         server.begin()
+
+
+def test_a_method_relative_to_the_base_without_a_base_path_is_refused_up_front(tmp_path):
+    with pytest.raises(GramfuseError, match="relative to the base model: set the run config's base-path"):
+        RegMeanStrategy([get_method("regmean", lines_alpha=0.5)], tmp_path / "out")
+    with pytest.raises(GramfuseError, match="use it in plaintext mode"):  # secure mode: not at all
+        SecureRegMeanStrategy([get_method("task-arithmetic")], tmp_path / "out")
+    RegMeanStrategy([get_method("regmean", lines_alpha=0.5)], tmp_path / "out", base_path=tmp_path)
+
+
+NOISE = {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0, "weight_bound": 20.0}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"delta": 0.0}, "needs dp-delta set for the whole run"),
+    ({"weight_bound": 0.0}, "needs dp-weight-bound"),
+    ({"epsilon": 0.0}, "epsilon must be between"),
+])
+def test_distributed_noise_settings_are_checked_before_any_site_is_asked(tmp_path, change, message):
+    with pytest.raises(GramfuseError, match=message):
+        SecureRegMeanStrategy([get_method("regmean")], tmp_path / "out", noise={**NOISE, **change})
+
+
+def test_distributed_noise_is_for_methods_that_can_noise_their_sums_in_secure_mode(tmp_path):
+    from server.app import noise_from
+
+    for method in (get_method("regmean", weighting="equal"), get_method("fisher")):
+        with pytest.raises(GramfuseError, match="cannot add distributed DP noise"):
+            SecureRegMeanStrategy([method], tmp_path / "out", noise=NOISE)
+    server = SecureRegMeanStrategy([get_method("regmean"), get_method("average")], tmp_path / "out", noise=NOISE)
+    assert json.loads(str(server.request()["dp-distributed"]))["weight_bound"] == 20.0
+    assert noise_from({"dp-noise": "local"}) is None
+    with pytest.raises(GramfuseError, match="central noise at a trusted server is not built"):
+        noise_from({"dp-noise": "central"})
