@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import CompatibilityError, GramfuseError, MergeError
+from .finite import all_finite
 from .lazy import DTYPES
 
 _quiet = False
@@ -156,7 +157,7 @@ def float_state(model: Any) -> dict[str, torch.Tensor]:
 
 def check_finite(owner: str, params: Mapping[str, torch.Tensor]) -> None:
     for name, value in params.items():
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise MergeError(f"owner {owner!r}: layer {name!r}: weights hold NaN or Inf")
 
 

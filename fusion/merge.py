@@ -40,6 +40,7 @@ from .checkpoint import (
     tokenizer_or_none,
 )
 from .errors import CompatibilityError, GramfuseError, MergeError, StatisticsError
+from .finite import all_finite
 from .finish import Group, finish, plan_groups, plan_outputs, write_report
 from .adapters import AdapterFiles, checkpoint_files, is_adapter, model_folder
 from .lazy import CheckpointFiles, Restricted
@@ -258,7 +259,7 @@ def verify_weights(owner: FolderOwner) -> str:
     the weights' fingerprint."""
 
     def finite(name: str, value: torch.Tensor) -> None:
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise MergeError(f"owner {owner.name!r}: layer {name!r}: weights hold NaN or Inf")
 
     fingerprint = owner.files.fingerprint(each=finite)

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import StatisticsError
+from .finite import all_finite
 from .privacy import TAIL_SIGMAS
 
 FORMAT_VERSION = 1
@@ -397,7 +398,7 @@ def _gram_dtype(source: str, name: str) -> str:
 
 
 def _check_fisher(source: str, name: str, value: torch.Tensor) -> None:
-    if not torch.isfinite(value).all():
+    if not all_finite(value):
         raise StatisticsError(f"{source}: parameter {name!r}: Fisher holds NaN or Inf")
 
 
@@ -412,7 +413,7 @@ def _check_gram(source: str, key: str, gram: torch.Tensor, info: Mapping[str, An
             f"{source}: layer {key!r}: Gram has shape {tuple(gram.shape)}, expected a packed triangle of "
             f"{dim * (dim + 1) // 2} entries for input dimension {dim}"
         )
-    if check_values and not torch.isfinite(gram).all():
+    if check_values and not all_finite(gram):
         raise StatisticsError(f"{source}: layer {key!r}: Gram holds NaN or Inf")
     # A differentially private Gram carries Gaussian noise, its diagonal too; beyond TAIL_SIGMAS it is not noise.
     if check_values and bool((packed_diagonal(gram, dim) < -TAIL_SIGMAS * noise_std).any()):
