@@ -242,6 +242,11 @@ def chart(results: dict, epsilons: list[float], path: Path) -> None:
         values = [by_size[f"{e:g}"]["mean_in_domain"] for e in finite] + [by_size["inf"]["mean_in_domain"]]
         axis.plot(positions, values, marker="o", label=f"DP RegMean, N = {size} per owner")
         axis.axhline(by_size["exact"]["mean_in_domain"], linestyle=":", linewidth=1, color=axis.lines[-1].get_color())
+    federated = results.get("federated")
+    for noise, style in (("local", "s"), ("distributed", "x")) if federated else ():
+        values = [federated[noise][f"{e:g}"]["mean_in_domain"] for e in finite]
+        axis.plot(finite, values, marker=style, linestyle="-.",
+                  label=f"secure federation, {noise} noise, N = {federated['size']}")
     axis.axhline(results["average"]["mean_in_domain"], color="black", linestyle="--", label="averaging (no statistics)")
     axis.set_xscale("log")
     axis.set_xticks(positions, [f"{e:g}" for e in finite] + ["inf"])
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, args.epsilons)
     if "federated" in results:
         text += "\n\n" + federated_table(results, args.epsilons)
-    name = f"privacy-{args.setting}" + ("-distributed" if args.noise == "distributed" else "")
+    name = f"privacy-{args.setting}"
     (workdir / f"{name}.json").write_text(json.dumps(results, indent=2))
     (workdir / f"{name}.md").write_text(text + "\n")
     chart(results, args.epsilons, workdir / f"{name}.png")
