@@ -35,7 +35,6 @@ The statistics file already in the model folder is reused when it was made from 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import secrets
@@ -99,11 +98,14 @@ NOISE_REQUEST = "dp-distributed"  # in the session: the run's distributed DP noi
 CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
 
 
+NOISE_DRAW = "dp-draw"  # in the session: this site's own id of the run's noise draw, for its budget record
+
+
 def noise_draw(session: OwnerSession) -> str:
     """This site's budget entry for the run: the server's session id is not enough (another site over the same data
-    in the same run, or a server reusing an id, would get fresh noise uncharged), so the site's own seed names it."""
-    digest = hashlib.sha256(f"{session.state[NOISE_SEED]}".encode()).hexdigest()[:16]
-    return f"secure/{session.session[:16]}/{digest}"
+    in the same run, or a server reusing an id, would get fresh noise uncharged), so a random id of the site's own
+    names it (not derived from the seed: the budget file must not help anyone find the noise)."""
+    return f"secure/{session.session[:16]}/{session.state[NOISE_DRAW]}"
 
 
 
@@ -196,8 +198,10 @@ def check_guarantee(context: Context, public: dict, example_count: int) -> None:
     weaker = [f"epsilon {public['epsilon']:g} > {own_epsilon:g}" for _ in [0] if 0.0 < own_epsilon < public["epsilon"]]
     weaker += [f"delta {public['delta']:g} > {own_delta:.3g}" for _ in [0] if 0.0 < own_delta < public["delta"]]
     if weaker:
-        reason = f"the run's DP guarantee is weaker than this site's node config asks ({', '.join(weaker)})"
-        raise PrivacyError(reason, public=reason)
+        # The server reads which bound, never the site's own value: 1/N^2 would give away its example count.
+        raise PrivacyError(f"the run's DP guarantee is weaker than this site's node config asks ({', '.join(weaker)})",
+                           public="the run's DP guarantee is weaker than this site's node config asks (its "
+                                  f"{' and '.join(item.split()[0] for item in weaker)})")
 
 
 def noise_shares(public: dict, methods, layout, session: OwnerSession | None) -> NoiseShares:
@@ -332,6 +336,11 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
     distributed = distributed_request(context, request)
+    if session is not None and session.state.get(NOISE_REQUEST) != (
+            None if distributed is None else json.dumps(distributed, sort_keys=True)):
+        # The noise the keys were sent for holds for the whole run: neither dropped nor changed halfway.
+        raise SecureProtocolError("the run's distributed DP noise is not the one this site's keys were sent for: it "
+                                  "does not send its sums")
     if distributed is None:
         privacy = site_privacy(context)
     else:  # clipped statistics, noised afresh in every run (each run is a release, charged before the sums leave)
@@ -342,13 +351,8 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
     if distributed is None:
-        if session is not None and NOISE_REQUEST in session.state:  # the noise cannot be dropped halfway
-            raise SecureProtocolError("this site's keys were sent for a run with distributed DP noise: it does not "
-                                      "send its sums without it")
         return model, owner, secure_contributions(methods, owner, with_head), with_head, None, {}
     check_guarantee(context, distributed, stats.example_count)
-    if session is not None and session.state.get(NOISE_REQUEST) != json.dumps(distributed, sort_keys=True):
-        raise SecureProtocolError("the run's distributed DP noise is not the one this site's keys were sent for")
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
     noise = noise_shares(distributed, methods, layout, session)
     parts = secure_contributions(methods, owner, with_head, noise)
@@ -381,6 +385,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
     session.state[CONTRIBUTION] = contribution_of(owner.statistics.fingerprint, owner.statistics.settings)
     if noise is not None:
         session.state[NOISE_SEED] = secrets.randbits(63)  # this run's noise: the same in each of its rounds
+        session.state[NOISE_DRAW] = secrets.token_hex(16)
         session.state[NOISE_REQUEST] = json.dumps(distributed_request(context, request), sort_keys=True)
         site_budget(context, noise.epsilon).check(noise.spending(noise_draw(session)))  # refused before any share
     _save_session(context, session)

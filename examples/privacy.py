@@ -47,7 +47,7 @@ def site_folder(owner: Owner, root: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for source in owner.model.iterdir():
         link = folder / source.name
-        if source.is_file() and source.name != STATS_FILENAME and not link.exists():
+        if source.is_file() and not source.name.startswith(STATS_FILENAME.split(".")[0]) and not link.exists():
             link.symlink_to(source.resolve())
     return folder
 
