@@ -25,5 +25,5 @@ def test_all_finite_agrees_with_isfinite(size, specials, dtype, seed):
 
 def test_finite_entries_whose_sum_overflows_are_finite():
     assert all_finite(torch.full((4,), 3e38, dtype=torch.float32))  # the sum is inf; every entry is finite
-    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))
+    assert all_finite(torch.full((8,), 60000.0, dtype=torch.float16))  # beyond float16 summed: accumulated in float32
     assert not all_finite(torch.tensor([1.0, math.nan]))
