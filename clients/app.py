@@ -95,10 +95,8 @@ SECURE_STATE = "gramfuse-secure"  # this site's secrets for the run, in the node
 CONTRIBUTION = "contribution"  # in the session: what this site adds to the run's sums (federation.ledger)
 NOISE_SEED = "dp-seed"  # in the session: the seed of this site's distributed DP noise for the run (never sent)
 NOISE_REQUEST = "dp-distributed"  # in the session: the run's distributed DP noise its keys were sent for
-CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
-
-
 NOISE_DRAW = "dp-draw"  # in the session: this site's own id of the run's noise draw, for its budget record
+CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
 
 
 def noise_draw(session: OwnerSession) -> str:

@@ -63,7 +63,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.noise = distributed_noise(noise, self.methods) if noise else None
         if self.noise is not None:
             log.warning("dp-noise=distributed: every G W^T carries noise of its own, which the solve divides by a "
-                        "ridge that shrinks with the noise; on the README's real federations RegMean then falls "
+                        "ridge that shrinks with the noise; on the README's sentiment federation RegMean then fell "
                         "far below averaging at every epsilon measured, where local noise does not (README, "
                         "\"Differential privacy\")")
         if self.state_dir is not None:
