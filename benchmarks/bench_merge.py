@@ -7,7 +7,8 @@ floor measured in the same run.
   (the merge streams group by group);
 - owners: 2 and 8 owners of the 4-layer model; flat too;
 - the plaintext server in a federated round of the same owners (Flower's simulation engine, part-mb 256, less than
-  the 16-layer model's sums): the same two ratios, from the server's own report;
+  the 16-layer model's sums): the same two ratios, from the server's own report; ``--secure``: the secure server
+  too (one masked round per part);
 - floor: reading every owner's tensors once plus one Cholesky factorisation and triangular solve per Gram group, in
   this process; the merge's own time (its report's ``seconds``) is given as a ratio to it;
 - ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
@@ -100,9 +101,9 @@ def merge_in_process(folders: list[Path], out: Path, device: str = "cpu") -> dic
             "merge_seconds": report["seconds"], "layers": report["layers"], "summary": done.stdout.strip()}
 
 
-def server_through_flower(folders: list[Path], workdir: Path, data: Path) -> dict:
-    """A plaintext federated round over these owners on Flower's simulation engine (our own SuperLink): the
-    server's peak RSS as its report gives it."""
+def server_through_flower(folders: list[Path], workdir: Path, data: Path, secure: bool = False) -> dict:
+    """A federated round (plaintext, or ``secure``) over these owners on Flower's simulation engine (our own
+    SuperLink): the server's peak RSS as its report gives it."""
     from server.processes import Loopback
 
     workdir = workdir.resolve()  # Flower runs the apps in folders of their own
@@ -117,7 +118,8 @@ def server_through_flower(folders: list[Path], workdir: Path, data: Path) -> dic
     try:
         simulation.start_superlink()
         done = simulation.run(f"workspace='{workspace}' out-dir='{out}' min-owners={len(folders)} timeout=1200 "
-                              f"part-mb={SERVER_PART_MB}", num_supernodes=len(folders), timeout=1800)
+                              f"part-mb={SERVER_PART_MB} secure={str(secure).lower()}", num_supernodes=len(folders),
+                              timeout=3600)
     finally:
         simulation.stop()
     if not (out / "report.json").is_file():
@@ -188,10 +190,29 @@ def llm(workdir: Path, data: Path, tokenizer_dir: Path, devices: list[str]) -> d
     return results
 
 
+def servers(mode: str, shallow: list[Path], deep: list[Path], workdir: Path, data: Path) -> dict:
+    """The federated server's peak RSS against depth and owners, in ``mode`` (plaintext or secure)."""
+    secure = mode == "secure"
+    rounds = {
+        "4 layers, 2 owners": server_through_flower(shallow[:2], workdir / f"{mode}-server-4", data, secure),
+        "16 layers, 2 owners": server_through_flower(deep, workdir / f"{mode}-server-16", data, secure),
+        "4 layers, 8 owners": server_through_flower(shallow, workdir / f"{mode}-server-8", data, secure),
+    }
+    prefix = "secure_server" if secure else "server"
+    peak_of = {name: entry["server_peak_rss_mb"] for name, entry in rounds.items()}
+    return {
+        prefix: rounds,
+        f"{prefix}_peak_rss_ratio_16_to_4_layers": round(peak_of["16 layers, 2 owners"] / peak_of["4 layers, 2 owners"],
+                                                         3),
+        f"{prefix}_peak_rss_ratio_8_to_2_owners": round(peak_of["4 layers, 8 owners"] / peak_of["4 layers, 2 owners"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
     parser.add_argument("--no-bert", action="store_true", help="skip the depth and owner-count runs")
+    parser.add_argument("--secure", action="store_true", help="also the secure server's rounds (minutes each)")
     parser.add_argument("--devices", nargs="+", default=["cpu"], help="devices for the --llm runs (cpu, cuda)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: bundled MiniLM)")
     parser.add_argument("--data", type=Path, default=None, help="a JSONL data file (default: VADER amazon)")
@@ -210,23 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
             "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
         }
-        servers = {
-            "4 layers, 2 owners": server_through_flower(shallow[:2], args.workdir / "server-4", data),
-            "16 layers, 2 owners": server_through_flower(deep, args.workdir / "server-16", data),
-            "4 layers, 8 owners": server_through_flower(shallow, args.workdir / "server-8", data),
-        }
         result = {
             "runs": runs,
-            "server": servers,
-            "server_peak_rss_ratio_16_to_4_layers": round(servers["16 layers, 2 owners"]["server_peak_rss_mb"]
-                                                         / servers["4 layers, 2 owners"]["server_peak_rss_mb"], 3),
-            "server_peak_rss_ratio_8_to_2_owners": round(servers["4 layers, 8 owners"]["server_peak_rss_mb"]
-                                                        / servers["4 layers, 2 owners"]["server_peak_rss_mb"], 3),
             "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
                                                   / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
             "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
                                                  / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
         }
+        for mode in ("plaintext", "secure") if args.secure else ("plaintext",):
+            result.update(servers(mode, shallow, deep, args.workdir, data))
     if args.llm:
         result["llama_7b_width"] = llm(args.workdir, data, tokenizer_dir, args.devices)
     write_results(args.results, result)

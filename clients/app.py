@@ -39,7 +39,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -48,10 +48,10 @@ from flwr.clientapp import ClientApp
 from federation.crypto import SecureProtocolError
 from federation.ledger import LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
-from federation.protocol import OwnerSession
+from federation.protocol import BOUNDS, OwnerSession, sums_round
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER, WITHDRAWN
 
-from fusion.aggregate import owner_update
+from fusion.aggregate import OwnerUpdate, owner_update
 from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import CompatibilityError, GramfuseError, StatisticsError
 from fusion.methods import method_from_spec
@@ -96,6 +96,7 @@ CONTRIBUTION = "contribution"  # in the session: what this site adds to the run'
 NOISE_SEED = "dp-seed"  # in the session: the seed of this site's distributed DP noise for the run (never sent)
 NOISE_REQUEST = "dp-distributed"  # in the session: the run's distributed DP noise its keys were sent for
 NOISE_DRAW = "dp-draw"  # in the session: this site's own id of the run's noise draw, for its budget record
+RELEASED = "released"  # in the session: the sums this site has sent in the run's parts (each once)
 CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
 
 
@@ -327,9 +328,11 @@ def _save_session(context: Context, session: OwnerSession) -> None:
     context.state[SECURE_STATE] = ConfigRecord(session.state)
 
 
-def _site_contribution(context: Context, request, session: OwnerSession | None = None) -> tuple:
+def _site_contribution(context: Context, request, session: OwnerSession | None = None,
+                       part: list | None = None) -> tuple:
     """This site's model, its owner, its contribution to the sums of the requested methods (with its share of the
-    run's distributed DP noise, if any: then also the noised tensors' public bounds), and whether it has the head."""
+    run's distributed DP noise, if any: then also the noised tensors' public bounds), and whether it has the head.
+    With ``part`` (a sums round's share of the layout), only the contribution to those sums is formed."""
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
@@ -348,14 +351,29 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
+    if part is not None:
+        owner = restricted(owner, [key for key, _ in part])
     if distributed is None:
-        return model, owner, secure_contributions(methods, owner, with_head), with_head, None, {}
+        return model, owner, in_part(secure_contributions(methods, owner, with_head), part), with_head, None, {}
     check_guarantee(context, distributed, stats.example_count)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
     noise = noise_shares(distributed, methods, layout, session)
-    parts = secure_contributions(methods, owner, with_head, noise)
+    parts = in_part(secure_contributions(methods, owner, with_head, noise), part)
     bounds = public_bounds(noised_units(methods, layout, noise.weight_bound), noise, stats.example_count)
     return model, owner, parts, with_head, noise, bounds
+
+
+def restricted(owner: OwnerUpdate, keys: list[str]) -> OwnerUpdate:
+    """``owner`` with only the weights that sums ``keys`` (``<group>/<side>/<sum>/<name>``) are formed from: those
+    named, and those of the layers named (a layer's ``G W^T`` needs its weight)."""
+    named = {key.split("/", 3)[3] for key in keys if key.count("/") >= 3}
+    modules = owner.statistics.modules if owner.statistics is not None else {}
+    weights = named | {modules[name].weight for name in named if name in modules}
+    return replace(owner, params={name: value for name, value in owner.params.items() if name in weights})
+
+
+def in_part(contribution: dict, part: list | None) -> dict:
+    return contribution if part is None else {key: contribution[key] for key, _ in part if key in contribution}
 
 
 def _shares_head(context: Context, with_head: bool) -> bool:
@@ -413,10 +431,12 @@ def secure_shares(msg: Message, context: Context) -> Message:
     # Before any share leaves: a roster a few sites apart from an earlier release of the same contribution is refused.
     ledger(context).check(str(session.state[CONTRIBUTION]), roster, int(context.node_config.get(
         "min-roster-difference", MIN_DIFFERENCE)))
-    sealed, commitments = session.share(roster, int(request["threshold"]))
+    sealed, commitments, round_keys = session.share(roster, int(request["threshold"]),
+                                                    json.loads(str(request.get("rounds", "null"))))
     _save_session(context, session)
     content = {f"share/{node}": data for node, data in sealed.items()}
     content.update({f"commitment/{name}": value for name, value in commitments.items()})
+    content.update({f"key/{name}": value for name, value in round_keys.items()})
     return _reply(msg, **{META: ConfigRecord(content)})
 
 
@@ -436,25 +456,44 @@ def secure_masked(msg: Message, context: Context) -> Message:
     _save_session(context, session)
     incoming = {int(key[len("share/"):]): bytes(value) for key, value in request.items() if key.startswith("share/")}
     if incoming:
-        session.receive_shares(incoming)
-    _, owner, parts, with_head, noise, bounds = _site_contribution(context, request, session)
+        round_keys = {int(node): {r: bytes.fromhex(key) for r, key in keys.items()}
+                      for node, keys in json.loads(str(request.get("round-keys", "{}"))).items()}
+        session.receive_shares(incoming, round_keys)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
+    part = None if round_name == BOUNDS else released_part(session, layout, request)
+    _, owner, parts, with_head, noise, bounds = _site_contribution(context, request, session, part)
     participants = [int(node) for node in json.loads(str(request["participants"]))]
-    if round_name == "bounds":
+    if part is None:
         vectors, masked_layout = band_vectors(layout, {**parts, **bounds}), bands_layout(layout)
     else:
         scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
-        vectors, masked_layout = encoded_vectors(layout, parts, scales, len(participants)), layout
+        vectors, masked_layout = encoded_vectors(part, parts, scales, len(participants)), part
     masked = session.mask(round_name, participants, masked_layout, vectors)
-    if noise is not None and round_name == "sums":  # the release, encoded and masked: charged before it leaves
+    first_part = round_name == sums_round(1)
+    if noise is not None and first_part:  # the release begins, encoded and masked: charged before it leaves
         spent = site_budget(context, noise.epsilon).spend(noise.spending(noise_draw(session)))
         log.info("distributed DP noise (share 1/%d): epsilon %.3g spent in all of this site's budget",
                  noise.threshold, spent)
     _save_session(context, session)
     records = {MASKED: ArrayRecord({key: Array(value) for key, value in masked.items()})}
-    if round_name == "sums" and _shares_head(context, with_head):  # the site decides, whatever the server asks
+    if first_part and _shares_head(context, with_head):  # the site decides, whatever the server asks
         records[OWN_HEAD] = ArrayRecord(torch_state_dict={n: wire_tensor(v) for n, v in owner.split()[1].items()})
     return _reply(msg, **records)
+
+
+def released_part(session: OwnerSession, layout: list, request) -> list:
+    """The part of the agreed ``layout`` a sums round asks for, each of its sums released once in the run: asked
+    again in another part, with other participants, two sums would tell the difference between them."""
+    asked = [str(key) for key in json.loads(str(request["part"]))]
+    shapes = dict(layout)
+    unknown = [key for key in asked if key not in shapes]
+    released = set(json.loads(str(session.state.get(RELEASED, "[]"))))
+    again = [key for key in asked if key in released]
+    if unknown or again or len(set(asked)) != len(asked):
+        raise SecureProtocolError(f"sum {(unknown or again or asked)[0]!r} is not in the agreed layout, or is asked "
+                                  "twice in this run: it is not sent")
+    session.state[RELEASED] = json.dumps(sorted(released | set(asked)))
+    return [(key, shapes[key]) for key in asked]
 
 
 @app.query("secure_unmask")
@@ -465,6 +504,6 @@ def secure_unmask(msg: Message, context: Context) -> Message:
     survivors = json.loads(str(request["survivors"]))
     revealed = session.reveal(str(request["round"]), survivors, json.loads(str(request["dropped"])))
     _save_session(context, session)
-    if str(request["round"]) == "sums":  # the release: the sum of the survivors' contributions, this site's among them
+    if str(request["round"]) == sums_round(1):  # the release begins: the survivors' sums, this site's among them
         ledger(context).record(str(session.state[CONTRIBUTION]), survivors, session.session)
     return _reply(msg, **{META: ConfigRecord({f"share/{owner}": share for owner, share in revealed.items()})})

@@ -2,13 +2,17 @@
 
 Steps, each one message exchange through the server:
 
-1. ``keys``: every owner makes fresh X25519 key pairs (shares, and one per masked round) and publishes the public
-   halves. The server sends the roster of everyone who answered to everyone.
-2. ``shares``: every owner draws a self-mask seed per masked round and Shamir-splits, for every owner on the
-   roster, its seeds and its round mask keys; each share travels sealed (ChaCha20-Poly1305 under a key agreed with
-   the recipient), so the server routes shares it cannot read. An owner also publishes a hash of each seed, so
-   that a wrong reconstruction is detected.
-3. a masked round (``bounds``, then ``sums``): each participant adds to its fixed-point vector its self mask and,
+1. ``keys``: every owner makes a fresh X25519 key pair for sealing shares and publishes its public half. The
+   server sends the roster of everyone who answered to everyone, with the masked rounds of the run: ``bounds``,
+   then ``sums/1`` … ``sums/P``, one per part of the model (the server decodes, solves and frees one part before
+   the next, so that its memory does not grow with the model).
+2. ``shares``: for every masked round an owner makes a mask key pair and draws a self-mask seed, publishes the
+   key's public half, and Shamir-splits, for every owner on the roster, its seeds and its round mask keys; each
+   share travels sealed (ChaCha20-Poly1305 under a key agreed with the recipient), so the server routes shares it
+   cannot read. An owner also publishes a hash of each seed, so that a wrong reconstruction is detected. Every
+   round has secrets of its own: revealing an owner's mask key to recover it in one part says nothing of its
+   masks in another part, where its seed may have been revealed.
+3. a masked round: each participant adds to its fixed-point vector its self mask and,
    for every other participant, a pairwise mask it shares with that one (added by the lower node id, subtracted
    by the higher): pairwise masks cancel in the sum, self masks do not.
 4. ``unmask``: the server names who answered (survivors) and who did not (dropped); each survivor returns its
@@ -43,10 +47,28 @@ from .crypto import (
     unseal,
 )
 
-ROUNDS = ("bounds", "sums")  # the masked rounds: magnitudes (to fix the fixed-point scales), then the sums
+BOUNDS = "bounds"  # the first masked round: magnitudes, to fix the fixed-point scales; then the sums, part by part
+SUMS = "sums/"
+MAX_PARTS = 4096  # a site refuses a run of more sums rounds than this (each costs a key pair and shares per peer)
 SHARE_KEY = "share"
 Layout = list[tuple[str, tuple[int, ...]]]
 Roster = dict[int, dict[str, bytes]]  # node id -> public keys by purpose (SHARE_KEY and each round)
+
+
+def sums_round(part: int) -> str:
+    """The masked round of the sums of part ``part`` (from 1)."""
+    return f"{SUMS}{part}"
+
+
+def round_names(parts: int) -> list[str]:
+    """A run's masked rounds: ``bounds``, then one per part of the sums."""
+    return [BOUNDS, *(sums_round(part) for part in range(1, parts + 1))]
+
+
+def check_rounds(rounds: list[str]) -> None:
+    if not (1 <= len(rounds) - 1 <= MAX_PARTS) or list(rounds) != round_names(len(rounds) - 1):
+        raise SecureProtocolError(f"the masked rounds must be {BOUNDS!r} then 'sums/1' … 'sums/P' (P at most "
+                                  f"{MAX_PARTS}), not {list(rounds)[:4]}")
 
 
 def default_threshold(owners: int) -> int:
@@ -113,10 +135,7 @@ class OwnerSession:
 
     @classmethod
     def begin(cls, session: str, node: int) -> OwnerSession:
-        state: dict[str, object] = {"session": session, "node": int(node), "private/" + SHARE_KEY: new_private_key()}
-        for round_name in ROUNDS:
-            state["private/" + round_name] = new_private_key()
-        return cls(state)
+        return cls({"session": session, "node": int(node), "private/" + SHARE_KEY: new_private_key()})
 
     @property
     def session(self) -> str:
@@ -127,7 +146,16 @@ class OwnerSession:
         return int(self.state["node"])
 
     def public_keys(self) -> dict[str, bytes]:
-        return {purpose: public_key(self._private(purpose)) for purpose in (SHARE_KEY, *ROUNDS)}
+        """The key the roster carries for this owner: the one its shares are sealed under."""
+        return {SHARE_KEY: public_key(self._private(SHARE_KEY))}
+
+    @property
+    def rounds(self) -> list[str]:
+        return list(json.loads(str(self.state["rounds"]))) if "rounds" in self.state else []
+
+    def round_keys(self) -> dict[str, bytes]:
+        """The public halves of this owner's mask keys, one per masked round (made with its shares)."""
+        return {round_name: public_key(self._private(round_name)) for round_name in self.rounds}
 
     def _private(self, purpose: str) -> bytes:
         return bytes(self.state["private/" + purpose])
@@ -139,19 +167,25 @@ class OwnerSession:
     def _share_context(self, sender: int, recipient: int) -> str:
         return f"shares/{self.session}/{sender}->{recipient}"
 
-    def share(self, roster: Roster, threshold: int) -> tuple[dict[int, bytes], dict[str, bytes]]:
-        """Sealed shares for every other owner on the roster, and the public commitments to this owner's seeds."""
-        if self.node not in roster or roster[self.node] != self.public_keys():
+    def share(self, roster: Roster, threshold: int, rounds: list[str] | None = None
+              ) -> tuple[dict[int, bytes], dict[str, bytes], dict[str, bytes]]:
+        """Sealed shares for every other owner on the roster, the public commitments to this owner's seeds, and the
+        public halves of its mask keys, for ``rounds`` (default: ``bounds`` and one part of sums)."""
+        rounds = round_names(1) if rounds is None else list(rounds)
+        check_rounds(rounds)
+        if self.node not in roster or roster[self.node].get(SHARE_KEY) != self.public_keys()[SHARE_KEY]:
             raise SecureProtocolError(f"node {self.node}: the roster does not carry this owner's keys")
         check_threshold(threshold, len(roster))
         if "roster" in self.state:
             raise SecureProtocolError(f"node {self.node}: shares were already made in session {self.session}")
-        self.state["roster"] = json.dumps({str(n): {k: v.hex() for k, v in keys.items()} for n, keys in roster.items()})
+        self.state["roster"] = json.dumps({str(n): {SHARE_KEY: keys[SHARE_KEY].hex()} for n, keys in roster.items()})
         self.state["threshold"] = int(threshold)
+        self.state["rounds"] = json.dumps(rounds)
         positions = {node: share_position(roster, node) for node in roster}
         bundles: dict[int, bytes] = {node: b"" for node in roster}
         commitments = {}
-        for round_name in ROUNDS:
+        for round_name in rounds:
+            self.state["private/" + round_name] = new_private_key()
             seed = new_private_key()  # 32 random bytes
             self.state["seed/" + round_name] = seed
             commitments[round_name] = seed_commitment(seed)
@@ -162,23 +196,33 @@ class OwnerSession:
         self.state[f"bundle/{self.node}"] = bundles.pop(self.node)
         sealed = {node: seal(derive_key(self._private(SHARE_KEY), roster[node][SHARE_KEY], "shares", self.session),
                              bundle, self._share_context(self.node, node)) for node, bundle in bundles.items()}
-        return sealed, commitments
+        return sealed, commitments, self.round_keys()
 
-    def receive_shares(self, sealed: Mapping[int, bytes]) -> None:
-        roster = self._roster()
+    def receive_shares(self, sealed: Mapping[int, bytes], round_keys: Mapping[int, Mapping[str, bytes]]) -> None:
+        """Each peer's sealed shares for this owner and the public halves of its mask keys (both routed by the
+        server with this owner's first masked request)."""
+        roster, rounds = self._roster(), self.rounds
         for sender, message in sealed.items():
             if sender not in roster or sender == self.node:
                 raise SecureProtocolError(f"node {self.node}: shares from node {sender}, who is not a peer")
+            keys = round_keys.get(sender, {})
+            if sorted(keys) != sorted(rounds) or any(len(bytes(keys[r])) != len(self._private(r)) for r in rounds):
+                raise SecureProtocolError(f"node {self.node}: node {sender}'s mask keys are not one per round of "
+                                          "this run")
             key = derive_key(self._private(SHARE_KEY), roster[sender][SHARE_KEY], "shares", self.session)
             bundle = unseal(key, bytes(message), self._share_context(sender, self.node))
-            if len(bundle) != 2 * len(ROUNDS) * SHARE_BYTES:
+            if len(bundle) != 2 * len(rounds) * SHARE_BYTES:
                 raise SecureProtocolError(f"node {self.node}: the bundle from node {sender} has the wrong size")
             self.state[f"bundle/{sender}"] = bundle
+            self.state[f"round-keys/{sender}"] = json.dumps({r: bytes(keys[r]).hex() for r in rounds})
+
+    def _peer_key(self, peer: int, round_name: str) -> bytes:
+        return bytes.fromhex(json.loads(str(self.state[f"round-keys/{peer}"]))[round_name])
 
     def mask(self, round_name: str, participants: list[int], layout: Layout,
              vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This owner's vectors (uint64, in ``layout``) masked for the sum over ``participants``."""
-        if round_name not in ROUNDS or f"participants/{round_name}" in self.state:
+        if round_name not in self.rounds or f"participants/{round_name}" in self.state:
             raise SecureProtocolError(f"node {self.node}: round {round_name!r} is unknown or was already masked")
         roster = self._roster()
         peers = sorted(set(participants) - {self.node})
@@ -194,8 +238,8 @@ class OwnerSession:
         masked = flatten(layout, vectors).copy()
         masked += _self_stream(bytes(self.state["seed/" + round_name]), round_name, self.session, masked.size)
         for peer in peers:
-            stream = _pairwise_stream(self._private(round_name), roster[peer][round_name], round_name, self.session,
-                                      masked.size)
+            stream = _pairwise_stream(self._private(round_name), self._peer_key(peer, round_name), round_name,
+                                      self.session, masked.size)
             if _mask_sign(self.node, peer) > 0:
                 masked += stream
             else:
@@ -219,7 +263,7 @@ class OwnerSession:
             raise SecureProtocolError(f"node {self.node}: {len(survivors_set)} survivors, below the threshold")
         self.state[f"revealed/{round_name}"] = json.dumps({"survivors": sorted(survivors_set),
                                                            "dropped": sorted(dropped_set)})
-        index = ROUNDS.index(round_name)
+        index = self.rounds.index(round_name)
         revealed = {}
         for owner in participants:
             bundle = bytes(self.state[f"bundle/{owner}"])

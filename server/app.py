@@ -22,8 +22,10 @@
   the same for every site) needs, rather than each site's own (``fusion.privacy.NoiseShares``); ``dp-clip`` and
   ``dp-weight-bound`` (a public bound on every merged layer's spectral norm, required) calibrate it. Each run is a
   new release, charged to every site's budget;
-- ``part-mb`` (2048): plaintext mode asks the sites for the model a part at a time, each part's float64 sums on the
-  server about this size at most, so that the server's memory does not grow with the model's depth.
+- ``part-mb`` (2048): the server asks the sites for the model a part at a time, each part's sums on the server
+  about this size at most (float64 sums in plaintext mode; in secure mode a masked 64-bit total and its float64
+  decoding), so that the server's memory does not grow with the model's depth. In secure mode each part is a
+  masked round of its own.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     out_dir = str(config.get("out-dir", "runs/federated"))
     noise = noise_from(config)
+    options["part_bytes"] = int(float(config.get("part-mb", 2048)) * 2**20)
     if bool(config.get("secure", False)):
         strategy = SecureRegMeanStrategy(methods, out_dir, threshold=int(config.get("secure-threshold", 0)),
                                          bound_factor=float(config.get("secure-bound", BOUND_FACTOR)), noise=noise,
@@ -122,6 +125,5 @@ def main(grid: Grid, context: Context) -> None:
         raise FederationError(f"dp-noise={DISTRIBUTED} is for secure mode (secure=true): in plaintext mode every "
                               "site's release is its own, with local noise (dp-noise=local)")
     else:
-        part_bytes = int(float(config.get("part-mb", 2048)) * 2**20)
-        strategy = RegMeanStrategy(methods, out_dir, part_bytes=part_bytes, **options)
+        strategy = RegMeanStrategy(methods, out_dir, **options)
     strategy.run(grid)

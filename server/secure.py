@@ -2,9 +2,13 @@
 
 Lifecycle (each step one exchange with the sites that are still in): describe (as in plaintext mode) → ``keys``
 (public keys and the layout of the sums: names and shapes, no values) → ``shares`` (sealed, routed unread) →
-masked ``bounds`` → unmask → masked ``sums`` → unmask → merge. A site that stops answering after the shares were
-exchanged is *dropped*: its masks are removed with the survivors' shares and the merge goes on, while at least
-``threshold`` sites (and ``min-owners``) remain.
+masked ``bounds`` → unmask → for each part of the model (a few groups of layers, their sums under ``part_bytes``):
+masked ``sums/<part>`` → unmask → those groups solved and written, and their sums freed. The server so holds one
+part's sums, never a whole model's. A site that stops answering after the shares were exchanged is *dropped*: in
+the bounds round or the first part, its masks are removed with the survivors' shares and the merge goes on, while
+at least ``threshold`` sites (and ``min-owners``) remain. A site lost in a later part ends the run, writing
+nothing: its earlier parts are in the merge, and the only exact merge without it would release those parts again
+without it, which tells its contribution by difference.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from federation.payload import config_from, labels_from
-from federation.protocol import (ROUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold,
-                                 shares_for)
+from federation.protocol import (BOUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold,
+                                 round_names, shares_for, sums_round)
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER, WITHDRAWN
 
 from fusion.checkpoint import atomic_folder, tokenizer_from_files
 from fusion.errors import GramfuseError
-from fusion.finish import method_roots
+from fusion.finish import Group, method_roots
 from fusion.finish import reference_label_set as majority_label_set
 from fusion.merge import check_layout
 from fusion.methods import MEAN, WEIGHT, MergeContext
@@ -36,10 +40,15 @@ from fusion.secure import (
     bands_layout,
     check_secure_methods,
     decoded_sums,
-    finish_from_sums,
     noised_units,
+    owner_wide,
     owners_above_bound,
     scales_from_bands,
+    secure_finisher,
+    secure_report,
+    sums_of_decoded,
+    sums_parts,
+    sums_plan,
 )
 from fusion.secure.fixedpoint import ABOVE_BOUND, BOUND_FACTOR, bound_bands
 from fusion.statistics import ModuleInfo
@@ -88,6 +97,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.sums: dict = {}
         self.means_from_base: dict[str, str] = {}  # layout key of a weighted mean -> the base weight that forms it
         self.rounds: dict[str, dict[str, list[int]]] = {}
+        self.modules: dict[str, ModuleInfo] = {}  # the layer map the sums are merged by
+        self.parts: list[tuple[list[Group], Layout]] = []  # the groups of each sums round, and its share of the layout
 
     def request(self, **extra: Any) -> ConfigRecord:
         request = super().request(**extra)
@@ -104,17 +115,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.exchange_keys(grid)
+        self.plan_parts()
         participants = self.exchange_shares(grid)
-        band_sums, participants = self.masked_round(grid, "bounds", participants, {})
+        band_sums, participants = self.masked_round(grid, BOUNDS, participants, {})
         self.hold_to_bound(band_sums)
         scales = scales_from_bands(band_sums, len(participants), self.bound_factor)
-        totals, self.survivors = self.masked_round(grid, "sums", participants, {"scales": json.dumps(scales)})
-        self.sums = decoded_sums(self.layout, totals, scales)
-        self.fill_from_base()
-        self.timings["gather_seconds"] = round(time.perf_counter() - self.started, 3)
-        for node in self.survivors:
-            self.records[node].status = "merged"
-        return self.merge()
+        return self.merge(grid, participants, scales)
 
     # --- the steps ---------------------------------------------------------------------------------------------------
 
@@ -149,7 +155,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 config = reply.content[META]
                 meta = json.loads(str(config["json"]))
                 meta["layout"] = [(str(key), tuple(int(n) for n in shape)) for key, shape in meta["layout"]]
-                keys = {p: bytes(config[f"key/{p}"]) for p in (SHARE_KEY, *ROUNDS)}
+                keys = {SHARE_KEY: bytes(config[f"key/{SHARE_KEY}"])}
                 missing = [field for field in KEYS_FIELDS if field not in meta]
                 if missing:
                     raise KeyError(f"no {missing[0]!r}")
@@ -259,15 +265,19 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             log.info("secure: %d weights every site leaves as the base's are taken from %s, not sent", len(common),
                      self.base_folder)
 
-    def fill_from_base(self) -> None:
-        files = self.base_files()[0] if self.means_from_base else None
-        for key, name in self.means_from_base.items():
-            total = self.sums[key.split("/", 1)[0] + f"/{BODY}{WEIGHT}"]
-            self.sums[key] = total * files.read([name])[name].double()
+    def fill_from_base(self, sums: dict, groups: list[Group]) -> None:
+        """The weighted means of ``groups``' weights that every site leaves as its base's: weight total x W0."""
+        names = {name for group in groups for name in group.tensors}
+        wanted = {key: name for key, name in self.means_from_base.items() if name in names}
+        files = self.base_files()[0] if wanted else None
+        for key, name in wanted.items():
+            total = sums[key.split("/", 1)[0] + f"/{BODY}{WEIGHT}"]
+            sums[key] = total * files.read([name])[name].double()
 
     def exchange_shares(self, grid: Grid) -> list[int]:
         roster = json.dumps({str(n): {p: k.hex() for p, k in keys.items()} for n, keys in self.roster.items()})
-        request = ConfigRecord({"roster": roster, "threshold": self.threshold})
+        rounds = round_names(len(self.parts))
+        request = ConfigRecord({"roster": roster, "threshold": self.threshold, "rounds": json.dumps(rounds)})
         messages = self._messages(sorted(self.roster), MessageType.QUERY + ".secure_shares", request, 1)
         for reply in self._exchange(grid, messages, "shares"):
             node = self._answered(reply, "shares")
@@ -275,7 +285,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 continue
             try:
                 config = reply.content[META]
-                commitments = {r: bytes(config[f"commitment/{r}"]) for r in ROUNDS}
+                commitments = {r: bytes(config[f"commitment/{r}"]) for r in rounds}
+                round_keys = {r: bytes(config[f"key/{r}"]) for r in rounds}
                 sealed = {int(k[len("share/"):]): bytes(v) for k, v in config.items() if k.startswith("share/")}
             except (KeyError, ValueError) as error:
                 self._lose(node, "rejected", f"shares: malformed reply ({error})")
@@ -285,24 +296,32 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 self._lose(node, "rejected", f"shares: none for node {missing[0]}")
                 continue
             self.sealed[node], self.commitments[node] = sealed, commitments
+            self.roster[node] = {**self.roster[node], **round_keys}
         participants = sorted(self.sealed)
         self._enough(participants, "shares")
         log.info("secure: shares exchanged among %d sites", len(participants))
         return participants
 
-    def masked_round(self, grid: Grid, round_name: str, participants: list[int], extra: dict) -> tuple[dict, list[int]]:
-        """One masked round and its unmasking: the survivors' sum, and the survivors."""
-        layout = bands_layout(self.layout) if round_name == "bounds" else self.layout
+    def masked_round(self, grid: Grid, round_name: str, participants: list[int], extra: dict,
+                     part: Layout | None = None) -> tuple[dict, list[int]]:
+        """One masked round and its unmasking: the survivors' sum (of ``part`` of the layout, for a sums round),
+        and the survivors. In a sums round after the first, a participant lost ends the run before unmasking."""
+        layout = bands_layout(self.layout) if round_name == BOUNDS else part
         summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
                            layout)
         common = {"round": round_name, "participants": json.dumps(participants), "layout": json.dumps(self.layout),
                   "reference-label-set": json.dumps(self.reference_label_set()), **extra}
+        if part is not None:
+            common["part"] = json.dumps([key for key, _ in part])
         messages = []
         for node in participants:
             request = self.request(**common)
-            if round_name == ROUNDS[0]:  # the shares addressed to this site travel with its first masked request
-                for sender, share in shares_for(node, self.sealed, participants).items():
+            if round_name == BOUNDS:  # the shares and mask keys addressed to this site travel with its first request
+                shares = shares_for(node, self.sealed, participants)
+                for sender, share in shares.items():
                     request[f"share/{sender}"] = share
+                request["round-keys"] = json.dumps({str(sender): {r: key.hex() for r, key in self.roster[sender].items()
+                                                                  if r != SHARE_KEY} for sender in shares})
             messages.append(Message(content=RecordDict({"config": request}), dst_node_id=node,
                                     message_type=MessageType.TRAIN + ".secure_masked", group_id=round_name))
         for reply in self._exchange(grid, messages, round_name):
@@ -319,6 +338,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self._enough(summed.survivors, round_name)
         self.rounds[round_name] = {"participants": participants, "survivors": sorted(summed.survivors),
                                    "dropped": summed.dropped}
+        if summed.dropped and round_name not in (BOUNDS, sums_round(1)):
+            raise FederationError(
+                f"secure: owner node {summed.dropped[0]} was lost in {round_name} of {len(self.parts)}, after earlier "
+                "parts of the model were summed with it: a merge without it would sum those parts again without "
+                "it, which tells its contribution by difference (its sites' ledgers refuse that too); nothing is "
+                "written. Run again with it back")
         for node in summed.dropped:
             log.warning("owner node %d dropped out of the %s round: its masks are removed with the others' shares",
                         node, round_name)
@@ -372,39 +397,69 @@ class SecureRegMeanStrategy(RegMeanStrategy):
             raise FederationError(f"secure: only {len(nodes)} sites took part in {step}; at least {needed} "
                                   f"(threshold {self.threshold}, min-owners {self.min_owners}) are needed")
 
-    def merge(self) -> dict[str, Any]:
-        """The merge from whole-model sums, all gathered (secure mode: the decoded total)."""
-        merged_count = len(self.merged_owners)
-        self._check_enough(merged_count)
-        names = {owner_name(r.node_id): r for r in self.records.values()}
-        owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
-                  for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
+    def plan_parts(self) -> None:
+        """The layer map the sums are merged by (the first site of the merged label set wins), and the parts of the
+        model that the sums rounds go by, each part's sums under ``part_bytes``."""
+        reference = self.reference_label_set()
+        nodes = sorted(self.site_meta)
+        first = next((n for n in nodes if self.site_meta[n]["label_set"] == reference), nodes[0])
+        self.modules = {name: ModuleInfo(**info) for node in [*nodes, first]
+                        for name, info in self.site_meta[node]["modules"].items()}
+        keys = [key for key, _ in self.layout] + list(self.means_from_base)
+        self.parts = sums_parts(self.layout, sums_plan(self.methods, keys, self.modules), self.part_bytes)
+        self.timings["parts"] = len(self.parts)
+        log.info("secure: the sums go in %d parts of the model", len(self.parts))
+
+    def merge(self, grid: Grid, participants: list[int], scales: dict[str, int]) -> dict[str, Any]:
+        """The sums rounds, part by part, each part decoded, solved and written before the next is asked for."""
         tokenizer = tokenizer_from_files(self.tokenizer)
-        solve_started = time.perf_counter()
+        context = None
         with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
-            reports = self.write_merges(method_roots(staging, self.methods), {"owners": owners}, tokenizer)
+            finisher, shared = None, {}
+            for index, (groups, part) in enumerate(self.parts, start=1):
+                extra = {"scales": json.dumps({key: scales[key] for key, _ in part})}
+                totals, participants = self.masked_round(grid, sums_round(index), participants, extra, part)
+                sums = decoded_sums(part, totals, scales)
+                if finisher is None:  # the first part fixes the owners: its survivors, their heads and totals
+                    self.survivors = participants
+                    self._check_enough(len(self.survivors))
+                    for node in self.survivors:
+                        self.records[node].status = "merged"
+                    shared = owner_wide(sums)
+                    context = self.merge_context()
+                    finisher = secure_finisher(method_roots(staging, self.methods), self.methods,
+                                               [g for groups_of, _ in self.parts for g in groups_of], context,
+                                               self.owners_of_merge(), self.survivors_heads(),
+                                               labels_from(self.reference_label_set()), tokenizer=tokenizer)
+                sums.update(shared)
+                self.fill_from_base(sums, groups)
+                finisher.add(groups, sums_of_decoded(self.methods, sums))
+                log.info("secure: part %d of %d merged: %d groups", index, len(self.parts), len(groups))
+            self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
+            names = {owner_name(r.node_id): r for r in self.records.values()}
+            owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
+                      for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
+            reports = finisher.close(secure_report({"owners": owners}, self.owners_of_merge()))
             for label in reports:
-                log.info("merged %d owners with %s", merged_count, label)
-            self.timings["solve_and_write_seconds"] = round(time.perf_counter() - solve_started, 3)
+                log.info("merged %d owners with %s", len(self.survivors), label)
             report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
             report = {**report, "federation": self.federation_report()}
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
         log.info("wrote %s", self.out_dir)
         return report
 
-    def write_merges(self, roots: dict, common: dict[str, Any], tokenizer: Any) -> dict[str, dict]:
-        reference = self.reference_label_set()
-        first = next(n for n in self.survivors if self.site_meta[n]["label_set"] == reference)
-        hooked = [self.site_meta[node]["modules"] for node in [*self.survivors, first]]  # the first's wins
-        modules = {name: ModuleInfo(**info) for layer_map in hooked for name, info in layer_map.items()}
-        context = MergeContext(modules=modules,
-                               gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
-                                                           for n in self.survivors) else "float64")
-        own_heads = {owner_name(node): params for node, params in self.own_heads.items() if node in self.survivors}
-        owners = {owner_name(node): (labels_from(self.site_meta[node]["label_set"]), config_from(self.site_meta[node]))
-                  for node in sorted(self.survivors)}
-        return finish_from_sums(roots, self.methods, self.sums, context, owners, own_heads, labels_from(reference),
-                                report=common, tokenizer=tokenizer)
+    def merge_context(self) -> MergeContext:
+        return MergeContext(modules=self.modules,
+                            gram_dtype="float32" if any(self.site_meta[n]["gram_dtype"] == "float32"
+                                                        for n in self.survivors) else "float64")
+
+    def owners_of_merge(self) -> dict[str, tuple]:
+        """Owner name -> (label set, config), the survivors in node order."""
+        return {owner_name(node): (labels_from(self.site_meta[node]["label_set"]), config_from(self.site_meta[node]))
+                for node in sorted(self.survivors)}
+
+    def survivors_heads(self) -> dict[str, dict]:
+        return {owner_name(node): params for node, params in self.own_heads.items() if node in self.survivors}
 
     def federation_report(self) -> dict[str, Any]:
         report = super().federation_report()

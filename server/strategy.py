@@ -698,7 +698,7 @@ class RegMeanStrategy(Strategy):
             return
         record.bytes_received += sum(int(item.count_bytes()) for item in reply.content.values())
         if self.record_dir is not None:
-            record_reply(self.record_dir / f"{stage}-node-{node_id}.safetensors", reply)
+            record_reply(self.record_dir / f"{stage.replace('/', '-')}-node-{node_id}.safetensors", reply)
 
     def federation_report(self) -> dict[str, Any]:
         return {

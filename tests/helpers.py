@@ -249,29 +249,39 @@ class SecureRun:
 
     ``drop[round]`` names the owners that vanish after the previous step (they send nothing more)."""
 
-    def __init__(self, nodes, threshold, session="test"):
-        from federation.protocol import OwnerSession
+    def __init__(self, nodes, threshold, session="test", parts=1):
+        from federation.protocol import OwnerSession, round_names
 
         self.threshold = threshold
         self.sessions = {node: OwnerSession.begin(session, node) for node in nodes}
         self.roster = {node: s.public_keys() for node, s in self.sessions.items()}
-        sealed, self.commitments = {}, {}
+        sealed, self.commitments, self.round_keys = {}, {}, {}
         for node, s in self.sessions.items():
-            sealed[node], self.commitments[node] = s.share(self.roster, threshold)
+            sealed[node], self.commitments[node], self.round_keys[node] = s.share(self.roster, threshold,
+                                                                                 round_names(parts))
+        for node, keys in self.round_keys.items():  # the server's roster: share keys and every round's mask keys
+            self.roster[node] = {**self.roster[node], **keys}
         self.session = session
         self.sealed = sealed
         self.delivered = set()
 
+    def deliver(self, node, participants):
+        """What the server routes to ``node`` with its first masked request: the peers' shares and mask keys."""
+        from federation.protocol import shares_for
+
+        shares = shares_for(node, self.sealed, participants)
+        self.sessions[node].receive_shares(shares, {sender: self.round_keys[sender] for sender in shares})
+        self.delivered.add(node)
+
     def masked_round(self, round_name, participants, layout, vectors_of, drop_before=(), drop_after=()):
         """The sum over the owners of ``participants`` that answer; returns ``(totals, survivors)``."""
-        from federation.protocol import MaskedSum, shares_for
+        from federation.protocol import MaskedSum
 
         summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
                            layout)
         for node in participants:
             if node not in self.delivered:  # shares reach an owner with its first masked request
-                self.sessions[node].receive_shares(shares_for(node, self.sealed, participants))
-                self.delivered.add(node)
+                self.deliver(node, participants)
             if node in drop_before:
                 continue
             summed.add(node, self.sessions[node].mask(round_name, participants, layout, vectors_of(node)))
@@ -296,7 +306,7 @@ def secure_merge(methods, updates, out_dir, drop_bounds=(), drop_sums=()):
     from fusion.methods import MergeContext
     from fusion.secure import (band_vectors, bands_layout, decoded_sums, encoded_vectors, finish_from_sums, layout_of,
                                scales_from_bands, secure_contributions)
-    from federation.protocol import default_threshold
+    from federation.protocol import default_threshold, sums_round
 
     nodes = list(range(1, len(updates) + 1))
     by_node = dict(zip(nodes, updates))
@@ -309,7 +319,7 @@ def secure_merge(methods, updates, out_dir, drop_bounds=(), drop_sums=()):
         "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, parts[n]), drop_before=drop_bounds)
     scales = scales_from_bands(band_sums, len(survivors))
     totals, survivors = run.masked_round(
-        "sums", survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),
+        sums_round(1), survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),
         drop_before=drop_sums)
     sums = decoded_sums(layout, totals, scales)
     context = MergeContext(modules=dict(updates[0].statistics.modules))

@@ -11,7 +11,7 @@ stays at its site and the owner attaches it to the merged body itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ import torch
 
 from ..aggregate import OwnerUpdate, context_with, contributions
 from ..errors import MergeError
-from ..finish import Group, finish, plan_groups, plan_outputs, restrict
+from ..finish import Finisher, Group, SumsOf, plan_groups, plan_outputs, restrict
 from ..methods import MEAN, MergeContext, MergeMethod, Sums
 from ..methods.regmean import needs_diagonal
 from ..privacy import TAIL_SIGMAS, NoiseShares, PrivacyError
+from ..statistics import ModuleInfo
 from .fixedpoint import BANDS, BOUND_FACTOR, agreed_band, bound_bands, decode, encode, fraction_bits, magnitude_bands
 
 BODY, HEAD = "body/", "head/"
@@ -99,6 +100,65 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
     return [(key, tuple(tensors[key].shape)) for key in sorted(tensors)]
 
 
+def sums_plan(methods: list[MergeMethod], keys: Iterable[str], modules: Mapping[str, ModuleInfo]) -> list[Group]:
+    """The groups that sums keyed ``keys`` (the agreed layout's, or the decoded sums') merge, in checkpoint order."""
+    keys = list(keys)
+    body = sorted(key[len(f"0/{BODY}"):] for key in keys if key.startswith(f"0/{BODY}"))
+    head = sorted(key[len(f"0/{HEAD}"):] for key in keys if key.startswith(f"0/{HEAD}"))
+    if not body:
+        raise MergeError("no sums to merge")
+    names = [key[len(MEAN):] for key in body + head if key.startswith(MEAN)]
+    return plan_groups(names, {key[len(MEAN):] for key in head if key.startswith(MEAN)}, modules)
+
+
+def sums_parts(layout: Layout, groups: list[Group], part_bytes: int) -> list[tuple[list[Group], Layout]]:
+    """Consecutive ``groups`` in parts whose server-side sums (a masked 64-bit total and its float64 decoding per
+    value) stay under ``part_bytes`` (a group larger than that is a part of its own), each with its share of
+    ``layout``. Owner-wide sums (the weight total, the owner count) go with the first part, once: released again
+    in a later part without an owner that dropped, they would tell that owner's by difference."""
+    group_of: dict[tuple[bool, str], int] = {}
+    for position, group in enumerate(groups):
+        for key in group.keys:
+            group_of[group.head, key] = position
+    by_group: dict[int, Layout] = {}
+    for key, shape in layout:
+        _, side, rest = key.split("/", 2)
+        name = rest.split("/", 1)[1] if "/" in rest else None
+        position = group_of.get((f"{side}/" == HEAD, name), 0) if name is not None else 0
+        by_group.setdefault(position, []).append((key, shape))
+    parts: list[tuple[list[Group], Layout]] = []
+    used = 0
+    for position, group in enumerate(groups):
+        entries = by_group.get(position, [])
+        size = 16 * sum(int(np.prod(shape, dtype=np.int64)) for _, shape in entries)
+        if not parts or (parts[-1][0] and used + size > part_bytes):
+            parts.append(([], []))
+            used = 0
+        parts[-1][0].append(group)
+        parts[-1][1].extend(entries)
+        used += size
+    order = {key: index for index, (key, _) in enumerate(layout)}
+    return [(part_groups, sorted(entries, key=lambda entry: order[entry[0]])) for part_groups, entries in parts]
+
+
+def sums_of_decoded(methods: list[MergeMethod], sums: Mapping[str, torch.Tensor]) -> SumsOf:
+    """``sums_of(method, group)`` over decoded sums keyed as the layout (all of them, or a part's and the
+    owner-wide ones)."""
+    keys = [group.sums_key() for group in sums_groups(methods)]
+    parts = [(_part(sums, f"{index}/{BODY}"), _part(sums, f"{index}/{HEAD}")) for index in range(len(keys))]
+
+    def sums_of(method: MergeMethod, group: Group) -> Sums:
+        body_part, head_part = parts[keys.index(method.sums_key())]
+        return restrict(head_part if group.head else body_part, group)
+
+    return sums_of
+
+
+def owner_wide(sums: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sums every group needs (``<group>/body/weight``, the owner count, …): no tensor name after the sum's."""
+    return {key: value for key, value in sums.items() if "/" not in key.split("/", 2)[2]}
+
+
 def finish_from_sums(roots: Mapping[str, Path], methods: list[MergeMethod], sums: Mapping[str, torch.Tensor],
                      context: MergeContext, owners: Mapping[str, tuple[tuple, Any]],
                      own_heads: Mapping[str, Mapping[str, torch.Tensor]], reference: tuple, *,
@@ -110,24 +170,27 @@ def finish_from_sums(roots: Mapping[str, Path], methods: list[MergeMethod], sums
     ``owners``: owner name -> (label set, config), in precedence order. Sites send float32 weights today: the
     merged model is saved in ``dtype``.
     """
-    keys = [group.sums_key() for group in sums_groups(methods)]
-    parts = [(_part(sums, f"{index}/{BODY}"), _part(sums, f"{index}/{HEAD}")) for index in range(len(keys))]
-    if not parts or not parts[0][0]:
-        raise MergeError("no sums to merge")
-    body, head = parts[0]
-    names = [key[len(MEAN):] for key in sorted(body) + sorted(head) if key.startswith(MEAN)]
-    groups = plan_groups(names, {key[len(MEAN):] for key in head if key.startswith(MEAN)}, context.modules)
+    groups = sums_plan(methods, sums, context.modules)
+    finisher = secure_finisher(roots, methods, groups, context, owners, own_heads, reference, tokenizer=tokenizer,
+                               dtype=dtype)
+    finisher.add(groups, sums_of_decoded(methods, sums))
+    return finisher.close(secure_report(report, owners))
+
+
+def secure_finisher(roots: Mapping[str, Path], methods: list[MergeMethod], groups: list[Group],
+                    context: MergeContext, owners: Mapping[str, tuple[tuple, Any]],
+                    own_heads: Mapping[str, Mapping[str, torch.Tensor]], reference: tuple, *, tokenizer: Any = None,
+                    dtype: torch.dtype = torch.float32) -> Finisher:
+    """The finish of decoded sums, to be fed group by group (a part of the model at a time)."""
     label_sets = {name: labels for name, (labels, _) in owners.items()}
     outputs = plan_outputs(list(owners), label_sets, {name: config for name, (_, config) in owners.items()},
                            own_heads, reference)
+    dtypes = {name: dtype for group in groups for name in group.tensors}
+    return Finisher(roots, methods, context, outputs, dtypes, tokenizer=tokenizer)
 
-    def sums_of(method: MergeMethod, group: Group) -> Sums:
-        body_part, head_part = parts[keys.index(method.sums_key())]
-        return restrict(head_part if group.head else body_part, group)
 
-    dtypes = {name: dtype for name in names}
-    common = {**report, "shared_label_set": len(set(label_sets.values())) == 1}
-    return finish(roots, methods, groups, sums_of, context, outputs, dtypes, report=common, tokenizer=tokenizer)
+def secure_report(report: Mapping[str, Any], owners: Mapping[str, tuple[tuple, Any]]) -> dict[str, Any]:
+    return {**report, "shared_label_set": len({labels for labels, _ in owners.values()}) == 1}
 
 
 def _part(sums: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

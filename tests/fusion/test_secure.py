@@ -29,7 +29,7 @@ from fusion.secure.fixedpoint import (
     fraction_bits,
     magnitude_bands,
 )
-from federation.protocol import default_threshold
+from federation.protocol import default_threshold, sums_round
 from fusion.workflows import DataSettings, compute_statistics
 
 # --- fixed point ----------------------------------------------------------------------------------------------------
@@ -124,19 +124,40 @@ def test_masked_sums_equal_the_survivors_sums_whoever_drops(owners, data):
     for key, _ in LAYOUT:
         expected = sum((vectors[n][key] for n in left), np.zeros_like(vectors[left[0]][key]))
         assert np.array_equal(totals[key], expected)
-    totals, survivors = run.masked_round("sums", survivors, LAYOUT, vectors.get, drop_before=drop_sums)
+    totals, survivors = run.masked_round(sums_round(1), survivors, LAYOUT, vectors.get, drop_before=drop_sums)
     kept = [n for n in left if n not in drop_sums]
     for key, _ in LAYOUT:
         expected = sum((vectors[n][key] for n in kept), np.zeros_like(vectors[kept[0]][key]))
         assert np.array_equal(totals[key], expected)
 
 
+def test_every_part_is_a_masked_round_with_secrets_of_its_own():
+    """The sums go part by part, each part a round with its own mask keys and seeds: an owner dropped (its mask key
+    revealed) in one part is recovered there, while its seed revealed in another part reveals nothing with it."""
+    nodes = [1, 2, 3, 4, 5]
+    run = SecureRun(nodes, 3, parts=3)
+    vectors = {node: random_vectors(node) for node in nodes}
+    for part, dropped in ((1, set()), (2, {4}), (3, set())):
+        totals, survivors = run.masked_round(sums_round(part), nodes, LAYOUT, vectors.get, drop_before=dropped)
+        assert sorted(survivors) == sorted(set(nodes) - dropped)
+        expected = sum((vectors[n]["a"] for n in survivors), np.zeros(12, dtype=np.uint64))
+        assert np.array_equal(totals["a"], expected)
+    state = run.sessions[4].state
+    secrets_of_4 = [state[f"{kind}/{name}"] for kind in ("private", "seed") for name in ("bounds", *map(sums_round,
+                                                                                                       (1, 2, 3)))]
+    assert len(set(secrets_of_4)) == len(secrets_of_4)  # no two rounds share a key or a seed
+    with pytest.raises(SecureProtocolError, match="unknown or was already masked"):
+        run.sessions[1].mask(sums_round(4), nodes, LAYOUT, vectors[1])  # a round the run did not agree on
+    with pytest.raises(SecureProtocolError, match="masked rounds must be"):
+        SecureRun(nodes, 3, parts=0)
+
+
 def test_masked_vector_looks_random_and_fewer_than_threshold_cannot_unmask():
     nodes = [1, 2, 3, 4, 5]
     run = SecureRun(nodes, 3)
     vectors = {node: {"a": np.arange(12, dtype=np.uint64), "b": np.zeros(5, dtype=np.uint64)} for node in nodes}
-    for node, s in run.sessions.items():
-        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
+    for node in run.sessions:
+        run.deliver(node, nodes)
     masked = run.sessions[1].mask("bounds", nodes, LAYOUT, vectors[1])
     assert not np.array_equal(masked["b"], vectors[1]["b"])
     assert np.all(masked["a"] != vectors[1]["a"])  # every word masked (equal by chance: 2^-64 each)
@@ -155,9 +176,9 @@ def test_masked_vector_looks_random_and_fewer_than_threshold_cannot_unmask():
 def test_owner_refuses_to_reveal_both_secrets_of_one_owner_or_twice():
     nodes = [1, 2, 3, 4]
     run = SecureRun(nodes, 3)
-    for node, s in run.sessions.items():
-        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
-        s.mask("bounds", nodes, LAYOUT, random_vectors(node))
+    for node in run.sessions:
+        run.deliver(node, nodes)
+        run.sessions[node].mask("bounds", nodes, LAYOUT, random_vectors(node))
     with pytest.raises(SecureProtocolError, match="do not split"):
         run.sessions[1].reveal("bounds", [1, 2, 3, 4], [4])  # node 4 both survived and dropped
     with pytest.raises(SecureProtocolError, match="below the threshold"):
@@ -166,7 +187,7 @@ def test_owner_refuses_to_reveal_both_secrets_of_one_owner_or_twice():
     with pytest.raises(SecureProtocolError, match="already unmasked"):
         run.sessions[1].reveal("bounds", [1, 2, 3, 4], [])
     with pytest.raises(SecureProtocolError, match="never masked"):
-        run.sessions[1].reveal("sums", [1, 2, 3], [4])
+        run.sessions[1].reveal(sums_round(1), [1, 2, 3], [4])
 
 
 @pytest.mark.parametrize("owners, refused, accepted", [(5, [1, 2], [3, 5]), (4, [2], [3, 4]), (3, [1], [2, 3]),
@@ -187,16 +208,16 @@ def test_tampered_or_misrouted_share_is_an_error():
     forged = bytearray(run.sealed[2][1])
     forged[-1] ^= 1
     with pytest.raises(SecureProtocolError, match="does not decrypt"):
-        run.sessions[1].receive_shares({2: bytes(forged)})
+        run.sessions[1].receive_shares({2: bytes(forged)}, {2: run.round_keys[2]})
     with pytest.raises(SecureProtocolError, match="does not decrypt"):
-        run.sessions[1].receive_shares({2: run.sealed[3][1]})  # node 3's shares presented as node 2's
+        run.sessions[1].receive_shares({2: run.sealed[3][1]}, {2: run.round_keys[2]})  # node 3's, presented as 2's
 
 
 def test_wrong_share_is_detected_by_the_commitment_and_survived_with_a_spare():
     nodes = [1, 2, 3]
     run = SecureRun(nodes, 2)
-    for node, s in run.sessions.items():
-        s.receive_shares({sender: by[node] for sender, by in run.sealed.items() if node in by})
+    for node in run.sessions:
+        run.deliver(node, nodes)
     from federation.protocol import MaskedSum
 
     summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 2, LAYOUT)
@@ -251,6 +272,67 @@ def test_secure_merge_equals_plaintext_with_owners_dropping_in_each_round(owners
         close(body, dict(plaintext_aggregator(method, survivors).body))
     for method in methods:  # the merges
         close(merged[method.label()]["."], plaintext_merge(method, survivors, tmp_path / method.label())["."])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(0.0, 1.2))
+def test_the_sums_in_parts_merge_exactly_as_all_at_once(owners, tmp_path_factory, fraction):
+    """The server's parts of the secure sums: every sum in exactly one part, the owner-wide ones in the first, each
+    part under part_bytes unless one group alone is larger; fed part by part to the finish (the first part's
+    owner-wide sums kept), the merge is the one of all the sums at once."""
+    from helpers import read_outputs
+
+    from fusion.finish import method_roots
+    from fusion.secure import (finish_from_sums, layout_of, owner_wide, secure_finisher, sums_of_decoded, sums_parts,
+                               sums_plan)
+
+    methods = [get_method("regmean", alpha=0.7), get_method("average")]
+    sums = {}
+    for owner in owners:
+        for key, value in secure_contributions(methods, owner, with_head=True).items():
+            sums[key] = sums[key] + value.double() if key in sums else value.double()
+    layout = layout_of(sums)
+    total = 16 * sum(int(np.prod(shape)) for _, shape in layout)
+    part_bytes = int(fraction * total)
+    modules = dict(owners[0].statistics.modules)
+    groups = sums_plan(methods, sums, modules)
+    parts = sums_parts(layout, groups, part_bytes)
+    keys = [key for _, part in parts for key, _ in part]
+    assert sorted(keys) == sorted(sums) and len(keys) == len(set(keys))
+    assert [g for part_groups, _ in parts for g in part_groups] == groups
+    assert set(owner_wide(sums)) <= {key for key, _ in parts[0][1]}
+    for part_groups, part in parts:
+        size = 16 * sum(int(np.prod(shape)) for _, shape in part)
+        assert size <= part_bytes or len(part_groups) == 1
+    assert (len(parts) == 1) == (part_bytes >= total)
+
+    root = tmp_path_factory.mktemp("parts")
+    labels = owners[0].label_set
+    members = {owner.name: (owner.label_set, owner.config) for owner in owners}
+    whole = method_roots(root / "whole", methods)
+    finish_from_sums(whole, methods, sums, _context(modules), members, {},
+                     labels, report={}, dtype=torch.float64)
+    in_parts = method_roots(root / "in-parts", methods)
+    finisher = secure_finisher(in_parts, methods, groups, _context(modules), members, {}, labels,
+                               dtype=torch.float64)
+    shared = {}
+    for index, (part_groups, part) in enumerate(parts):
+        decoded = {key: sums[key] for key, _ in part}
+        shared = owner_wide(decoded) if index == 0 else shared
+        finisher.add(part_groups, sums_of_decoded(methods, {**decoded, **shared}))
+    finisher.close({})
+    for method in methods:
+        expected, got = read_outputs(whole[method.label()]), read_outputs(in_parts[method.label()])
+        assert got.keys() == expected.keys()
+        for folder in expected:
+            assert got[folder].keys() == expected[folder].keys()
+            assert all(torch.equal(got[folder][n], expected[folder][n]) for n in expected[folder])
+
+
+def _context(modules):
+    from fusion.methods import MergeContext
+
+    return MergeContext(modules=modules)
 
 
 def test_secure_merge_of_causal_lms_equals_plaintext_under_both_tie_rules(tmp_path):

@@ -31,9 +31,9 @@ def without(reply: Message, msg: Message, field: str) -> Message:
 _honest_contribution = honest._site_contribution
 
 
-def _contribution(context, request, session=None):
+def _contribution(context, request, session=None, part=None):
     """The honest site's contribution to the secure sums; the "inflate" site's Grams (and G W) times INFLATION."""
-    model, owner, parts, with_head, noise, bounds = _honest_contribution(context, request, session)
+    model, owner, parts, with_head, noise, bounds = _honest_contribution(context, request, session, part)
     if hostile(context, "inflate"):
         parts = {key: value * INFLATION if "gram" in key or "diag-weight" in key else value
                  for key, value in parts.items()}
@@ -77,6 +77,8 @@ def secure_shares(msg, context):
 
 @app.train("secure_masked")
 def secure_masked(msg, context):
+    if hostile(context, "vanish") and msg.content["config"]["round"] == "sums/2":  # lost after the first part
+        raise RuntimeError("the site went away")
     return honest.secure_masked(msg, context)
 
 

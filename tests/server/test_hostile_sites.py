@@ -71,3 +71,22 @@ def test_a_malformed_reply_rejects_its_site_and_the_run_goes_on(tmp_path, worksp
         assert gramfuse(["merge", *honest, "-o", str(tmp_path / "offline"), "--quiet"]) == 0
         assert_same_tensors(load_file(str(tmp_path / "out" / "model.safetensors")),
                              load_file(str(tmp_path / "offline" / "model.safetensors")))
+
+
+def test_a_secure_site_lost_after_the_first_part_ends_the_run_and_nothing_is_written(tmp_path, workspace):
+    """Its first part is in the merge: merging the rest without it would need that part summed again without it,
+    which would tell its contribution by difference. The run fails naming it and writes nothing."""
+    from server.processes import Loopback
+
+    simulation = Loopback(tmp_path, simulation=True)
+    try:
+        simulation.start_superlink()
+        done = simulation.run(f"workspace='{workspace}' out-dir='{tmp_path / 'out'}' min-owners=3 timeout=300 "
+                              "method='regmean' secure=true part-mb=0", num_supernodes=OWNERS,
+                              app=hostile_app(tmp_path, "vanish"))
+    finally:
+        simulation.stop()
+    output = done.stdout + done.stderr
+    assert "was lost in sums/2" in output and "nothing is written" in output, output[-3000:]
+    assert "secure: part 1 of" in output  # the first part was merged before the site was lost
+    assert not (tmp_path / "out").exists()
