@@ -30,20 +30,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fusion.checkpoint import atomic_folder
 from fusion.errors import MergeError
+from fusion.finish import method_roots
+from fusion.merge import optional_folder
 from fusion.methods import get_method, method_from_spec, option_names
 from fusion.privacy import DISTRIBUTED
 from fusion.secure.fixedpoint import BOUND_FACTOR
+from fusion.sumsfile import SumsWriter
 from server.secure import SecureRegMeanStrategy
-from server.strategy import FederationError, RegMeanStrategy
+from server.strategy import REPORT_FILE, FederationError, RegMeanStrategy, SiteLost
 
 app = ServerApp()
+log = logging.getLogger("gramfuse.server")
 
 
 def show_progress() -> None:
@@ -126,4 +133,49 @@ def main(grid: Grid, context: Context) -> None:
                               "site's release is its own, with local noise (dp-noise=local)")
     else:
         strategy = RegMeanStrategy(methods, out_dir, **options)
-    strategy.run(grid)
+    run(strategy, grid)
+
+
+def run(strategy: RegMeanStrategy, grid: Grid) -> dict[str, Any]:
+    """A federated merge in either mode: the strategy's exchanges before the sums, then the merge; a plaintext site
+    lost after part of the merge was formed makes it start again without that site. Returns the report."""
+    strategy.begin()
+    strategy.prepare(grid)
+    while True:
+        try:
+            return write_merge(strategy, grid)
+        except SiteLost as lost:
+            strategy.forget(lost.node_id)
+
+
+def write_merge(strategy: RegMeanStrategy, grid: Grid) -> dict[str, Any]:
+    """The one finish of both modes: each part's sums, as the strategy forms them (plaintext: the sites' weights and
+    Grams folded; secure: the masked sums decoded), solved and written as it comes, then the own heads, configs,
+    tokenizer, reports and ``report.json``; with state-dir, the new version of the kept sums beside them. The output
+    folder (and the sums' version) appear whole, or not at all."""
+    keeper = strategy.keeper
+    version = keeper.state.next_version() if keeper is not None else None
+    with atomic_folder(strategy.out_dir, strategy.overwrite, strategy.inputs) as staging, \
+            optional_folder(version, False, []) as sums_staging:
+        writer = SumsWriter(sums_staging) if sums_staging is not None else None
+        finisher = None
+        for groups, sums_of in strategy.sums_parts(grid):
+            if finisher is None:  # after the first part: the secure owners merged are its survivors
+                finisher = strategy.finisher(method_roots(staging, strategy.methods))
+            finisher.add(groups, writer.recording(sums_of) if writer is not None else sums_of)
+        if finisher is None:
+            raise FederationError("the sums came in no part: nothing to merge")
+        reports = finisher.close(strategy.common_report())
+        for label in reports:
+            log.info("merged %d owners with %s", len(strategy.merged_owners), label)
+        report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
+        report = {**report, "federation": strategy.federation_report()}
+        if writer is not None:
+            writer.close(*strategy.state_meta())
+            report["federation"]["state"] = keeper.report(version)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if version is not None:  # both folders are whole: only now is the new version the current one
+        keeper.state.commit(version)
+        log.info("state: %s is current (%d owners inside)", version, len(keeper.remaining()))
+    log.info("wrote %s", strategy.out_dir)
+    return report

@@ -17,6 +17,8 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -27,9 +29,9 @@ from federation.protocol import (BOUNDS, SHARE_KEY, Layout, MaskedSum, check_thr
                                  round_names, shares_for, sums_round)
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER, WITHDRAWN
 
-from fusion.checkpoint import atomic_folder, tokenizer_from_files
+from fusion.checkpoint import tokenizer_from_files
 from fusion.errors import GramfuseError
-from fusion.finish import Group, method_roots
+from fusion.finish import Finisher, Group, SumsOf
 from fusion.finish import reference_label_set as majority_label_set
 from fusion.merge import check_layout
 from fusion.methods import MEAN, WEIGHT, MergeContext
@@ -52,7 +54,7 @@ from fusion.secure import (
 )
 from fusion.secure.fixedpoint import ABOVE_BOUND, BOUND_FACTOR, bound_bands
 from fusion.statistics import ModuleInfo
-from server.strategy import REPORT_FILE, FederationError, OwnerRecord, RegMeanStrategy, owner_name
+from server.strategy import FederationError, OwnerRecord, RegMeanStrategy, owner_name
 
 log = logging.getLogger("gramfuse.server")
 
@@ -99,6 +101,8 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.rounds: dict[str, dict[str, list[int]]] = {}
         self.modules: dict[str, ModuleInfo] = {}  # the layer map the sums are merged by
         self.parts: list[tuple[list[Group], Layout]] = []  # the groups of each sums round, and its share of the layout
+        self.participants: list[int] = []  # the sites the next masked round asks
+        self.scales: dict[str, int] = {}  # every sum's fixed-point scale, from the bounds round
 
     def request(self, **extra: Any) -> ConfigRecord:
         request = super().request(**extra)
@@ -110,17 +114,17 @@ class SecureRegMeanStrategy(RegMeanStrategy):
     def merged_owners(self) -> list[str]:
         return [owner_name(node) for node in self.survivors]
 
-    def run(self, grid: Grid) -> dict[str, Any]:
-        self.begin()
+    def prepare(self, grid: Grid) -> None:
+        """Everything before the sums: sites described, keys and layout agreed, the parts planned, shares exchanged,
+        and the bounds round that fixes the fixed-point scales."""
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.exchange_keys(grid)
         self.plan_parts()
         participants = self.exchange_shares(grid)
-        band_sums, participants = self.masked_round(grid, BOUNDS, participants, {})
+        band_sums, self.participants = self.masked_round(grid, BOUNDS, participants, {})
         self.hold_to_bound(band_sums)
-        scales = scales_from_bands(band_sums, len(participants), self.bound_factor)
-        return self.merge(grid, participants, scales)
+        self.scales = scales_from_bands(band_sums, len(self.participants), self.bound_factor)
 
     # --- the steps ---------------------------------------------------------------------------------------------------
 
@@ -410,43 +414,37 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.timings["parts"] = len(self.parts)
         log.info("secure: the sums go in %d parts of the model", len(self.parts))
 
-    def merge(self, grid: Grid, participants: list[int], scales: dict[str, int]) -> dict[str, Any]:
-        """The sums rounds, part by part, each part decoded, solved and written before the next is asked for."""
-        tokenizer = tokenizer_from_files(self.tokenizer)
-        context = None
-        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging:
-            finisher, shared = None, {}
-            for index, (groups, part) in enumerate(self.parts, start=1):
-                extra = {"scales": json.dumps({key: scales[key] for key, _ in part})}
-                totals, participants = self.masked_round(grid, sums_round(index), participants, extra, part)
-                sums = decoded_sums(part, totals, scales)
-                if finisher is None:  # the first part fixes the owners: its survivors, their heads and totals
-                    self.survivors = participants
-                    self._check_enough(len(self.survivors))
-                    for node in self.survivors:
-                        self.records[node].status = "merged"
-                    shared = owner_wide(sums)
-                    context = self.merge_context()
-                    finisher = secure_finisher(method_roots(staging, self.methods), self.methods,
-                                               [g for groups_of, _ in self.parts for g in groups_of], context,
-                                               self.owners_of_merge(), self.survivors_heads(),
-                                               labels_from(self.reference_label_set()), tokenizer=tokenizer)
-                sums.update(shared)
-                self.fill_from_base(sums, groups)
-                finisher.add(groups, sums_of_decoded(self.methods, sums))
-                log.info("secure: part %d of %d merged: %d groups", index, len(self.parts), len(groups))
-            self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
-            names = {owner_name(r.node_id): r for r in self.records.values()}
-            owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
-                      for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
-            reports = finisher.close(secure_report({"owners": owners}, self.owners_of_merge()))
-            for label in reports:
-                log.info("merged %d owners with %s", len(self.survivors), label)
-            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
-            report = {**report, "federation": self.federation_report()}
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        log.info("wrote %s", self.out_dir)
-        return report
+    def sums_parts(self, grid: Grid) -> Iterator[tuple[list[Group], SumsOf]]:
+        """The sums rounds, part by part: yields each part's groups and their decoded sums. The first part fixes the
+        owners merged (its survivors) and the owner-wide sums every later part is merged with."""
+        shared = {}
+        for index, (groups, part) in enumerate(self.parts, start=1):
+            extra = {"scales": json.dumps({key: self.scales[key] for key, _ in part})}
+            totals, self.participants = self.masked_round(grid, sums_round(index), self.participants, extra, part)
+            sums = decoded_sums(part, totals, self.scales)
+            if index == 1:
+                self.survivors = self.participants
+                self._check_enough(len(self.survivors))
+                for node in self.survivors:
+                    self.records[node].status = "merged"
+                shared = owner_wide(sums)
+            sums.update(shared)
+            self.fill_from_base(sums, groups)
+            yield groups, sums_of_decoded(self.methods, sums)
+            log.info("secure: part %d of %d merged: %d groups", index, len(self.parts), len(groups))
+        self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def finisher(self, roots: dict[str, Path]) -> Finisher:
+        """The one finish, once the first part has named the owners merged and brought their own heads."""
+        return secure_finisher(roots, self.methods, [g for groups, _ in self.parts for g in groups],
+                               self.merge_context(), self.owners_of_merge(), self.survivors_heads(),
+                               labels_from(self.reference_label_set()), tokenizer=tokenizer_from_files(self.tokenizer))
+
+    def common_report(self) -> dict[str, Any]:
+        names = {owner_name(r.node_id): r for r in self.records.values()}
+        owners = [{"name": name, "node_id": names[name].node_id, "site": names[name].site}
+                  for name in sorted(self.merged_owners, key=lambda name: names[name].node_id)]
+        return secure_report({"owners": owners}, self.owners_of_merge())
 
     def merge_context(self) -> MergeContext:
         return MergeContext(modules=self.modules,

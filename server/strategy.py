@@ -1,9 +1,10 @@
-"""The aggregation server's Flower strategy: one round in which every site sends its statistics and weights.
+"""The aggregation server's Flower strategy: the exchanges in which the sites send their weights and statistics.
 
 Lifecycle, as Flower's strategies: ``configure_train`` asks each connected node for what the method needs;
-``aggregate_train`` folds each reply into running sums *as it arrives* (see :meth:`RegMeanStrategy.run`, which pulls
-replies one at a time), so the server holds one reply plus the sums whatever the number of owners; then
-:meth:`merge` solves with ``fusion`` and writes exactly what ``gramfuse merge`` writes, plus ``report.json``.
+``aggregate_train`` folds each reply into running sums *as it arrives* (:meth:`RegMeanStrategy._exchange` pulls
+replies one at a time), so the server holds one reply plus the sums whatever the number of owners. The strategy
+forms the sums a part of the model at a time (:meth:`RegMeanStrategy.sums_parts`); ``server/app.py`` runs the steps
+and writes each part with ``fusion``'s one finish, exactly what ``gramfuse merge`` writes, plus ``report.json``.
 
 An owner whose reply is an error, never comes, or does not fit the others (architecture, label set, statistics) is
 named by node id in the log and the report, and left out; the merge goes on while ``min_owners`` still hold, and
@@ -32,15 +33,14 @@ from federation.payload import Part, config_from, dtype_from, labels_from, owner
 from federation.wire import META, PAYLOAD, TOKENIZER
 
 from fusion.aggregate import Aggregator
-from fusion.checkpoint import atomic_folder, check_apart, check_same_shapes, tokenizer_from_files
+from fusion.checkpoint import check_apart, check_same_shapes, tokenizer_from_files
 from fusion.errors import CompatibilityError, GramfuseError
-from fusion.finish import Finisher, Group, Output, method_roots, plan_groups, plan_outputs
+from fusion.finish import Finisher, Group, Output, SumsOf, plan_groups, plan_outputs
 from fusion.lazy import CheckpointFiles
-from fusion.merge import check_layout, load_base, optional_folder
+from fusion.merge import check_layout, load_base
 from fusion.methods import MergeContext, MergeMethod
 from fusion.methods.regmean import needs_diagonal
 from fusion.statistics import ModuleInfo, packed_diagonal
-from fusion.sumsfile import SumsWriter
 from fusion.distance import OwnerDistances
 from server.plausibility import (DOMINANT_SHARE, influence, matches, near_one_owner, outliers, per_token_traces,
                                  privacy_misfits, private_trace_misfits)
@@ -171,6 +171,12 @@ class RegMeanStrategy(Strategy):
         self.tokenizer: dict[str, bytes] = {}
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
+        # the finish, planned once the sites asked are known (plan_finish)
+        self.outputs: list[Output] = []
+        self.reference: dict = {}  # the layout the merged model follows
+        self.context = MergeContext()
+        self.groups: list[Group] = []
+        self.common: dict[str, Any] = {}
 
     def fresh_aggregators(self) -> dict[tuple, Aggregator]:
         """One aggregation per distinct set of sums (RegMean at every alpha shares one)."""
@@ -344,29 +350,23 @@ class RegMeanStrategy(Strategy):
 
     # --- the whole run -----------------------------------------------------------------------------------------------
 
-    def run(self, grid: Grid) -> dict[str, Any]:
-        """Wait for sites, learn their layouts, then merge a part of the model at a time: each site is asked for the
-        weights and Grams of a few groups of layers, its reply folded in as it arrives, and those groups are solved
-        and written before the next part is asked for. Returns the report."""
-        self.begin()
+    def prepare(self, grid: Grid) -> None:
+        """Everything before the sums: wait for sites, learn what they hold and their layouts, and (with state-dir)
+        which of them join or leave the kept sums."""
         self._wait_for_nodes(grid)
         self.describe(grid)
         self.gather_layouts(grid)
         self.sort_by_state()
-        while True:
-            nodes = sorted(self.layouts)
-            self._check_enough(len(self.keeper.remaining()) if self.keeper is not None else len(nodes))
-            try:
-                return self.merge_in_parts(grid, nodes)
-            except SiteLost as lost:
-                # Its earlier parts are in the sums already written: the only exact merge is one without it.
-                del self.layouts[lost.node_id]
-                if self.keeper is not None:
-                    self.keeper.joining.pop(lost.node_id, None)
-                    self.keeper.leaving.pop(lost.node_id, None)
-                self.fitting = sorted(self.layouts)
-                log.warning("owner node %d was lost after part of the merge was formed; merging again without it",
-                            lost.node_id)
+
+    def forget(self, node_id: int) -> None:
+        """A site lost after part of the merge was formed: its earlier parts are in the sums already written, so the
+        only exact merge is one without it, from the start."""
+        del self.layouts[node_id]
+        if self.keeper is not None:
+            self.keeper.joining.pop(node_id, None)
+            self.keeper.leaving.pop(node_id, None)
+        self.fitting = sorted(self.layouts)
+        log.warning("owner node %d was lost after part of the merge was formed; merging again without it", node_id)
 
     def gather_layouts(self, grid: Grid) -> None:
         """Round 1: every fitting site's layout (weight names, shapes and dtypes, its statistics' metadata), no
@@ -467,65 +467,68 @@ class RegMeanStrategy(Strategy):
         if self.heads == "shared" and meta["label_set"] != first["label_set"]:
             raise CompatibilityError(f"owner {name!r}: label set differs from owner {first_name!r}'s (heads are shared)")
 
-    def merge_in_parts(self, grid: Grid, nodes: list[int]) -> dict[str, Any]:
+    def sums_parts(self, grid: Grid) -> Iterator[tuple[list[Group], SumsOf]]:
+        """The model a part at a time: each site is asked for the weights and Grams of a few groups of layers, its
+        reply folded in as it arrives; yields each part's groups and their sums (raises :class:`SiteLost` where a
+        site is lost after its first part)."""
+        nodes = sorted(self.layouts)
+        self._check_enough(len(self.keeper.remaining()) if self.keeper is not None else len(nodes))
+        self.plan_finish(nodes)
+        parts = partition(self.groups, self.reference, self.part_bytes)
+        self.distances = OwnerDistances()
+        for index, part in enumerate(parts, start=1):
+            self.gather_part(grid, nodes, index, part)
+            aggregator = next(iter(self.aggregators.values()))
+            for out in self.outputs:
+                if out.own_head is not None:
+                    out.own_head.update(aggregator.own_heads.get(out.folder, {}))
+            yield part, self._part_sums(self.outputs)
+            log.info("part %d of %d merged: %d groups", index, len(parts), len(part))
+        self.timings["parts"] = len(parts)
+        self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
+
+    def plan_finish(self, nodes: list[int]) -> None:
+        """The outputs (a merged folder, and one per owner with a head of its own), the layer map and the groups,
+        from the layouts of the sites asked (and, with state-dir, the owners inside the sums)."""
         names = [owner_name(node) for node in nodes]  # by node id: the tie-break of the reference label set
         layouts = {owner_name(node): self.layouts[node] for node in nodes}
         if self.keeper is None:
             own_heads = {name: {} for name in names if layouts[name]["head"]}  # filled as the heads' part arrives
-            outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
-                                   {n: config_from(m) for n, m in layouts.items()}, own_heads)
-            reference = layouts[outputs[0].owners[0]]
+            self.outputs = plan_outputs(names, {n: labels_from(m["label_set"]) for n, m in layouts.items()},
+                                        {n: config_from(m) for n, m in layouts.items()}, own_heads)
+            self.reference = layouts[self.outputs[0].owners[0]]
             records = {owner_name(r.node_id): r for r in self.records.values()}
             owners = [{"name": n, "node_id": records[n].node_id, "site": records[n].site} for n in names]
         else:
-            outputs, reference = self.state_outputs(layouts)
+            self.outputs, self.reference = self.state_outputs(layouts)
             owners = [{"name": entry.name, "site": entry.name} for entry in self.keeper.remaining()]
         # Every site's hooked layers (adapter sites hook only those they adapted), as the offline merge takes them:
         # a layer some sites have no statistics for is averaged, with a warning naming it.
-        modules = {name: ModuleInfo(**info) for layout in [*layouts.values(), reference]
+        modules = {name: ModuleInfo(**info) for layout in [*layouts.values(), self.reference]
                    for name, info in layout.get("statistics", {}).get("modules", {}).items()}
         gram_dtype = "float32" if any(m.get("statistics", {}).get("gram_dtype") == "float32"
                                       for m in layouts.values()) else "float64"
-        context = MergeContext(base=self.base, modules=modules, gram_dtype=gram_dtype,
-                               diagonal=self.keeper.diagonal if self.keeper else needs_diagonal(self.methods))
-        groups = plan_groups(list(reference["shapes"]), set(reference["head"]), modules)
-        parts = partition(groups, reference, self.part_bytes)
-        dtypes = {name: dtype_from(dtype) for name, dtype in reference["dtypes"].items()}
-        common = {"owners": owners,
-                  "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
-        self.distances = OwnerDistances()
-        tokenizer = tokenizer_from_files(self.tokenizer)
-        version = self.keeper.state.next_version() if self.keeper is not None else None
-        with atomic_folder(self.out_dir, self.overwrite, self.inputs) as staging, \
-                optional_folder(version, False, []) as sums_staging:
-            writer = SumsWriter(sums_staging) if sums_staging is not None else None
-            finisher = Finisher(method_roots(staging, self.methods), self.methods, context, outputs, dtypes,
-                                tokenizer=tokenizer, on_merged=self.distances.compare)
-            for index, part in enumerate(parts, start=1):
-                self.gather_part(grid, nodes, index, part)
-                aggregator = next(iter(self.aggregators.values()))
-                for out in outputs:
-                    if out.own_head is not None:
-                        out.own_head.update(aggregator.own_heads.get(out.folder, {}))
-                sums_of = self._part_sums(outputs)
-                finisher.add(part, writer.recording(sums_of) if writer is not None else sums_of)
-                log.info("part %d of %d merged: %d groups", index, len(parts), len(part))
-            self.timings["parts"] = len(parts)
-            self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
-            reports = finisher.close(common)
-            self.report_distances()
-            report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
-            report = {**report, "federation": self.federation_report()}
-            if writer is not None:
-                task = str(next(iter(self.described.values()), {}).get("task", ""))
-                writer.close(self.keeper.meta(reference, context, task), {}, config_from(reference), tokenizer)
-                report["federation"]["state"] = self.keeper.report(version)
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if version is not None:  # both folders are whole: only now is the new version the current one
-            self.keeper.state.commit(version)
-            log.info("state: %s is current (%d owners inside)", version, len(self.keeper.remaining()))
-        log.info("wrote %s", self.out_dir)
-        return report
+        self.context = MergeContext(base=self.base, modules=modules, gram_dtype=gram_dtype,
+                                    diagonal=self.keeper.diagonal if self.keeper else needs_diagonal(self.methods))
+        self.groups = plan_groups(list(self.reference["shapes"]), set(self.reference["head"]), modules)
+        self.common = {"owners": owners,
+                       "shared_label_set": len({json.dumps(m["label_set"]) for m in layouts.values()}) == 1}
+
+    def finisher(self, roots: dict[str, Path]) -> Finisher:
+        """The one finish (:class:`fusion.finish.Finisher`) the parts are written with."""
+        dtypes = {name: dtype_from(dtype) for name, dtype in self.reference["dtypes"].items()}
+        return Finisher(roots, self.methods, self.context, self.outputs, dtypes,
+                        tokenizer=tokenizer_from_files(self.tokenizer), on_merged=self.distances.compare)
+
+    def common_report(self) -> dict[str, Any]:
+        """What every method's report says: the owners merged, whether they share a label set."""
+        return self.common
+
+    def state_meta(self) -> tuple:
+        """With state-dir: what the kept sums' folder records beside them (meta, config, tokenizer)."""
+        task = str(next(iter(self.described.values()), {}).get("task", ""))
+        return (self.keeper.meta(self.reference, self.context, task), {}, config_from(self.reference),
+                tokenizer_from_files(self.tokenizer))
 
     def state_outputs(self, layouts: dict[str, dict]) -> tuple[list[Output], dict]:
         """With state-dir: one output over every owner inside the sums after this run (one label set: heads summed),
@@ -701,6 +704,7 @@ class RegMeanStrategy(Strategy):
             record_reply(self.record_dir / f"{stage.replace('/', '-')}-node-{node_id}.safetensors", reply)
 
     def federation_report(self) -> dict[str, Any]:
+        self.report_distances()
         return {
             "owners": {str(r.node_id): asdict(r) for r in self.records.values()},
             "merged": len(self.merged_owners),
