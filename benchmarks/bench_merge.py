@@ -7,8 +7,8 @@ floor measured in the same run.
   (the merge streams group by group);
 - owners: 2 and 8 owners of the 4-layer model; flat too;
 - the plaintext server in a federated round of the same owners (Flower's simulation engine, part-mb 256, less than
-  the 16-layer model's sums): the same two ratios, from the server's own report; ``--secure``: the secure server
-  too (one masked round per part);
+  the 16-layer model's sums): the same two ratios, from the server's own report; ``--servers secure`` (or ``both``):
+  the secure server's (one masked round per part);
 - floor: reading every owner's tensors once plus one Cholesky factorisation and triangular solve per Gram group, in
   this process; the merge's own time (its report's ``seconds``) is given as a ratio to it;
 - ``--llm``: a Llama-7B-width classifier (hidden 4096, intermediate 11008, 2 layers, bf16, random weights) of two
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", action="store_true", help="also the Llama-7B-width merge (minutes, ~10 GB)")
     parser.add_argument("--no-bert", action="store_true", help="skip the depth and owner-count runs")
-    parser.add_argument("--secure", action="store_true", help="also the secure server's rounds (minutes each)")
+    parser.add_argument("--servers", choices=["plaintext", "secure", "both", "none"], default="plaintext",
+                        help="which federated servers to measure (secure: minutes per round)")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline merges (servers only)")
     parser.add_argument("--devices", nargs="+", default=["cpu"], help="devices for the --llm runs (cpu, cuda)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: bundled MiniLM)")
     parser.add_argument("--data", type=Path, default=None, help="a JSONL data file (default: VADER amazon)")
@@ -226,19 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bert:
         shallow, _ = make_owners(args.workdir / "bert-4", bert_config(4), 8, data, tokenizer_dir)
         deep, _ = make_owners(args.workdir / "bert-16", bert_config(16), 2, data, tokenizer_dir)
-        runs = {
-            "4 layers, 2 owners": run("4 layers, 2 owners", shallow[:2], args.workdir),
-            "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
-            "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
-        }
-        result = {
-            "runs": runs,
-            "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
-                                                  / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
-            "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
-                                                 / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
-        }
-        for mode in ("plaintext", "secure") if args.secure else ("plaintext",):
+        if not args.no_offline:
+            runs = {
+                "4 layers, 2 owners": run("4 layers, 2 owners", shallow[:2], args.workdir),
+                "16 layers, 2 owners": run("16 layers, 2 owners", deep, args.workdir),
+                "4 layers, 8 owners": run("4 layers, 8 owners", shallow, args.workdir),
+            }
+            result = {
+                "runs": runs,
+                "peak_rss_ratio_16_to_4_layers": round(runs["16 layers, 2 owners"]["peak_rss_mb"]
+                                                      / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+                "peak_rss_ratio_8_to_2_owners": round(runs["4 layers, 8 owners"]["peak_rss_mb"]
+                                                     / runs["4 layers, 2 owners"]["peak_rss_mb"], 3),
+            }
+        modes = {"plaintext": ["plaintext"], "secure": ["secure"], "both": ["plaintext", "secure"], "none": []}
+        for mode in modes[args.servers]:
             result.update(servers(mode, shallow, deep, args.workdir, data))
     if args.llm:
         result["llama_7b_width"] = llm(args.workdir, data, tokenizer_dir, args.devices)

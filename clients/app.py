@@ -35,11 +35,13 @@ The statistics file already in the model folder is reused when it was made from 
 from __future__ import annotations
 
 import functools
+import hashlib
+from itertools import chain
 import json
 import logging
 import secrets
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -51,13 +53,15 @@ from federation.payload import Part, describe_model, owner_payload, untouched_by
 from federation.protocol import BOUNDS, OwnerSession, sums_round
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER, WITHDRAWN
 
-from fusion.aggregate import OwnerUpdate, owner_update
+from fusion.aggregate import owner_update
 from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import CompatibilityError, GramfuseError, StatisticsError
+from fusion.finish import plan_groups
 from fusion.methods import method_from_spec
-from fusion.secure import (band_vectors, bands_layout, encoded_vectors, layout_of, noised_units, public_bounds,
+from fusion.secure import (band_vectors, bands_layout, encoded_vectors, noised_units, public_bounds,
                            secure_contributions)
 from fusion.adapters import checkpoint_files
+from fusion.secure.fixedpoint import check_encodable
 from fusion.statistics import STATS_FILENAME, load_statistics
 from fusion.budget import PrivacyBudget, budget_path
 from fusion.privacy import DISTRIBUTED_MECHANISM, NoiseShares, PrivacyError, PrivacySpec
@@ -97,6 +101,8 @@ NOISE_SEED = "dp-seed"  # in the session: the seed of this site's distributed DP
 NOISE_REQUEST = "dp-distributed"  # in the session: the run's distributed DP noise its keys were sent for
 NOISE_DRAW = "dp-draw"  # in the session: this site's own id of the run's noise draw, for its budget record
 RELEASED = "released"  # in the session: the sums this site has sent in the run's parts (each once)
+AGREED_LAYOUT = "agreed-layout"  # in the session: the digest of the layout of the bounds round, held for the run
+MAGNITUDES = "magnitudes"  # in the session: the largest magnitude of each of its sums (never sent)
 CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
 
 
@@ -332,7 +338,10 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
                        part: list | None = None) -> tuple:
     """This site's model, its owner, its contribution to the sums of the requested methods (with its share of the
     run's distributed DP noise, if any: then also the noised tensors' public bounds), and whether it has the head.
-    With ``part`` (a sums round's share of the layout), only the contribution to those sums is formed."""
+
+    The contribution comes in chunks, formed as they are read: a group of layers at a time (one Gram and the layers
+    it feeds, or one averaged tensor), so that the site never holds the whole model's float64 ``G W^T`` (some 60 GB
+    for a 7B model); with ``part`` (a sums round's share of the layout), one chunk of that part's sums."""
     methods = [method_from_spec(spec) for spec in str(request["method"]).split(",") if spec.strip()]
     needs_fisher = any(method.needs_fisher for method in methods)
     model_dir, data_file = site_paths(context)
@@ -351,29 +360,24 @@ def _site_contribution(context: Context, request, session: OwnerSession | None =
     owner = owner_update("site", model, stats)
     reference = json.loads(str(request["reference-label-set"]))
     with_head = [list(item) for item in owner.label_set] == reference
-    if part is not None:
-        owner = restricted(owner, [key for key, _ in part])
-    if distributed is None:
-        return model, owner, in_part(secure_contributions(methods, owner, with_head), part), with_head, None, {}
-    check_guarantee(context, distributed, stats.example_count)
-    layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
-    noise = noise_shares(distributed, methods, layout, session)
-    parts = in_part(secure_contributions(methods, owner, with_head, noise), part)
-    bounds = public_bounds(noised_units(methods, layout, noise.weight_bound), noise, stats.example_count)
-    return model, owner, parts, with_head, noise, bounds
+    noise, bounds = None, {}
+    if distributed is not None:
+        check_guarantee(context, distributed, stats.example_count)
+        layout = [(key, tuple(shape)) for key, shape in json.loads(str(request.get("layout", "[]")))]
+        noise = noise_shares(distributed, methods, layout, session)
+        bounds = public_bounds(noised_units(methods, layout, noise.weight_bound), noise, stats.example_count)
+    if part is None:
+        modules = stats.modules if stats is not None else {}
+        chunks = [group.keys for group in plan_groups(list(owner.params), set(owner.head), modules)]
+    else:
+        chunks = [{key.split("/", 3)[3] for key, _ in part if key.count("/") >= 3}]
+    wanted = None if part is None else {key for key, _ in part}
+    contribution = (in_part(secure_contributions(methods, owner, with_head, noise, names), wanted) for names in chunks)
+    return model, owner, contribution, with_head, noise, bounds
 
 
-def restricted(owner: OwnerUpdate, keys: list[str]) -> OwnerUpdate:
-    """``owner`` with only the weights that sums ``keys`` (``<group>/<side>/<sum>/<name>``) are formed from: those
-    named, and those of the layers named (a layer's ``G W^T`` needs its weight)."""
-    named = {key.split("/", 3)[3] for key in keys if key.count("/") >= 3}
-    modules = owner.statistics.modules if owner.statistics is not None else {}
-    weights = named | {modules[name].weight for name in named if name in modules}
-    return replace(owner, params={name: value for name, value in owner.params.items() if name in weights})
-
-
-def in_part(contribution: dict, part: list | None) -> dict:
-    return contribution if part is None else {key: contribution[key] for key, _ in part if key in contribution}
+def in_part(contribution: dict, wanted: set[str] | None) -> dict:
+    return contribution if wanted is None else {key: value for key, value in contribution.items() if key in wanted}
 
 
 def _shares_head(context: Context, with_head: bool) -> bool:
@@ -396,7 +400,8 @@ def secure_keys(msg: Message, context: Context) -> Message:
         raise SecureProtocolError(f"{WITHDRAWN}: it takes part in no secure run; its removal is the other sites' "
                                   "next run without it")
     request = msg.content["config"]
-    model, owner, parts, with_head, noise, _ = _site_contribution(context, request)
+    model, owner, chunks, with_head, noise, _ = _site_contribution(context, request)
+    shapes = {key: tuple(value.shape) for chunk in chunks for key, value in chunk.items()}
     session = OwnerSession.begin(str(request["session"]), context.node_id)
     session.state[CONTRIBUTION] = contribution_of(owner.statistics.fingerprint, owner.statistics.settings)
     if noise is not None:
@@ -407,7 +412,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
     _save_session(context, session)
     model_dir, _ = site_paths(context)
     meta = {
-        "layout": layout_of(parts),
+        "layout": [(key, shapes[key]) for key in sorted(shapes)],
         "modules": {name: asdict(info) for name, info in owner.statistics.modules.items()},
         "gram_dtype": owner.statistics.gram_dtype,
         "config": public_config_json(owner.config),
@@ -460,14 +465,22 @@ def secure_masked(msg: Message, context: Context) -> Message:
                       for node, keys in json.loads(str(request.get("round-keys", "{}"))).items()}
         session.receive_shares(incoming, round_keys)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
+    hold_layout(session, round_name, layout)
     part = None if round_name == BOUNDS else released_part(session, layout, request)
-    _, owner, parts, with_head, noise, bounds = _site_contribution(context, request, session, part)
+    _save_session(context, session)  # a sum asked once is never asked again, sent or refused
+    _, owner, chunks, with_head, noise, bounds = _site_contribution(context, request, session, part)
     participants = [int(node) for node in json.loads(str(request["participants"]))]
-    if part is None:
-        vectors, masked_layout = band_vectors(layout, {**parts, **bounds}), bands_layout(layout)
+    if part is None:  # the noised tensors' public bounds stand for their magnitudes
+        magnitudes = {}
+        vectors = band_vectors(layout, chain(observed(chunks, magnitudes), [bounds]))
+        session.state[MAGNITUDES] = json.dumps(magnitudes)
+        masked_layout = bands_layout(layout)
     else:
         scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
-        vectors, masked_layout = encoded_vectors(part, parts, scales, len(participants)), part
+        if round_name == sums_round(1):  # every part encodes under the scales, or the site drops out now
+            check_encodable(json.loads(str(session.state.get(MAGNITUDES, "{}"))), scales, len(participants))
+        contribution = {key: value for chunk in chunks for key, value in chunk.items()}
+        vectors, masked_layout = encoded_vectors(part, contribution, scales, len(participants)), part
     masked = session.mask(round_name, participants, masked_layout, vectors)
     first_part = round_name == sums_round(1)
     if noise is not None and first_part:  # the release begins, encoded and masked: charged before it leaves
@@ -479,6 +492,24 @@ def secure_masked(msg: Message, context: Context) -> Message:
     if first_part and _shares_head(context, with_head):  # the site decides, whatever the server asks
         records[OWN_HEAD] = ArrayRecord(torch_state_dict={n: wire_tensor(v) for n, v in owner.split()[1].items()})
     return _reply(msg, **records)
+
+
+def hold_layout(session: OwnerSession, round_name: str, layout: list) -> None:
+    """The layout of the bounds round holds for the run: the noise is calibrated on it and every part is drawn
+    from it, so a server that changed it later could shrink the noise or ask sums outside it."""
+    digest = hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+    if round_name == BOUNDS:
+        session.state[AGREED_LAYOUT] = digest
+    elif session.state.get(AGREED_LAYOUT) != digest:
+        raise SecureProtocolError(f"round {round_name!r}: the layout is not the one of the bounds round: it is not "
+                                  "answered")
+
+
+def observed(chunks, magnitudes: dict):
+    """``chunks`` as they come, each sum's largest magnitude noted in ``magnitudes``."""
+    for chunk in chunks:
+        magnitudes.update({key: float(value.abs().max()) if value.numel() else 0.0 for key, value in chunk.items()})
+        yield chunk
 
 
 def released_part(session: OwnerSession, layout: list, request) -> list:

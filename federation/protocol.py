@@ -88,6 +88,13 @@ def seed_commitment(seed: bytes) -> bytes:
     return hashlib.sha256(b"gramfuse/seed/" + seed).digest()
 
 
+def keys_digest(round_keys: Mapping[str, bytes]) -> bytes:
+    """What an owner seals into every bundle: the digest of its round mask keys, so that a peer takes from the
+    server only the keys the owner made (a server substituting one would strip that owner's pairwise masks)."""
+    canonical = json.dumps({name: bytes(key).hex() for name, key in sorted(round_keys.items())})
+    return hashlib.sha256(b"gramfuse/round-keys/" + canonical.encode()).digest()
+
+
 def share_position(roster: Iterable[int], node: int) -> int:
     """The Shamir x of an owner: its place among the roster's node ids, from 1."""
     return sorted(roster).index(node) + 1
@@ -193,6 +200,8 @@ class OwnerSession:
                 shares = split_secret(secret, threshold, list(positions.values()))
                 for node, x in positions.items():
                     bundles[node] += shares[x]
+        digest = keys_digest(self.round_keys())
+        bundles = {node: bundle + digest for node, bundle in bundles.items()}
         self.state[f"bundle/{self.node}"] = bundles.pop(self.node)
         sealed = {node: seal(derive_key(self._private(SHARE_KEY), roster[node][SHARE_KEY], "shares", self.session),
                              bundle, self._share_context(self.node, node)) for node, bundle in bundles.items()}
@@ -205,14 +214,18 @@ class OwnerSession:
         for sender, message in sealed.items():
             if sender not in roster or sender == self.node:
                 raise SecureProtocolError(f"node {self.node}: shares from node {sender}, who is not a peer")
+            if f"bundle/{sender}" in self.state:
+                raise SecureProtocolError(f"node {self.node}: shares from node {sender} were delivered already")
             keys = round_keys.get(sender, {})
             if sorted(keys) != sorted(rounds) or any(len(bytes(keys[r])) != len(self._private(r)) for r in rounds):
                 raise SecureProtocolError(f"node {self.node}: node {sender}'s mask keys are not one per round of "
                                           "this run")
             key = derive_key(self._private(SHARE_KEY), roster[sender][SHARE_KEY], "shares", self.session)
             bundle = unseal(key, bytes(message), self._share_context(sender, self.node))
-            if len(bundle) != 2 * len(rounds) * SHARE_BYTES:
+            if len(bundle) != 2 * len(rounds) * SHARE_BYTES + len(keys_digest({})):
                 raise SecureProtocolError(f"node {self.node}: the bundle from node {sender} has the wrong size")
+            if bundle[-len(keys_digest({})):] != keys_digest(keys):
+                raise SecureProtocolError(f"node {self.node}: node {sender}'s mask keys are not the ones it made")
             self.state[f"bundle/{sender}"] = bundle
             self.state[f"round-keys/{sender}"] = json.dumps({r: bytes(keys[r]).hex() for r in rounds})
 
@@ -234,6 +247,7 @@ class OwnerSession:
                                       "recovered if it dropped; refusing to mask with it")
         if len(participants) < int(self.state["threshold"]):
             raise SecureProtocolError(f"node {self.node}: {len(participants)} participants, below the threshold")
+        self._check_order(round_name, participants)
         self.state[f"participants/{round_name}"] = json.dumps(sorted(int(p) for p in participants))
         masked = flatten(layout, vectors).copy()
         masked += _self_stream(bytes(self.state["seed/" + round_name]), round_name, self.session, masked.size)
@@ -245,6 +259,22 @@ class OwnerSession:
             else:
                 masked -= stream
         return unflatten(layout, masked)
+
+    def _check_order(self, round_name: str, participants: list[int]) -> None:
+        """The rounds go in order, each after the previous was unmasked: bounds, then the parts. The first part's
+        participants survived the bounds; every later part's are exactly the first part's survivors, so that each
+        part of the model sums the same owners and the first part (which alone carries the owner-wide sums, charged
+        to a DP budget and recorded in the ledger) comes before any other."""
+        rounds = self.rounds
+        if rounds.index(round_name) == 0:
+            return
+        previous = rounds[rounds.index(round_name) - 1]
+        if f"revealed/{previous}" not in self.state:
+            raise SecureProtocolError(f"node {self.node}: round {round_name!r} asked before {previous!r} was unmasked")
+        survived = set(json.loads(str(self.state[f"revealed/{previous}"]))["survivors"])
+        if not (set(participants) <= survived if previous == BOUNDS else set(participants) == survived):
+            raise SecureProtocolError(f"node {self.node}: the participants of {round_name!r} are not those that "
+                                      f"survived {previous!r}")
 
     def reveal(self, round_name: str, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
         """Shares to unmask ``round_name``: of survivors' seeds and of dropped owners' mask keys, never both."""
@@ -261,6 +291,9 @@ class OwnerSession:
             )
         if len(survivors_set) < int(self.state["threshold"]):
             raise SecureProtocolError(f"node {self.node}: {len(survivors_set)} survivors, below the threshold")
+        if dropped_set and self.rounds.index(round_name) > 1:
+            raise SecureProtocolError(f"node {self.node}: an owner lost after the first part is not recovered in "
+                                      f"{round_name!r}: the earlier parts summed it, the run ends")
         self.state[f"revealed/{round_name}"] = json.dumps({"survivors": sorted(survivors_set),
                                                            "dropped": sorted(dropped_set)})
         index = self.rounds.index(round_name)

@@ -419,19 +419,21 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         owners merged (its survivors) and the owner-wide sums every later part is merged with."""
         shared = {}
         for index, (groups, part) in enumerate(self.parts, start=1):
-            extra = {"scales": json.dumps({key: self.scales[key] for key, _ in part})}
+            # With the first part, every scale: a site that cannot encode some later part drops out now, recovered.
+            scales = self.scales if index == 1 else {key: self.scales[key] for key, _ in part}
+            extra = {"scales": json.dumps(scales)}
             totals, self.participants = self.masked_round(grid, sums_round(index), self.participants, extra, part)
             sums = decoded_sums(part, totals, self.scales)
             if index == 1:
                 self.survivors = self.participants
                 self._check_enough(len(self.survivors))
-                for node in self.survivors:
-                    self.records[node].status = "merged"
                 shared = owner_wide(sums)
             sums.update(shared)
             self.fill_from_base(sums, groups)
             yield groups, sums_of_decoded(self.methods, sums)
             log.info("secure: part %d of %d merged: %d groups", index, len(self.parts), len(groups))
+        for node in self.survivors:  # in every part's sums (a site that failed only to unmask, too)
+            self.records[node].status = "merged"
         self.timings["merge_seconds"] = round(time.perf_counter() - self.started, 3)
 
     def finisher(self, roots: dict[str, Path]) -> Finisher:

@@ -316,7 +316,7 @@ def secure_merge(methods, updates, out_dir, drop_bounds=(), drop_sums=()):
     layout = layout_of(parts[1])
     run = SecureRun(nodes, default_threshold(len(nodes)))
     band_sums, survivors = run.masked_round(
-        "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, parts[n]), drop_before=drop_bounds)
+        "bounds", nodes, bands_layout(layout), lambda n: band_vectors(layout, [parts[n]]), drop_before=drop_bounds)
     scales = scales_from_bands(band_sums, len(survivors))
     totals, survivors = run.masked_round(
         sums_round(1), survivors, layout, lambda n: encoded_vectors(layout, parts[n], scales, len(survivors)),

@@ -12,6 +12,7 @@ stays at its site and the owner attaches it to the merged body itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from ..aggregate import OwnerUpdate, context_with, contributions
 from ..errors import MergeError
 from ..finish import Finisher, Group, SumsOf, plan_groups, plan_outputs, restrict
-from ..methods import MEAN, MergeContext, MergeMethod, Sums
+from ..methods import MEAN, MergeContext, MergeMethod, OwnerState, Sums
 from ..methods.regmean import needs_diagonal
 from ..privacy import TAIL_SIGMAS, NoiseShares, PrivacyError
 from ..statistics import ModuleInfo
@@ -49,9 +50,12 @@ def check_secure_methods(methods: list[MergeMethod]) -> None:
 
 
 def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_head: bool,
-                         noise: NoiseShares | None = None) -> dict[str, torch.Tensor]:
+                         noise: NoiseShares | None = None, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Everything ``owner`` adds to the sums of ``methods``, keyed ``<group>/body/<sum>`` and ``<group>/head/<sum>``;
-    with ``noise``, its share of the run's distributed DP noise on everything that depends on its examples."""
+    with ``noise``, its share of the run's distributed DP noise on everything that depends on its examples.
+
+    With ``names`` (tensors, layers, Grams: a few groups of layers), only the sums of those, formed from the weights
+    they need, and the owner-wide sums of both sides (the example weight, the owner count) whatever the names."""
     check_secure_methods(methods)
     if noise is not None:
         unable = [method.label() for method in methods if not method.noisable]
@@ -59,12 +63,24 @@ def secure_contributions(methods: list[MergeMethod], owner: OwnerUpdate, with_he
             raise PrivacyError(f"method {unable[0]!r} cannot add distributed DP noise to what it sends (only "
                                "regmean, and methods without statistics, can)")
     context = context_with(MergeContext(diagonal=needs_diagonal(methods), noise=noise), owner.statistics)
+    part = owner if names is None else restricted(owner, set(names))
+    has_head = bool(owner.split()[1]) and with_head
     out = {}
     for index, method in enumerate(sums_groups(methods)):
-        body, head = contributions(method, owner, context, with_head)
+        body, head = contributions(method, part, context, with_head)
+        if has_head and not head:  # the part holds none of the head: its owner-wide sums all the same
+            head = method.contribute(OwnerState(owner.name, {}, owner.statistics), context)
         out.update({f"{index}/{BODY}{key}": value for key, value in body.items()})
         out.update({f"{index}/{HEAD}{key}": value for key, value in head.items()})
     return out
+
+
+def restricted(owner: OwnerUpdate, names: set[str]) -> OwnerUpdate:
+    """``owner`` with only the weights that the sums of ``names`` (tensors, layers, Grams) are formed from: those
+    named, and those of the layers named (a layer's ``G W^T`` needs its weight)."""
+    modules = owner.statistics.modules if owner.statistics is not None else {}
+    weights = names | {modules[name].weight for name in names if name in modules}
+    return replace(owner, params={name: value for name, value in owner.params.items() if name in weights})
 
 
 def _split_key(key: str) -> tuple[int, str]:
@@ -197,9 +213,13 @@ def _part(sums: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {key[len(prefix):]: value for key, value in sums.items() if key.startswith(prefix)}
 
 
-def band_vectors(layout: Layout, contribution: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The ``bounds`` round's vectors: a one-hot magnitude band per tensor of ``layout`` (none where absent)."""
-    bands = magnitude_bands({key: contribution[key] for key, _ in layout if key in contribution})
+def band_vectors(layout: Layout, chunks: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """The ``bounds`` round's vectors: a one-hot magnitude band per tensor of ``layout`` (none where absent), from a
+    contribution in chunks (a later chunk's tensor stands for an earlier one of the same name)."""
+    wanted = {key for key, _ in layout}
+    bands = {}
+    for chunk in chunks:
+        bands.update(magnitude_bands({key: value for key, value in chunk.items() if key in wanted}))
     return {key: bands.get(key, np.zeros(BANDS, dtype=np.uint64)) for key, _ in layout}
 
 

@@ -116,6 +116,18 @@ def encode(key: str, values: torch.Tensor, bits: int, owners: int) -> np.ndarray
     return scaled.astype(np.int64).view(np.uint64)
 
 
+def check_encodable(magnitudes: Mapping[str, float], scales: Mapping[str, int], owners: int) -> None:
+    """Raise, as :func:`encode` would, where a tensor's largest magnitude does not encode under its scale: checked
+    for every tensor before the first part of the sums, so that a site above the bound drops out there."""
+    limit = 2.0 ** (SUM_BITS - headroom_bits(owners))
+    for key, magnitude in magnitudes.items():
+        if key in scales and not abs(math.ldexp(magnitude, scales[key])) <= limit:
+            raise FixedPointError(f"tensor {key!r}: its largest value, {magnitude:.6g}, is beyond the range agreed for "
+                                  f"it (2^{SUM_BITS - headroom_bits(owners) - scales[key]:d}): this site's tensor is "
+                                  "far larger than the other owners'",
+                                  public=f"tensor {key!r}: a value is {ABOVE_BOUND} (the fixed-point range)")
+
+
 def decode(key: str, total: np.ndarray, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The float64 sum from the modular sum of the encodings; an overflowed sum is an error naming the tensor."""
     signed = np.asarray(total, dtype=np.uint64).view(np.int64)

@@ -55,6 +55,22 @@ def test_fixed_point_sum_is_the_float_sum_to_its_scale(owners, exponent, seed):
     assert bits >= 61 - BAND_BITS - math.frexp(largest)[1] - math.ceil(math.log2(owners))
 
 
+def test_a_magnitude_that_would_not_encode_is_refused_before_any_part():
+    """The check a site makes at the first part, from the largest magnitudes it noted in the bounds round, refuses
+    exactly what encoding would refuse later."""
+    from fusion.secure.fixedpoint import SUM_BITS, check_encodable, headroom_bits
+
+    owners, bits = 5, 20
+    limit = 2.0 ** (SUM_BITS - headroom_bits(owners) - bits)  # the largest magnitude that encodes at this scale
+    check_encodable({"t": limit, "u": 1e30}, {"t": bits}, owners)  # "u" is in no part asked: not checked
+    encode("t", torch.tensor([limit]), bits, owners)
+    with pytest.raises(FixedPointError, match="'t': its largest value, .*, is beyond the range agreed") as refused:
+        check_encodable({"t": limit * 1.001}, {"t": bits}, owners)
+    assert ABOVE_BOUND in refused.value.public  # what the server is told, and why it counts the site as a misfit
+    with pytest.raises(FixedPointError):
+        encode("t", torch.tensor([limit * 1.001]), bits, owners)
+
+
 def test_fixed_point_hand_computed():
     bits = 4  # scale 1/16
     total = encode("t", torch.tensor([1.5, -0.25]), bits, 2) + encode("t", torch.tensor([0.0625, -3.0]), bits, 2)
@@ -132,16 +148,28 @@ def test_masked_sums_equal_the_survivors_sums_whoever_drops(owners, data):
 
 
 def test_every_part_is_a_masked_round_with_secrets_of_its_own():
-    """The sums go part by part, each part a round with its own mask keys and seeds: an owner dropped (its mask key
-    revealed) in one part is recovered there, while its seed revealed in another part reveals nothing with it."""
+    """The sums go part by part, each part a round with its own mask keys and seeds, in order after the bounds: an
+    owner dropped in the first part is recovered; later parts sum exactly the first part's survivors, and one lost
+    there is not recovered (the earlier parts summed it)."""
     nodes = [1, 2, 3, 4, 5]
     run = SecureRun(nodes, 3, parts=3)
     vectors = {node: random_vectors(node) for node in nodes}
-    for part, dropped in ((1, set()), (2, {4}), (3, set())):
-        totals, survivors = run.masked_round(sums_round(part), nodes, LAYOUT, vectors.get, drop_before=dropped)
-        assert sorted(survivors) == sorted(set(nodes) - dropped)
-        expected = sum((vectors[n]["a"] for n in survivors), np.zeros(12, dtype=np.uint64))
-        assert np.array_equal(totals["a"], expected)
+    with pytest.raises(SecureProtocolError, match="asked before 'bounds' was unmasked"):
+        run.masked_round(sums_round(1), nodes, LAYOUT, vectors.get)
+    run = SecureRun(nodes, 3, parts=3)
+    _, survivors = run.masked_round("bounds", nodes, LAYOUT, vectors.get)
+    with pytest.raises(SecureProtocolError, match="asked before 'sums/1' was unmasked"):
+        run.sessions[1].mask(sums_round(2), nodes, LAYOUT, vectors[1])
+    totals, survivors = run.masked_round(sums_round(1), survivors, LAYOUT, vectors.get, drop_before={4})
+    assert sorted(survivors) == [1, 2, 3, 5]
+    expected = sum((vectors[n]["a"] for n in survivors), np.zeros(12, dtype=np.uint64))
+    assert np.array_equal(totals["a"], expected)
+    with pytest.raises(SecureProtocolError, match="are not those that survived 'sums/1'"):
+        run.sessions[1].mask(sums_round(2), nodes, LAYOUT, vectors[1])  # node 4 again
+    totals, _ = run.masked_round(sums_round(2), survivors, LAYOUT, vectors.get)
+    assert np.array_equal(totals["a"], expected)
+    with pytest.raises(SecureProtocolError, match="lost after the first part is not recovered"):
+        run.masked_round(sums_round(3), survivors, LAYOUT, vectors.get, drop_before={5})
     state = run.sessions[4].state
     secrets_of_4 = [state[f"{kind}/{name}"] for kind in ("private", "seed") for name in ("bounds", *map(sums_round,
                                                                                                        (1, 2, 3)))]
@@ -150,6 +178,18 @@ def test_every_part_is_a_masked_round_with_secrets_of_its_own():
         run.sessions[1].mask(sums_round(4), nodes, LAYOUT, vectors[1])  # a round the run did not agree on
     with pytest.raises(SecureProtocolError, match="masked rounds must be"):
         SecureRun(nodes, 3, parts=0)
+
+
+def test_round_keys_are_the_ones_their_owner_sealed_and_arrive_once():
+    """The server routes each owner's round mask keys; a key it substituted would strip that owner's pairwise masks,
+    so every bundle carries, sealed, the digest of its sender's keys. A second delivery is refused too."""
+    run = SecureRun([1, 2, 3], 2, parts=2)
+    forged = {**run.round_keys[2], sums_round(1): run.round_keys[3][sums_round(1)]}
+    with pytest.raises(SecureProtocolError, match="not the ones it made"):
+        run.sessions[1].receive_shares({2: run.sealed[2][1]}, {2: forged})
+    run.sessions[1].receive_shares({2: run.sealed[2][1]}, {2: run.round_keys[2]})
+    with pytest.raises(SecureProtocolError, match="delivered already"):
+        run.sessions[1].receive_shares({2: run.sealed[2][1]}, {2: run.round_keys[2]})
 
 
 def test_masked_vector_looks_random_and_fewer_than_threshold_cannot_unmask():

@@ -33,11 +33,11 @@ _honest_contribution = honest._site_contribution
 
 def _contribution(context, request, session=None, part=None):
     """The honest site's contribution to the secure sums; the "inflate" site's Grams (and G W) times INFLATION."""
-    model, owner, parts, with_head, noise, bounds = _honest_contribution(context, request, session, part)
+    model, owner, chunks, with_head, noise, bounds = _honest_contribution(context, request, session, part)
     if hostile(context, "inflate"):
-        parts = {key: value * INFLATION if "gram" in key or "diag-weight" in key else value
-                 for key, value in parts.items()}
-    return model, owner, parts, with_head, noise, bounds
+        chunks = ({key: value * INFLATION if "gram" in key or "diag-weight" in key else value
+                   for key, value in chunk.items()} for chunk in chunks)
+    return model, owner, chunks, with_head, noise, bounds
 
 
 honest._site_contribution = _contribution  # both masked rounds: its bands and its sums alike
