@@ -127,7 +127,7 @@ def server_through_flower(folders: list[Path], workdir: Path, data: Path, secure
     federation = json.loads((out / "report.json").read_text())["federation"]
     sent = max(owner["bytes_received"] for owner in federation["owners"].values())
     return {"owners": len(folders), "server_peak_rss_mb": federation["server_peak_rss_mb"],
-            "parts": federation["timings"]["parts"], "seconds": federation["timings"]["total_seconds"],
+            "parts": federation["timings"].get("parts", 1), "seconds": federation["timings"]["total_seconds"],
             "bytes_per_owner": sent, "bytes_to_weights_plus_packed_grams": round(sent / payload_floor(folders[0]), 3)}
 
 

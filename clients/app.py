@@ -50,7 +50,7 @@ from flwr.clientapp import ClientApp
 from federation.crypto import SecureProtocolError
 from federation.ledger import LEDGER_FILENAME, MIN_DIFFERENCE, Ledger, contribution_of
 from federation.payload import Part, describe_model, owner_payload, untouched_by_adapter, wire_tensor
-from federation.protocol import BOUNDS, OwnerSession, sums_round
+from federation.protocol import BOUNDS, OwnerSession, request_digest, sums_round
 from federation.wire import MASKED, META, OWN_HEAD, PAYLOAD, TOKENIZER, WITHDRAWN
 
 from fusion.aggregate import owner_update
@@ -58,7 +58,7 @@ from fusion.checkpoint import load_model, public_config_json, tokenizer_files
 from fusion.errors import CompatibilityError, GramfuseError, StatisticsError
 from fusion.finish import plan_groups
 from fusion.methods import method_from_spec
-from fusion.secure import (band_vectors, bands_layout, encoded_vectors, noised_units, public_bounds,
+from fusion.secure import (BODY, band_vectors, bands_layout, encoded_vectors, noised_units, public_bounds,
                            secure_contributions)
 from fusion.adapters import checkpoint_files
 from fusion.secure.fixedpoint import check_encodable
@@ -103,6 +103,7 @@ NOISE_DRAW = "dp-draw"  # in the session: this site's own id of the run's noise 
 RELEASED = "released"  # in the session: the sums this site has sent in the run's parts (each once)
 AGREED_LAYOUT = "agreed-layout"  # in the session: the digest of the layout of the bounds round, held for the run
 MAGNITUDES = "magnitudes"  # in the session: the largest magnitude of each of its sums (never sent)
+SCALES = "scales"  # in the session: the fixed-point scales of the first part, held for the run
 CLIPPED_STATS_FILENAME = "gramfuse-stats-clipped.safetensors"  # clipped, noise-free: the site's alone
 
 
@@ -466,22 +467,27 @@ def secure_masked(msg: Message, context: Context) -> Message:
         session.receive_shares(incoming, round_keys)
     layout = [(key, tuple(shape)) for key, shape in json.loads(str(request["layout"]))]
     hold_layout(session, round_name, layout)
+    participants = [int(node) for node in json.loads(str(request["participants"]))]
+    session.check_order(round_name, participants)  # before anything of the data is looked at
     part = None if round_name == BOUNDS else released_part(session, layout, request)
     _save_session(context, session)  # a sum asked once is never asked again, sent or refused
     _, owner, chunks, with_head, noise, bounds = _site_contribution(context, request, session, part)
-    participants = [int(node) for node in json.loads(str(request["participants"]))]
     if part is None:  # the noised tensors' public bounds stand for their magnitudes
         magnitudes = {}
         vectors = band_vectors(layout, chain(observed(chunks, magnitudes), [bounds]))
         session.state[MAGNITUDES] = json.dumps(magnitudes)
         masked_layout = bands_layout(layout)
     else:
-        scales = {key: int(bits) for key, bits in json.loads(str(request["scales"])).items()}
+        scales = held_scales(session, round_name, layout, part, request)
         if round_name == sums_round(1):  # every part encodes under the scales, or the site drops out now
             check_encodable(json.loads(str(session.state.get(MAGNITUDES, "{}"))), scales, len(participants))
         contribution = {key: value for chunk in chunks for key, value in chunk.items()}
+        missing = [key for key, _ in part if f"/{BODY}" in key and key not in contribution]
+        if missing:  # every site has every body sum of the agreed layout: zeros would single out the others
+            raise SecureProtocolError(f"sum {missing[0]!r} of the agreed layout is not one this site forms: it is not "
+                                      "sent")
         vectors, masked_layout = encoded_vectors(part, contribution, scales, len(participants)), part
-    masked = session.mask(round_name, participants, masked_layout, vectors)
+    masked = session.mask(round_name, participants, masked_layout, vectors, request_digest(request))
     first_part = round_name == sums_round(1)
     if noise is not None and first_part:  # the release begins, encoded and masked: charged before it leaves
         spent = site_budget(context, noise.epsilon).spend(noise.spending(noise_draw(session)))
@@ -492,6 +498,22 @@ def secure_masked(msg: Message, context: Context) -> Message:
     if first_part and _shares_head(context, with_head):  # the site decides, whatever the server asks
         records[OWN_HEAD] = ArrayRecord(torch_state_dict={n: wire_tensor(v) for n, v in owner.split()[1].items()})
     return _reply(msg, **records)
+
+
+def held_scales(session: OwnerSession, round_name: str, layout: list, part: list, request) -> dict[str, int]:
+    """The fixed-point scales, all of them with the first part (checked against this site's magnitudes there) and
+    held for the run: a later part asking a tighter scale of this site alone could probe its magnitudes."""
+    scales = {str(key): int(bits) for key, bits in json.loads(str(request["scales"])).items()}
+    if round_name == sums_round(1):
+        missing = [key for key, _ in layout if key not in scales]
+        if missing:
+            raise SecureProtocolError(f"the first part carries no scale for sum {missing[0]!r}: it is not answered")
+        session.state[SCALES] = json.dumps(scales)
+    held = json.loads(str(session.state.get(SCALES, "{}")))
+    if any(held.get(key) != scales.get(key) for key, _ in part):
+        raise SecureProtocolError(f"round {round_name!r}: the scales are not those of the first part: it is not "
+                                  "answered")
+    return held
 
 
 def hold_layout(session: OwnerSession, round_name: str, layout: list) -> None:

@@ -126,8 +126,22 @@ def unflatten(layout: Layout, flat: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _pairwise_stream(private: bytes, peer_public: bytes, round_name: str, session: str, count: int) -> np.ndarray:
-    return keystream(derive_key(private, peer_public, f"mask/{round_name}", session), count)
+ASKED_ALIKE = ("round", "participants", "method", "needs-statistics", "needs-fisher", "reference-label-set", "layout",
+               "part", "scales", "dp-distributed")  # a masked request's fields that every participant must get alike
+
+
+def request_digest(request: Mapping[str, object]) -> str:
+    """The digest of what a masked round asks of every participant alike (the methods, the merged label set, the
+    layout, the part, the scales, the noise): mixed into the pairwise masks, so that they cancel only where every
+    participant was asked the same. A server asking one site differently from the others (``average`` of all but
+    the target, which alone then adds Grams) gets noise, not that site's sums."""
+    canonical = json.dumps({field: str(request.get(field, "")) for field in ASKED_ALIKE})
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _pairwise_stream(private: bytes, peer_public: bytes, round_name: str, session: str, count: int,
+                     digest: str) -> np.ndarray:
+    return keystream(derive_key(private, peer_public, f"mask/{round_name}/{digest}", session), count)
 
 
 def _self_stream(seed: bytes, round_name: str, session: str, count: int) -> np.ndarray:
@@ -233,8 +247,9 @@ class OwnerSession:
         return bytes.fromhex(json.loads(str(self.state[f"round-keys/{peer}"]))[round_name])
 
     def mask(self, round_name: str, participants: list[int], layout: Layout,
-             vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """This owner's vectors (uint64, in ``layout``) masked for the sum over ``participants``."""
+             vectors: Mapping[str, np.ndarray], digest: str = "") -> dict[str, np.ndarray]:
+        """This owner's vectors (uint64, in ``layout``) masked for the sum over ``participants``, asked by a request
+        of ``digest`` (:func:`request_digest`)."""
         if round_name not in self.rounds or f"participants/{round_name}" in self.state:
             raise SecureProtocolError(f"node {self.node}: round {round_name!r} is unknown or was already masked")
         roster = self._roster()
@@ -247,25 +262,27 @@ class OwnerSession:
                                       "recovered if it dropped; refusing to mask with it")
         if len(participants) < int(self.state["threshold"]):
             raise SecureProtocolError(f"node {self.node}: {len(participants)} participants, below the threshold")
-        self._check_order(round_name, participants)
+        self.check_order(round_name, participants)
         self.state[f"participants/{round_name}"] = json.dumps(sorted(int(p) for p in participants))
         masked = flatten(layout, vectors).copy()
         masked += _self_stream(bytes(self.state["seed/" + round_name]), round_name, self.session, masked.size)
         for peer in peers:
             stream = _pairwise_stream(self._private(round_name), self._peer_key(peer, round_name), round_name,
-                                      self.session, masked.size)
+                                      self.session, masked.size, digest)
             if _mask_sign(self.node, peer) > 0:
                 masked += stream
             else:
                 masked -= stream
         return unflatten(layout, masked)
 
-    def _check_order(self, round_name: str, participants: list[int]) -> None:
+    def check_order(self, round_name: str, participants: list[int]) -> None:
         """The rounds go in order, each after the previous was unmasked: bounds, then the parts. The first part's
         participants survived the bounds; every later part's are exactly the first part's survivors, so that each
         part of the model sums the same owners and the first part (which alone carries the owner-wide sums, charged
         to a DP budget and recorded in the ledger) comes before any other."""
         rounds = self.rounds
+        if round_name not in rounds:
+            raise SecureProtocolError(f"node {self.node}: round {round_name!r} is not one of this run")
         if rounds.index(round_name) == 0:
             return
         previous = rounds[rounds.index(round_name) - 1]
@@ -316,8 +333,8 @@ class MaskedSum:
     """The server's side of one masked round: adds masked vectors, then removes what the revealed shares allow."""
 
     def __init__(self, round_name: str, session: str, roster: Roster, commitments: Mapping[int, Mapping[str, bytes]],
-                 participants: Iterable[int], threshold: int, layout: Layout) -> None:
-        self.round_name, self.session, self.roster = round_name, session, roster
+                 participants: Iterable[int], threshold: int, layout: Layout, digest: str = "") -> None:
+        self.round_name, self.session, self.roster, self.digest = round_name, session, roster, digest
         self.commitments, self.threshold, self.layout = commitments, threshold, layout
         self.participants = sorted(participants)
         self.size = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
@@ -360,7 +377,7 @@ class MaskedSum:
                 continue
             for survivor in self.survivors:  # the masks the survivors added with the dropped owner
                 stream = _pairwise_stream(secret, self.roster[survivor][self.round_name], self.round_name,
-                                          self.session, self.size)
+                                          self.session, self.size, self.digest)
                 if _mask_sign(survivor, owner) > 0:
                     total -= stream
                 else:

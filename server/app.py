@@ -165,9 +165,10 @@ def write_merge(strategy: RegMeanStrategy, grid: Grid) -> dict[str, Any]:
             finisher.add(groups, writer.recording(sums_of) if writer is not None else sums_of)
         if finisher is None:
             raise FederationError("the sums came in no part: nothing to merge")
-        reports = finisher.close(strategy.common_report())
+        common = strategy.common_report()
+        reports = finisher.close(common)
         for label in reports:
-            log.info("merged %d owners with %s", len(strategy.merged_owners), label)
+            log.info("merged %d owners with %s", len(common["owners"]), label)
         report = next(iter(reports.values())) if len(reports) == 1 else {"methods": reports}
         report = {**report, "federation": strategy.federation_report()}
         if writer is not None:

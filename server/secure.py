@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from federation.payload import config_from, labels_from
 from federation.protocol import (BOUNDS, SHARE_KEY, Layout, MaskedSum, check_threshold, default_threshold,
-                                 round_names, shares_for, sums_round)
+                                 request_digest, round_names, shares_for, sums_round)
 from federation.wire import MASKED, META, OWN_HEAD, TOKENIZER, WITHDRAWN
 
 from fusion.checkpoint import tokenizer_from_files
@@ -311,12 +311,12 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         """One masked round and its unmasking: the survivors' sum (of ``part`` of the layout, for a sums round),
         and the survivors. In a sums round after the first, a participant lost ends the run before unmasking."""
         layout = bands_layout(self.layout) if round_name == BOUNDS else part
-        summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
-                           layout)
         common = {"round": round_name, "participants": json.dumps(participants), "layout": json.dumps(self.layout),
                   "reference-label-set": json.dumps(self.reference_label_set()), **extra}
         if part is not None:
             common["part"] = json.dumps([key for key, _ in part])
+        summed = MaskedSum(round_name, self.session, self.roster, self.commitments, participants, self.threshold,
+                           layout, request_digest(self.request(**common)))
         messages = []
         for node in participants:
             request = self.request(**common)
@@ -344,10 +344,11 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                                    "dropped": summed.dropped}
         if summed.dropped and round_name not in (BOUNDS, sums_round(1)):
             raise FederationError(
-                f"secure: owner node {summed.dropped[0]} was lost in {round_name} of {len(self.parts)}, after earlier "
-                "parts of the model were summed with it: a merge without it would sum those parts again without "
-                "it, which tells its contribution by difference (its sites' ledgers refuse that too); nothing is "
-                "written. Run again with it back")
+                f"secure: owner node {summed.dropped[0]} was lost in {round_name} of {len(self.parts)} "
+                f"({self.records[summed.dropped[0]].reason or 'no reply'}), after earlier parts of the model were "
+                "summed with it: a merge without it would sum those parts again without it, which tells its "
+                "contribution by difference (its sites' ledgers refuse that too); nothing is written. Run again with "
+                "it back")
         for node in summed.dropped:
             log.warning("owner node %d dropped out of the %s round: its masks are removed with the others' shares",
                         node, round_name)

@@ -180,6 +180,28 @@ def test_every_part_is_a_masked_round_with_secrets_of_its_own():
         SecureRun(nodes, 3, parts=0)
 
 
+def test_masks_cancel_only_where_every_participant_was_asked_alike():
+    """A server asking one site differently from the others (all but the target told ``average``, so that only
+    the target adds Grams) gets noise: the digest of what each was asked is in its pairwise masks."""
+    from federation.protocol import MaskedSum, request_digest
+
+    nodes = [1, 2, 3]
+    asked = {"round": "bounds", "method": "regmean", "layout": "[]"}
+    honest, other = request_digest(asked), request_digest({**asked, "method": "average"})
+    assert honest != other and request_digest(dict(asked)) == honest
+    vectors = {node: random_vectors(node) for node in nodes}
+    for digests, exact in (({1: honest, 2: honest, 3: honest}, True), ({1: honest, 2: other, 3: other}, False)):
+        run = SecureRun(nodes, 2)
+        for node in nodes:
+            run.deliver(node, nodes)
+        summed = MaskedSum("bounds", "test", run.roster, run.commitments, nodes, 2, LAYOUT, honest)
+        for node in nodes:
+            summed.add(node, run.sessions[node].mask("bounds", nodes, LAYOUT, vectors[node], digests[node]))
+        totals = summed.unmask({n: run.sessions[n].reveal("bounds", nodes, []) for n in nodes})
+        expected = sum((vectors[n]["a"] for n in nodes), np.zeros(12, dtype=np.uint64))
+        assert np.array_equal(totals["a"], expected) == exact
+
+
 def test_round_keys_are_the_ones_their_owner_sealed_and_arrive_once():
     """The server routes each owner's round mask keys; a key it substituted would strip that owner's pairwise masks,
     so every bundle carries, sealed, the digest of its sender's keys. A second delivery is refused too."""
@@ -367,6 +389,28 @@ def test_the_sums_in_parts_merge_exactly_as_all_at_once(owners, tmp_path_factory
         for folder in expected:
             assert got[folder].keys() == expected[folder].keys()
             assert all(torch.equal(got[folder][n], expected[folder][n]) for n in expected[folder])
+
+
+def test_a_contribution_formed_group_by_group_is_the_whole_one(owners):
+    """What a site sends in parts (and forms a group at a time for the keys and bounds rounds): each group's
+    contribution holds exactly the whole contribution's values for that group, and every one of them holds the
+    owner-wide sums of both sides, the head's too, whether or not the group is in the head."""
+    from fusion.finish import plan_groups
+    from fusion.secure import owner_wide
+
+    methods = [get_method("regmean", alpha=0.5), get_method("average")]
+    owner = owners[1]
+    whole = secure_contributions(methods, owner, with_head=True)
+    assert any("/head/" in key for key in owner_wide(whole))
+    groups = plan_groups(list(owner.params), set(owner.head), owner.statistics.modules)
+    formed = {}
+    for group in groups:
+        chunk = secure_contributions(methods, owner, with_head=True, names=group.keys)
+        assert owner_wide(chunk).keys() == owner_wide(whole).keys()
+        for key, value in chunk.items():
+            assert torch.equal(value, whole[key]), key
+        formed.update(chunk)
+    assert formed.keys() == whole.keys()
 
 
 def _context(modules):
