@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -123,7 +124,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.plan_parts()
         participants = self.exchange_shares(grid)
         band_sums, self.participants = self.masked_round(grid, BOUNDS, participants, {})
-        self.hold_to_bound(band_sums)
+        self.hold_to_bound(band_sums, len(self.participants))
         self.scales = scales_from_bands(band_sums, len(self.participants), self.bound_factor)
 
     # --- the steps ---------------------------------------------------------------------------------------------------
@@ -137,9 +138,17 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         label_sets = [labels_from(self.described[node]["label_set"]) for node in nodes]
         return [list(item) for item in majority_label_set(label_sets)]
 
-    def hold_to_bound(self, band_sums: dict) -> None:
+    def hold_to_bound(self, band_sums: dict, owners: int) -> None:
         """Say which tensors have owners above the agreed bound: the scales leave them no room, so they cannot
-        encode and drop out of the sums round, rejected as misfits (the server learns how many, not which)."""
+        encode and drop out at the first part of the sums, rejected as misfits (the histogram says how many; the
+        drop, which). Summed bands that are not a histogram of ``owners`` one-hot vectors mean the masks did not
+        cancel (a site of another version, or garbage): the run ends, saying so."""
+        for key, counts in band_sums.items():
+            signed = np.asarray(counts, dtype=np.uint64).view(np.int64)
+            if (signed < 0).any() or int(signed.sum()) > owners:
+                raise FederationError(f"secure: the summed magnitude bands of {key!r} are not a histogram of "
+                                      f"{owners} sites: the masks did not cancel (a site of another version, or "
+                                      "one sending garbage); nothing is written")
         above = owners_above_bound(band_sums, self.bound_factor)
         self.rounds["bound"] = {"factor": self.bound_factor, "owners_above": above}
         if above:
@@ -339,7 +348,6 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 continue
             if OWN_HEAD in reply.content:
                 self.own_heads[node] = reply.content[OWN_HEAD].to_torch_state_dict()
-        self._enough(summed.survivors, round_name)
         self.rounds[round_name] = {"participants": participants, "survivors": sorted(summed.survivors),
                                    "dropped": summed.dropped}
         if summed.dropped and round_name not in (BOUNDS, sums_round(1)):
@@ -349,6 +357,7 @@ class SecureRegMeanStrategy(RegMeanStrategy):
                 "summed with it: a merge without it would sum those parts again without it, which tells its "
                 "contribution by difference (its sites' ledgers refuse that too); nothing is written. Run again with "
                 "it back")
+        self._enough(summed.survivors, round_name)
         for node in summed.dropped:
             log.warning("owner node %d dropped out of the %s round: its masks are removed with the others' shares",
                         node, round_name)

@@ -169,3 +169,36 @@ def test_a_site_keeps_the_noise_its_keys_were_sent_for(node):
         with pytest.raises(GramfuseError, match="not the one this site's keys were sent for"):
             site._site_contribution(context, {"method": "regmean", "reference-label-set": "[]", "layout": "[]",
                                               **({"dp-distributed": noise} if noise else {})}, session)
+
+
+def test_a_site_holds_the_layout_the_sums_and_the_scales_of_its_first_part_for_the_run():
+    """What a site refuses of a server that changes its requests between the rounds of one secure run: another
+    layout than the bounds round's (the noise is calibrated on it), a sum outside it or asked twice (sent or
+    refused), a first part without every scale, and a later part with other scales than the first's."""
+    from federation.crypto import SecureProtocolError
+
+    session = OwnerSession.begin("session", 7)
+    layout = [("0/body/gram/a", (3,)), ("0/body/mean/w", (2, 2)), ("0/body/weight", ())]
+    site.hold_layout(session, "bounds", layout)
+    site.hold_layout(session, "sums/1", layout)  # the same layout: answered
+    with pytest.raises(SecureProtocolError, match="not the one of the bounds round"):
+        site.hold_layout(session, "sums/2", layout[:1])  # one sum only: noise calibrated for one release
+
+    def asked(*keys, **scales):
+        return {"part": json.dumps(list(keys)), "scales": json.dumps(scales)}
+
+    first = site.released_part(session, layout, asked("0/body/weight", "0/body/mean/w"))
+    assert first == [("0/body/weight", ()), ("0/body/mean/w", (2, 2))]
+    for keys in (("0/body/mean/w",), ("0/body/other",), ("0/body/gram/a", "0/body/gram/a")):
+        with pytest.raises(SecureProtocolError, match="not in the agreed layout, or is asked twice"):
+            site.released_part(session, layout, asked(*keys))
+    assert json.loads(str(session.state[site.RELEASED])) == ["0/body/mean/w", "0/body/weight"]
+
+    scales = {"0/body/gram/a": 30, "0/body/mean/w": 40, "0/body/weight": 50}
+    with pytest.raises(SecureProtocolError, match="carries no scale for sum '0/body/gram/a'"):
+        site.held_scales(session, "sums/1", layout, first, {"scales": json.dumps({"0/body/weight": 50})})
+    assert site.held_scales(session, "sums/1", layout, first, {"scales": json.dumps(scales)}) == scales
+    part = [("0/body/gram/a", (3,))]
+    assert site.held_scales(session, "sums/2", layout, part, asked("0/body/gram/a", **{"0/body/gram/a": 30}))
+    with pytest.raises(SecureProtocolError, match="not those of the first part"):
+        site.held_scales(session, "sums/2", layout, part, asked("0/body/gram/a", **{"0/body/gram/a": 31}))

@@ -7,7 +7,7 @@ import pytest
 from fusion.errors import GramfuseError
 from fusion.methods import get_method
 from server.secure import SecureRegMeanStrategy
-from server.strategy import RegMeanStrategy
+from server.strategy import FederationError, RegMeanStrategy
 
 
 @pytest.mark.parametrize("strategy", [RegMeanStrategy, SecureRegMeanStrategy])
@@ -72,3 +72,18 @@ def test_distributed_noise_is_for_methods_that_can_noise_their_sums_in_secure_mo
     assert noise_from({"dp-noise": "local"}) is None
     with pytest.raises(GramfuseError, match="central noise at a trusted server is not built"):
         noise_from({"dp-noise": "central"})
+
+
+def test_summed_bands_that_are_no_histogram_end_the_secure_run(tmp_path):
+    """Masks that did not cancel (a site of another version, or garbage) leave band sums near 2^64: named as such,
+    rather than a crash deciding the scales."""
+    import numpy as np
+
+    strategy = SecureRegMeanStrategy([get_method("regmean")], tmp_path / "out")
+    honest = {"0/body/gram/a": np.array([0, 2, 1], dtype=np.uint64)}
+    strategy.hold_to_bound(honest, 3)
+    garbage = {"0/body/gram/a": np.array([2**63 + 5, 2, 1], dtype=np.uint64)}
+    with pytest.raises(FederationError, match="not a histogram of 3 sites: the masks did not cancel"):
+        strategy.hold_to_bound(garbage, 3)
+    with pytest.raises(FederationError, match="not a histogram of 2 sites"):
+        strategy.hold_to_bound(honest, 2)
