@@ -97,7 +97,6 @@ class SecureRegMeanStrategy(RegMeanStrategy):
         self.layout: Layout = []
         self.survivors: list[int] = []
         self.own_heads: dict[int, dict] = {}
-        self.sums: dict = {}
         self.means_from_base: dict[str, str] = {}  # layout key of a weighted mean -> the base weight that forms it
         self.rounds: dict[str, dict[str, list[int]]] = {}
         self.modules: dict[str, ModuleInfo] = {}  # the layer map the sums are merged by
